@@ -1,0 +1,234 @@
+"""PyTorch and TorchScript backends.
+
+Model files this module loads (``load_backend`` routes them here by suffix):
+
+- **A Python file** (``*.py``): it must define a function ``build_model()`` that takes no arguments
+  and returns a ``torch.nn.Module``. Initialise parameters however you like (seed inside
+  ``build_model`` if you want a fixed random net). The optional ``weights`` file is a state dict
+  saved with ``torch.save(model.state_dict(), path)``; it is read with
+  ``torch.load(weights, weights_only=True, map_location="cpu")`` (no arbitrary pickles are
+  executed) and applied with a strict ``load_state_dict``. A checkpoint dict holding the state dict
+  under ``"state_dict"`` and ``module.`` prefixes (DataParallel) are accepted too. The file is
+  executed as an anonymous module: it may import installed packages but not sibling files.
+- **TorchScript** (``*.pt``, ``*.ts``, ``*.jit``; ``*.pth`` too): loaded with ``torch.jit.load``.
+  If the file is a plain state dict instead, the error says so and what to pass instead.
+- **``builtin:membrane``**: the demo U-Net of :mod:`chunkflow.demo.unet` with its shipped weights.
+
+Why these choices: inference runs under ``torch.inference_mode()`` with the model in ``eval()``;
+on CUDA the batch goes through pinned host memory with ``non_blocking`` copies so transfers overlap
+with the GPU; reduced precision uses ``torch.autocast`` (float16/bfloat16 on CUDA, bfloat16 on CPU)
+and the output is cast back with ``.float()`` because chunkflow always accumulates in float32. The
+backend sets no thread counts and caches nothing globally, so several can coexist in one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from chunkflow.backends.base import (
+    Backend,
+    ModelError,
+    check_batch,
+    check_device,
+    check_file,
+    check_precision,
+    cuda_unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TorchBackend",
+    "make_pytorch_backend",
+    "make_torchscript_backend",
+    "resolve_device",
+    "load_python_model",
+    "load_state_dict_file",
+]
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """Squeeze an exception message onto one line (state-dict errors span many)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def resolve_device(device: str, precision: str) -> torch.device:
+    """Validate device and precision together for torch; return the torch device."""
+    device = check_device(device)
+    precision = check_precision(precision)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise cuda_unavailable(device)
+        dev = torch.device(device)
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ModelError(f"device {device!r} does not exist; valid: cuda:0 .. cuda:{count - 1}")
+        if precision == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise ModelError(f"precision 'bfloat16' is not supported by {device!r}; use float16 or float32")
+        return dev
+    if precision == "float16":
+        raise ModelError("precision 'float16' is not supported on device 'cpu'; valid on cpu: float32, bfloat16")
+    return torch.device("cpu")
+
+
+class TorchBackend(Backend):
+    """Runs a ``torch.nn.Module`` (eager or TorchScript) on numpy batches."""
+
+    def __init__(self, module: torch.nn.Module, device: str = "cpu", precision: str = "float32",
+                 name: str = "pytorch") -> None:
+        self._dev = resolve_device(device, precision)
+        self.device = check_device(device)
+        self.precision = precision
+        self.name = name
+        self.module = module.to(self._dev).eval()
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self._dev.type, dtype=_DTYPES[self.precision])
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        batch = check_batch(batch)
+        cuda = self._dev.type == "cuda"
+        with torch.inference_mode():
+            x = torch.from_numpy(batch)
+            if cuda:
+                x = x.pin_memory().to(self._dev, non_blocking=True)
+            with self._autocast():
+                y = self.module(x)
+            if not isinstance(y, torch.Tensor):
+                raise ModelError(f"model returned {type(y).__name__}; chunkflow expects a single tensor")
+            if y.ndim != 5:
+                raise ModelError(f"model returned shape {tuple(y.shape)}; expected [N, C, z, y, x]")
+            y = y.float()
+            if cuda:
+                host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(y, non_blocking=True)
+                torch.cuda.current_stream(self._dev).synchronize()
+                return host.numpy()
+            out = y.contiguous().numpy()
+            # a net that returns its input (nn.Identity) must not hand the caller's buffer back
+            return out.copy() if np.may_share_memory(out, batch) else out
+
+
+def _import_python_file(path: Path) -> Any:
+    """Execute a model .py file as an anonymous module (registered only while it runs)."""
+    name = "chunkflow_model_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"model file {str(path)!r} cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and typing need the module registered while it runs
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ModelError(f"model file {str(path)!r} failed to import: {_one_line(exc)}") from exc
+    finally:
+        sys.modules.pop(name, None)
+    return module
+
+
+def load_python_model(path: str | Path) -> torch.nn.Module:
+    """Build the network defined by ``build_model()`` in a Python file (see module docstring)."""
+    p = check_file(path)
+    module = _import_python_file(p)
+    build = getattr(module, "build_model", None)
+    if not callable(build):
+        raise ModelError(f"model file {str(path)!r} defines no build_model() function")
+    try:
+        net = build()
+    except Exception as exc:
+        raise ModelError(f"build_model() in {str(path)!r} failed: {_one_line(exc)}") from exc
+    if not isinstance(net, torch.nn.Module):
+        raise ModelError(f"build_model() in {str(path)!r} returned {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def _read_state_dict(weights: str | Path) -> Mapping[str, Any]:
+    p = check_file(weights, "weights file")
+    try:
+        state = torch.load(p, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise ModelError(f"weights file {str(weights)!r} is not a readable state dict: {_one_line(exc)}") from exc
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ModelError(f"weights file {str(weights)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_state_dict_file(net: torch.nn.Module, weights: str | Path) -> None:
+    """Load a state dict file into ``net`` strictly; a mismatch is one ModelError line."""
+    state = dict(_read_state_dict(weights))
+    own = net.state_dict()
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in own):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise ModelError(f"weights file {str(weights)!r} does not fit the model: {_one_line(exc)}") from exc
+
+
+def _strip_prefix(model: str, *prefixes: str) -> str:
+    for prefix in prefixes:
+        if model.startswith(prefix + ":"):
+            return model[len(prefix) + 1:]
+    return model
+
+
+def make_pytorch_backend(
+    model: str, weights: str | None = None, device: str = "cpu", precision: str = "float32"
+) -> TorchBackend:
+    """Factory for a ``.py`` model file (``pytorch:`` prefix optional) or ``builtin:NAME``."""
+    resolve_device(device, precision)  # fail on device/precision before building anything
+    if model.startswith("builtin:"):
+        from chunkflow.demo import builtin_paths
+
+        source, shipped = builtin_paths(model)
+        net = load_python_model(source)
+        load_state_dict_file(net, weights or shipped)
+        return TorchBackend(net, device, precision, name="pytorch")
+    path = _strip_prefix(model, "pytorch")
+    net = load_python_model(path)
+    if weights:
+        load_state_dict_file(net, weights)
+    else:
+        logger.info("model %s: no weights file given, using the parameters build_model() set", path)
+    return TorchBackend(net, device, precision, name="pytorch")
+
+
+def make_torchscript_backend(
+    model: str, weights: str | None = None, device: str = "cpu", precision: str = "float32"
+) -> TorchBackend:
+    """Factory for a TorchScript file (``torchscript:`` prefix optional); optional extra state dict."""
+    resolve_device(device, precision)
+    path = _strip_prefix(model, "torchscript")
+    p = check_file(path)
+    try:
+        net = torch.jit.load(str(p), map_location="cpu")
+    except Exception as exc:
+        try:
+            state = torch.load(p, weights_only=True, map_location="cpu")
+        except Exception:
+            state = None
+        if isinstance(state, Mapping):
+            raise ModelError(
+                f"{str(path)!r} is a PyTorch state dict, not TorchScript; pass the network's .py file "
+                "(defining build_model()) as the model and this file as the weights"
+            ) from exc
+        raise ModelError(f"{str(path)!r} is not a TorchScript file: {_one_line(exc)}") from exc
+    if weights:
+        load_state_dict_file(net, weights)
+    return TorchBackend(net, device, precision, name="torchscript")

@@ -1,0 +1,181 @@
+"""The ``chunkflow`` command (python-fire). Sizes are ZYX, e.g. ``--input-patch 16,128,128``.
+
+Every user mistake ends in one line on stderr and exit status 2; set ``CHUNKFLOW_DEBUG=1`` for
+the traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import fire
+
+from chunkflow.backends import ModelError
+from chunkflow.engines import LocalEngine, run_job
+from chunkflow.geometry import GeometryError
+from chunkflow.job import JobError
+from chunkflow.planning import load_job, make_job, plan as plan_job
+from chunkflow.stages import MissingDonations, Resources, cast_output, reference as reference_output
+from chunkflow.storage import StorageError, create_volume, open_volume
+from chunkflow.storage.donation_codec import DonationError
+
+log = logging.getLogger("chunkflow")
+
+USER_ERRORS = (JobError, GeometryError, StorageError, ModelError, MissingDonations, DonationError, ValueError,
+               KeyError, FileNotFoundError)
+
+
+def user_errors(fn):
+    """Turn a user mistake into one line on stderr and exit status 2 (no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            if os.environ.get("CHUNKFLOW_DEBUG"):
+                raise
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"chunkflow: error: {message}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+
+
+def setup_logging(quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@user_errors
+def plan(input: str, output: str, donations: str, model: str, input_patch: str, output_patch: str | None = None,
+         overlap: str = "0,0,0", block: str | None = None, weights: str | None = None, blend: str = "gaussian",
+         dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu",
+         batch_size: int = 1, storage_chunk: str | None = None, donation_dtype: str = "float32",
+         compression: str = "none", quiet: bool = False) -> None:
+    """Validate a job, create its output volume, and write its manifest into the donation store.
+
+    Args:
+        input: input volume: file:///path, gs://bucket/path, s3://... (Neuroglancer precomputed) or PATH.zarr.
+        output: output volume, created if absent (covering the input's bounding box).
+        donations: the job's store: a local directory or gs://bucket/prefix.
+        model: builtin:membrane, identity, net.py (defines build_model()), net.pt (TorchScript) or net.onnx.
+        input_patch: network input patch, ZYX, e.g. 20,256,256.
+        output_patch: network output patch (default: the input patch); smaller = the net's context margin.
+        overlap: overlap of neighbouring output patches in voxels, ZYX.
+        block: block size, ZYX: the unit of output ownership (a multiple of the output's storage chunk).
+        weights: optional state-dict file for a .py model (loaded with weights_only=True).
+        blend: constant, gaussian (MONAI's) or bump (original chunkflow's).
+        dtype: output dtype: float32, float16 or uint8 ([0, 1] scaled to 0..255).
+        pad_mode: how the input is padded past the volume's faces: reflect or constant (zeros).
+        precision: float32, or float16/bfloat16 autocast on CUDA (accumulation stays float32).
+        device: default device for workers: cpu, cuda, cuda:N.
+        batch_size: patches per forward pass.
+        storage_chunk: storage chunk of a new output volume (default: divides the block).
+        donation_dtype: float32 (exact) or float16 (halves donation bytes; error up to ~1e-3 relative).
+        compression: donation compression: none, zstd or blosc.
+        quiet: less output.
+    """
+    setup_logging(quiet)
+    job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
+                   block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
+                   device=device, batch_size=batch_size, storage_chunk=storage_chunk, donation_dtype=donation_dtype,
+                   compression=compression)
+    layout = job.layout
+    print(f"job {job.job_hash} planned in {job.store}")
+    print(f"  {layout.num_blocks} blocks of {_zyx(job.block)} ({_zyx(layout.grid_shape)} z,y,x), "
+          f"{layout.num_patches} patches, output chunks {_zyx(job.storage_chunk)}")
+    print(f"  stage one:  python inference_and_donate.py {job.store} --blocks all")
+    print(f"  stage two:  python receive_and_blend.py {job.store} --blocks all")
+
+
+@user_errors
+def run(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
+        overlap: str = "0,0,0", block: str | None = None, donations: str | None = None, weights: str | None = None,
+        blend: str = "gaussian", dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32",
+        device: str = "cpu", batch_size: int = 1, force: bool = False, cleanup: bool = False,
+        quiet: bool = False) -> None:
+    """Plan, then stage one over all blocks, the barrier, and stage two, in this process.
+
+    Takes the flags of `plan` (see `chunkflow plan --help`); --donations defaults to a
+    directory beside a local output (OUTPUT.donations). Finished blocks are skipped on a
+    rerun unless --force. --cleanup deletes each block's donations once it is written.
+    """
+    setup_logging(quiet)
+    donations = donations or _default_store(output)
+    job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
+                   block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
+                   device=device, batch_size=batch_size)
+    job = job.with_runtime(device=device, batch_size=batch_size)
+    summary = run_job(job, LocalEngine(), force=force, progress=not quiet, cleanup=cleanup)
+    for line in summary.lines():
+        print(line)
+
+
+@user_errors
+def reference(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
+              overlap: str = "0,0,0", weights: str | None = None, blend: str = "gaussian", dtype: str = "float32",
+              pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu", batch_size: int = 1,
+              quiet: bool = False) -> None:
+    """Whole-volume blended inference in one process, written to OUTPUT (the answer `run` must match).
+
+    Same model/patch/overlap/blend flags as `run`; use it on a small volume to validate a job.
+    """
+    setup_logging(quiet)
+    source = open_volume(input)
+    try:
+        chunk = open_volume(output).chunk_size
+    except StorageError:
+        chunk = source.bbox.shape
+    whole = tuple(-(-s // c) * c for s, c in zip(source.bbox.shape, chunk))
+    job, existing, _ = make_job(input, output, "", model, input_patch, output_patch=output_patch, overlap=overlap,
+                                block=whole, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode,
+                                precision=precision, device=device, batch_size=batch_size, storage_chunk=None)
+    result = reference_output(job, Resources(job))
+    target = existing or create_volume(output, source.bbox, job.storage_chunk, job.out_channels, dtype,
+                                       resolution=source.resolution)
+    target.write(source.bbox, cast_output(result, dtype))
+    print(f"reference of {source.bbox.name} written to {output}")
+
+
+@user_errors
+def demo(workdir: str = "chunkflow-demo", shape: str = "32,256,256", block: str = "16,128,128",
+         blend: str = "gaussian", quiet: bool = False) -> None:
+    """Run the whole pipeline on a synthetic EM volume with the built-in membrane U-Net.
+
+    Makes the volume, plans a job with several blocks, runs both stages, checks the output
+    against the whole-volume reference, and writes PNG slices and a summary into WORKDIR.
+    """
+    from chunkflow.demo.pipeline import run_demo
+    setup_logging(quiet)
+    for line in run_demo(Path(workdir), shape=shape, block=block, blend=blend, progress=not quiet):
+        print(line)
+
+
+@user_errors
+def show(donations: str) -> None:
+    """Print a planned job's manifest."""
+    print(json.dumps(json.loads(load_job(donations).to_json()), indent=2))
+
+
+def _default_store(output: str) -> str:
+    local = output[len("file://"):] if output.startswith("file://") else output
+    if "://" in local:
+        raise JobError(f"give --donations for a remote output such as {output} (a local directory or gs://bucket/prefix)")
+    return local.rstrip("/") + ".donations"
+
+
+def _zyx(v) -> str:
+    return ",".join(str(int(x)) for x in v)
+
+
+COMMANDS = {"plan": plan, "run": run, "reference": reference, "demo": demo, "show": show}
+
+
+def main() -> None:
+    fire.Fire(COMMANDS, name="chunkflow")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The job manifest: every parameter validated once, hashed, and read by every worker.
+
+A job lives in one object store (the ``--donations`` location)::
+
+    manifest.json          the parameters below; written once when the job is planned
+    donations/{key}        stage-one pieces, key = ``{block}%{piece}``
+    done/stage1/{block}    done markers (a rerun skips a finished task unless forced)
+    done/stage2/{block}
+
+The hash covers everything that changes the numbers in the output (volumes, geometry,
+blend, model and its checksum, dtype, padding, precision) and nothing that does not
+(device, batch size). Every donation carries it, so workers started with other flags, or a
+manifest edited after planning, cannot mix their results into this job.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
+
+from chunkflow.bbox import Bbox, Vec
+from chunkflow.blend import BLEND_MODES
+from chunkflow.geometry import Layout
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+OUTPUT_DTYPES = ("float32", "float16", "uint8")
+PAD_MODES = ("reflect", "constant")
+PRECISIONS = ("float32", "float16", "bfloat16")
+DONATION_DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "zstd", "blosc")
+SCHEMA_VERSION = 1
+_UNHASHED = {"device", "batch_size", "job_hash", "created_by", "donation_compression"}
+
+
+class JobError(ValueError):
+    """A job that cannot be planned or loaded; the message is one line naming the problem."""
+
+
+@dataclass(frozen=True)
+class Job:
+    input: str
+    output: str
+    store: str
+    bbox: str
+    input_patch: tuple[int, int, int]
+    output_patch: tuple[int, int, int]
+    overlap: tuple[int, int, int]
+    block: tuple[int, int, int]
+    storage_chunk: tuple[int, int, int]
+    blend: str
+    model: str
+    weights: str | None
+    model_checksum: str
+    in_channels: int
+    out_channels: int
+    output_dtype: str = "float32"
+    pad_mode: str = "reflect"
+    precision: str = "float32"
+    donation_dtype: str = "float32"
+    donation_compression: str = "none"
+    device: str = "cpu"
+    batch_size: int = 1
+    version: int = SCHEMA_VERSION
+    created_by: str = field(default="chunkflow")
+    job_hash: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("input_patch", "output_patch", "overlap", "block", "storage_chunk"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        if not self.job_hash:
+            object.__setattr__(self, "job_hash", self.compute_hash())
+
+    # ---- identity ---------------------------------------------------------------------------
+    def compute_hash(self) -> str:
+        payload = {k: v for k, v in asdict(self).items() if k not in _UNHASHED}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest") -> "Job":
+        try:
+            raw = json.loads(text)
+            known = {f.name for f in fields(cls)}
+            unknown = set(raw) - known
+            if unknown:
+                raise JobError(f"{where} has unknown fields {sorted(unknown)}: written by a newer chunkflow?")
+            job = cls(**raw)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise JobError(f"{where} is not a chunkflow job manifest: {err}") from None
+        if job.compute_hash() != job.job_hash:
+            raise JobError(f"{where} was changed after planning (hash {job.compute_hash()} != recorded "
+                           f"{job.job_hash}); plan a new job instead of editing the manifest")
+        return job
+
+    def with_runtime(self, device: str | None = None, batch_size: int | None = None) -> "Job":
+        """The same job with other runtime settings (these never change the output)."""
+        values = asdict(self)
+        if device is not None:
+            values["device"] = device
+        if batch_size is not None:
+            if int(batch_size) < 1:
+                raise JobError(f"batch size {batch_size} must be a positive integer")
+            values["batch_size"] = int(batch_size)
+        return Job(**values)
+
+    # ---- derived geometry -------------------------------------------------------------------
+    @cached_property
+    def layout(self) -> Layout:
+        return Layout(Bbox.from_name(self.bbox), Vec(self.output_patch), Vec(self.overlap), Vec(self.block),
+                      Vec(self.storage_chunk))
+
+    @property
+    def context_margin(self) -> Vec:
+        return (Vec(self.input_patch) - Vec(self.output_patch)) // 2
+
+
+def validate_parameters(input_patch: Vec, output_patch: Vec, blend: str, output_dtype: str, pad_mode: str,
+                        precision: str) -> None:
+    """Checks that need no data; geometry checks live in ``Layout``."""
+    names = ("z", "y", "x")
+    for a in range(3):
+        if input_patch[a] <= 0 or output_patch[a] <= 0:
+            raise JobError(f"patch sizes must be positive: input {_zyx(input_patch)}, output {_zyx(output_patch)}")
+        if output_patch[a] > input_patch[a]:
+            raise JobError(f"output patch {_zyx(output_patch)} is larger than the input patch "
+                           f"{_zyx(input_patch)} along {names[a]}")
+        if (input_patch[a] - output_patch[a]) % 2:
+            raise JobError(f"output patch {_zyx(output_patch)} is not centred in the input patch "
+                           f"{_zyx(input_patch)} along {names[a]}: their difference must be even")
+    for label, value, valid in (("blend mode", blend, BLEND_MODES), ("output dtype", output_dtype, OUTPUT_DTYPES),
+                                ("pad mode", pad_mode, PAD_MODES), ("precision", precision, PRECISIONS)):
+        if value not in valid:
+            raise JobError(f"{label} {value!r} is not one of {', '.join(valid)}")
+
+
+def default_storage_chunk(block: Vec, target: Vec = Vec(16, 64, 64)) -> Vec:
+    """The largest divisor of each block side that is at most ``target`` (small chunks keep
+    the stage-two band thin; dividing the block keeps every block write aligned)."""
+    def best(b: int, t: int) -> int:
+        return max(d for d in range(1, min(b, t) + 1) if b % d == 0)
+    return Vec(best(b, t) for b, t in zip(block, target))
+
+
+def _zyx(v) -> str:
+    return ",".join(str(int(x)) for x in v)

@@ -1,0 +1,139 @@
+"""``plan``: validate a job once, create its output volume, write its manifest.
+
+Nothing is written until every check has passed: a bad flag leaves no manifest and no
+output volume behind.
+"""
+from __future__ import annotations
+
+import logging
+
+from chunkflow.backends import check_device, load_backend, model_checksum
+from chunkflow.bbox import Bbox, Vec
+from chunkflow.geometry import GeometryError, Layout
+from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobError, default_storage_chunk,
+                           validate_parameters)
+from chunkflow.storage import ObjectStore, StorageError, create_volume, open_store, open_volume
+from chunkflow.storage.volumes import volume_format
+
+log = logging.getLogger(__name__)
+
+
+def plan(input: str, output: str, donations: str, model: str, input_patch, **options) -> Job:
+    """Validate every parameter, create the output volume if needed, write the manifest.
+
+    Takes the arguments of ``make_job``. Planning the same parameters twice returns the
+    existing job; planning different ones into a store that already holds a job is refused
+    (it would mix two jobs' donations).
+    """
+    store = open_store(donations)
+    job, existing_output, source = make_job(input, output, store.url, model, input_patch, **options)
+    previous = _existing_job(store)
+    if previous is not None and previous.job_hash != job.job_hash:
+        raise JobError(f"{store.url} already holds job {previous.job_hash} with other parameters; give a new "
+                       f"--donations location (or delete that one)")
+    if existing_output is None:
+        create_volume(output, source.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
+                      resolution=source.resolution)
+    if previous is None:
+        store.put(MANIFEST, job.to_json().encode(), if_absent=True)
+        log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks, job.layout.num_patches)
+    return load_job(store)
+
+
+def make_job(
+    input: str,
+    output: str,
+    store: str,
+    model: str,
+    input_patch: str | tuple,
+    output_patch: str | tuple | None = None,
+    overlap: str | tuple = "0,0,0",
+    block: str | tuple | None = None,
+    weights: str | None = None,
+    blend: str = "gaussian",
+    dtype: str = "float32",
+    pad_mode: str = "reflect",
+    precision: str = "float32",
+    device: str = "cpu",
+    batch_size: int = 1,
+    storage_chunk: str | tuple | None = None,
+    donation_dtype: str = "float32",
+    compression: str = "none",
+):
+    """Validate everything and build the Job, writing nothing.
+
+    Returns ``(job, existing output volume or None, input volume)``.
+    """
+    in_patch = Vec.parse(input_patch, "input patch")
+    out_patch = Vec.parse(output_patch, "output patch") if output_patch is not None else in_patch
+    overlap_v = Vec.parse(overlap, "overlap")
+    validate_parameters(in_patch, out_patch, blend, dtype, pad_mode, precision)
+    if donation_dtype not in DONATION_DTYPES:
+        raise JobError(f"donation dtype {donation_dtype!r} is not one of {', '.join(DONATION_DTYPES)}")
+    if compression not in COMPRESSIONS:
+        raise JobError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise JobError(f"batch size {batch_size!r} must be a positive integer")
+
+    if dtype == "float16" and volume_format(output) == "precomputed":
+        raise JobError(f"output dtype float16 is not supported by Neuroglancer precomputed ({output}); use float32 "
+                       "or uint8, or a zarr output")
+    source = open_volume(input)
+    bbox = source.bbox
+    block_v = Vec.parse(block, "block") if block is not None else Vec(min(s, 128) for s in bbox.shape)
+    backend = load_backend(model, weights, device="cpu", precision="float32")
+    check_device(device)
+    out_channels, produced = backend.output_shape(tuple(in_patch), source.num_channels)
+    if Vec(produced) not in (out_patch, in_patch):
+        raise JobError(f"model {model} turns an input patch of {_zyx(in_patch)} into {_zyx(produced)}; give "
+                       f"--output-patch {_zyx(produced)} (or a patch the model supports)")
+
+    existing = _existing_output(output)
+    if existing is not None:
+        if existing.bbox != bbox:
+            raise JobError(f"output {output} covers {existing.bbox.name}, the input covers {bbox.name}")
+        if existing.num_channels != out_channels or str(existing.dtype) != dtype:
+            raise JobError(f"output {output} has {existing.num_channels} channels of {existing.dtype}; the job "
+                           f"makes {out_channels} channels of {dtype}")
+        chunk = existing.chunk_size
+    else:
+        chunk = Vec.parse(storage_chunk, "storage chunk") if storage_chunk is not None else default_storage_chunk(block_v)
+    try:
+        Layout(bbox, out_patch, overlap_v, block_v, chunk)
+    except GeometryError as err:
+        raise JobError(str(err)) from None
+    job = Job(input=input, output=output, store=store, bbox=bbox.name, input_patch=in_patch,
+              output_patch=out_patch, overlap=overlap_v, block=block_v, storage_chunk=chunk, blend=blend,
+              model=model, weights=weights, model_checksum=model_checksum(model, weights),
+              in_channels=source.num_channels, out_channels=out_channels, output_dtype=dtype, pad_mode=pad_mode,
+              precision=precision, donation_dtype=donation_dtype, donation_compression=compression,
+              device=device, batch_size=batch_size)
+    return job, existing, source
+
+
+def load_job(store: str | ObjectStore) -> Job:
+    """Read and verify the manifest of the job in ``store`` (a URL or an open store)."""
+    store = open_store(store) if isinstance(store, str) else store
+    job = _existing_job(store)
+    if job is None:
+        raise JobError(f"no job at {store.url}: run `chunkflow plan` first")
+    return job
+
+
+def _existing_job(store: ObjectStore) -> Job | None:
+    try:
+        text = store.get(MANIFEST).decode()
+    except KeyError:
+        return None
+    return Job.from_json(text, where=f"{store.url}/{MANIFEST}")
+
+
+def _existing_output(url: str):
+    try:
+        return open_volume(url)
+    except StorageError:
+        return None
+
+
+def _zyx(v) -> str:
+    return ",".join(str(int(x)) for x in v)

@@ -1,0 +1,205 @@
+"""The donation wire format: pure bytes in, bytes out, no I/O.
+
+Layout::
+
+    b"CFDON1\\n"                      magic (7 bytes)
+    uint32 little-endian             header length H
+    H bytes UTF-8 JSON header        {key, bbox, shape, dtype, checksum, job_hash,
+                                      compression, nbytes_raw, nbytes_payload}
+    nbytes_payload bytes             payload: the C-order array bytes, maybe compressed
+
+``checksum`` is the CRC-32 (zlib) of the *raw, uncompressed* array bytes, as 8 hex
+digits, so it certifies what stage two adds, whatever the compression.
+``nbytes_payload`` (beyond the fields the design lists) lets a truncated compressed
+payload be told apart from a corrupt one.
+
+Every check in :func:`decode_donation` exists so that a corrupt, truncated, mislabelled
+or foreign piece is refused with a one-line :class:`DonationError` instead of being
+blended in silently (Invariant 3 of the design).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from chunkflow.bbox import Bbox
+
+MAGIC = b"CFDON1\n"
+_LEN = struct.Struct("<I")
+_PREFIX = len(MAGIC) + _LEN.size
+MAX_HEADER = 1 << 20
+DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "zstd", "blosc")
+
+
+class DonationError(ValueError):
+    """A donation was refused. ``str()`` is one line: ``donation KEY is/belongs ... REASON``."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"donation {key} {reason}")
+
+
+@dataclass(frozen=True)
+class DonationHeader:
+    key: str
+    bbox: Bbox
+    shape: tuple[int, int, int, int]
+    dtype: str
+    checksum: str
+    job_hash: str
+    compression: str
+    nbytes_raw: int
+    nbytes_payload: int
+
+    def to_json(self) -> dict:
+        return {
+            "key": self.key,
+            "bbox": self.bbox.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "checksum": self.checksum,
+            "job_hash": self.job_hash,
+            "compression": self.compression,
+            "nbytes_raw": self.nbytes_raw,
+            "nbytes_payload": self.nbytes_payload,
+        }
+
+
+def _codec(compression: str):
+    if compression == "zstd":
+        from numcodecs import Zstd
+
+        return Zstd(level=1)
+    if compression == "blosc":
+        from numcodecs import Blosc
+
+        return Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE)
+    raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+
+
+def checksum(raw) -> str:
+    """CRC-32 of a bytes-like object, 8 lowercase hex digits."""
+    return f"{zlib.crc32(raw) & 0xFFFFFFFF:08x}"
+
+
+def encode_donation(
+    array: np.ndarray, bbox: Bbox, key: str, job_hash: str, compression: str = "none"
+) -> bytes:
+    """Serialise a C,Z,Y,X float32/float16 ``array`` covering ``bbox`` under ``key``."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if not isinstance(array, np.ndarray) or array.ndim != 4:
+        raise ValueError(f"donation {key}: array must be a 4D C,Z,Y,X numpy array")
+    if array.dtype.name not in DTYPES:
+        raise ValueError(f"donation {key}: dtype {array.dtype} is not one of {DTYPES}")
+    if tuple(array.shape[1:]) != tuple(bbox.shape):
+        raise ValueError(f"donation {key}: array shape {array.shape} does not match bbox {bbox.name}")
+    if not key or not job_hash:
+        raise ValueError("donation key and job_hash must be non-empty")
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    raw = memoryview(array).cast("B")
+    payload = raw if compression == "none" else _codec(compression).encode(array)
+    header = DonationHeader(
+        key=key,
+        bbox=bbox,
+        shape=tuple(int(s) for s in array.shape),  # type: ignore[arg-type]
+        dtype=array.dtype.name,
+        checksum=checksum(raw),
+        job_hash=job_hash,
+        compression=compression,
+        nbytes_raw=raw.nbytes,
+        nbytes_payload=len(memoryview(payload).cast("B")),
+    )
+    head = json.dumps(header.to_json(), separators=(",", ":")).encode("utf-8")
+    return b"".join((MAGIC, _LEN.pack(len(head)), head, payload))
+
+
+def _parse_header(data: bytes, key: str) -> tuple[DonationHeader, int]:
+    """Header and the payload offset; ``key`` only labels errors."""
+    view = memoryview(data)
+    if len(view) < len(MAGIC):
+        if bytes(view) == MAGIC[: len(view)]:
+            raise DonationError(key, "is truncated")
+        raise DonationError(key, "is corrupt: bad magic (not a chunkflow donation)")
+    if bytes(view[: len(MAGIC)]) != MAGIC:
+        raise DonationError(key, "is corrupt: bad magic (not a chunkflow donation)")
+    if len(view) < _PREFIX:
+        raise DonationError(key, "is truncated")
+    (hlen,) = _LEN.unpack(view[len(MAGIC):_PREFIX])
+    if hlen > MAX_HEADER:
+        raise DonationError(key, f"is corrupt: header length {hlen} is implausible")
+    if len(view) < _PREFIX + hlen:
+        raise DonationError(key, "is truncated")
+    try:
+        h = json.loads(bytes(view[_PREFIX:_PREFIX + hlen]).decode("utf-8"))
+        header = DonationHeader(
+            key=str(h["key"]),
+            bbox=Bbox.from_name(h["bbox"]),
+            shape=tuple(int(s) for s in h["shape"]),  # type: ignore[arg-type]
+            dtype=str(h["dtype"]),
+            checksum=str(h["checksum"]),
+            job_hash=str(h["job_hash"]),
+            compression=str(h["compression"]),
+            nbytes_raw=int(h["nbytes_raw"]),
+            nbytes_payload=int(h["nbytes_payload"]),
+        )
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise DonationError(key, f"is corrupt: unreadable header ({type(exc).__name__})") from None
+    return header, _PREFIX + hlen
+
+
+def read_header(data: bytes) -> DonationHeader:
+    """The header alone (for ``inspect``): no decompression, no checksum."""
+    return _parse_header(data, "<unknown>")[0]
+
+
+def decode_donation(data: bytes, key: str, job_hash: str) -> tuple[DonationHeader, np.ndarray]:
+    """Verify and decode a donation expected under ``key`` for job ``job_hash``.
+
+    Returns the header and a writable C,Z,Y,X array. Raises :class:`DonationError`
+    if anything is off: magic, truncation, header, key, job, shape vs bbox, dtype,
+    sizes, decompression or checksum.
+    """
+    header, offset = _parse_header(data, key)
+    if header.key != key:
+        raise DonationError(key, f"is mislabelled: its header names key {header.key}")
+    if header.job_hash != job_hash:
+        raise DonationError(key, f"belongs to job {header.job_hash}, not {job_hash}")
+    if len(header.shape) != 4 or tuple(header.shape[1:]) != tuple(header.bbox.shape):
+        raise DonationError(key, f"is corrupt: shape {list(header.shape)} does not match bbox {header.bbox.name}")
+    if header.dtype not in DTYPES:
+        raise DonationError(key, f"is corrupt: unsupported dtype {header.dtype!r}")
+    if header.compression not in COMPRESSIONS:
+        raise DonationError(key, f"is corrupt: unknown compression {header.compression!r}")
+    dtype = np.dtype(header.dtype).newbyteorder("<")
+    expected_raw = int(np.prod(header.shape)) * dtype.itemsize
+    if header.nbytes_raw != expected_raw:
+        raise DonationError(key, f"is corrupt: nbytes_raw {header.nbytes_raw} != {expected_raw} for its shape")
+    available = len(data) - offset
+    if available < header.nbytes_payload:
+        raise DonationError(key, "is truncated")
+    if available > header.nbytes_payload:
+        raise DonationError(key, f"is corrupt: {available - header.nbytes_payload} trailing bytes")
+    payload = memoryview(data)[offset:]
+    out = np.empty(header.shape, dtype=dtype)
+    if header.compression == "none":
+        if header.nbytes_payload != expected_raw:
+            raise DonationError(key, "is corrupt: payload size does not match its shape")
+        np.copyto(out, np.frombuffer(payload, dtype=dtype).reshape(header.shape))
+    else:
+        try:
+            _codec(header.compression).decode(payload, out=out)
+        except Exception as exc:  # noqa: BLE001 - codecs raise assorted errors on garbage
+            raise DonationError(key, f"is corrupt: {header.compression} payload does not decompress "
+                                     f"({type(exc).__name__})") from None
+    if checksum(memoryview(out).cast("B")) != header.checksum:
+        raise DonationError(key, "is corrupt: checksum mismatch")
+    return header, out

@@ -1,0 +1,250 @@
+"""The volume interface every stage codes against, and the URL dispatch.
+
+A :class:`Volume` is a 4D C,Z,Y,X array placed in global voxel coordinates by its
+:attr:`Volume.bbox`. Two formats implement it:
+
+* Neuroglancer precomputed through CloudVolume (``precomputed.py``):
+  ``file:///abs/path``, ``gs://bucket/path``, ``s3://bucket/path``, each optionally
+  prefixed ``precomputed://``;
+* zarr v3 (``zarr_volume.py``): a local path ending ``.zarr``, ``zarr://PATH`` or
+  ``zarr://gs://bucket/path.zarr``.
+
+The base class does the checks that keep Invariant 2 and 3 of the design
+(aligned, whole-chunk writes only; nothing cast silently; out-of-bounds reads
+either padded on request or refused) so the two back ends only move bytes.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from chunkflow.bbox import Bbox, Vec
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_URLS = (
+    "supported volume URLs: [precomputed://]file:///abs/path, [precomputed://]gs://bucket/path, "
+    "[precomputed://]s3://bucket/path, /local/path.zarr, zarr://PATH, zarr://gs://bucket/path.zarr"
+)
+
+PAD_MODES = (None, "reflect", "constant")
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message is one line that names what and where."""
+
+
+class Volume:
+    """A C,Z,Y,X array in global voxel coordinates. Subclasses implement ``_read``/``_write``."""
+
+    url: str
+    bbox: Bbox
+    chunk_size: Vec
+    num_channels: int
+    dtype: np.dtype
+    resolution: tuple[float, float, float]
+
+    def __init__(
+        self,
+        url: str,
+        bbox: Bbox,
+        chunk_size: Vec,
+        num_channels: int,
+        dtype: np.dtype | str,
+        resolution: Sequence[float],
+    ) -> None:
+        self.url = url
+        self.bbox = Bbox(bbox.start, bbox.stop)
+        self.chunk_size = Vec(chunk_size)
+        self.num_channels = int(num_channels)
+        self.dtype = np.dtype(dtype)
+        self.resolution = tuple(float(r) for r in resolution)  # type: ignore[assignment]
+
+    # -- back-end hooks -------------------------------------------------------------
+    def _read(self, bbox: Bbox) -> np.ndarray:  # pragma: no cover - abstract
+        """Return C,Z,Y,X data of ``bbox``, which lies inside ``self.bbox``."""
+        raise NotImplementedError
+
+    def _write(self, bbox: Bbox, data: np.ndarray) -> None:  # pragma: no cover - abstract
+        """Store validated, chunk-aligned C,Z,Y,X ``data`` at ``bbox``."""
+        raise NotImplementedError
+
+    # -- public API -----------------------------------------------------------------
+    def read(self, bbox: Bbox, pad_mode: str | None = None) -> np.ndarray:
+        """Read ``bbox`` as a C,Z,Y,X array of ``self.dtype``.
+
+        Where ``bbox`` reaches beyond the volume, ``pad_mode`` decides: ``"reflect"``
+        (``numpy.pad`` reflect, mirrored about the edge voxel), ``"constant"`` (zeros),
+        or ``None``: refuse with a :class:`StorageError`.
+        """
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        if bbox.is_empty():
+            raise StorageError(f"cannot read empty box {bbox.name} from {self.url}")
+        if self.bbox.contains(bbox):
+            return self._read(bbox)
+        if pad_mode is None:
+            raise StorageError(
+                f"box {bbox.name} reaches outside volume {self.url} (bbox {self.bbox.name}); "
+                "pass pad_mode='reflect' or 'constant' to pad"
+            )
+        inside = bbox.intersect(self.bbox)
+        if inside.is_empty():
+            if pad_mode == "constant":
+                return np.zeros((self.num_channels, *bbox.shape), dtype=self.dtype)
+            raise StorageError(
+                f"box {bbox.name} lies entirely outside volume {self.url} (bbox {self.bbox.name}); "
+                "nothing to reflect"
+            )
+        data = self._read(inside)
+        before = inside.start - bbox.start
+        after = bbox.stop - inside.stop
+        widths = [(0, 0)] + [(int(b), int(a)) for b, a in zip(before, after)]
+        if pad_mode == "constant":
+            return np.pad(data, widths, mode="constant", constant_values=0)
+        return np.pad(data, widths, mode="reflect")
+
+    def write(self, bbox: Bbox, data: np.ndarray) -> None:
+        """Write C,Z,Y,X ``data`` at ``bbox``: whole storage chunks only, nothing cast.
+
+        ``bbox`` must lie inside the volume, start on the chunk grid (relative to
+        ``self.bbox.start``) and stop on it or at the volume's far face. Anything else
+        is refused before a byte is written, so two tasks can never share a chunk.
+        """
+        self.check_write(bbox, data)
+        self._write(bbox, data)
+
+    def check_write(self, bbox: Bbox, data: np.ndarray) -> None:
+        """Raise :class:`StorageError` unless ``write(bbox, data)`` is allowed."""
+        where = f"write of box {bbox.name} to {self.url}"
+        if not isinstance(data, np.ndarray):
+            raise StorageError(f"{where}: data is {type(data).__name__}, not a numpy array")
+        if data.dtype != self.dtype:
+            raise StorageError(f"{where}: data dtype {data.dtype} is not the volume dtype {self.dtype}")
+        expected = (self.num_channels, *bbox.shape)
+        if bbox.is_empty() or data.shape != expected:
+            raise StorageError(f"{where}: data shape {tuple(data.shape)} is not C,Z,Y,X {expected}")
+        if not self.bbox.contains(bbox):
+            raise StorageError(f"{where}: box is not inside the volume bbox {self.bbox.name}")
+        rel_start = bbox.start - self.bbox.start
+        rel_stop = bbox.stop - self.bbox.start
+        for axis in range(3):
+            c = self.chunk_size[axis]
+            if rel_start[axis] % c:
+                raise StorageError(
+                    f"{where}: box is not aligned to the storage chunk grid "
+                    f"(chunk size {tuple(self.chunk_size)} ZYX from {tuple(self.bbox.start)})"
+                )
+            if rel_stop[axis] % c and bbox.stop[axis] != self.bbox.stop[axis]:
+                raise StorageError(
+                    f"{where}: box is not aligned to the storage chunk grid "
+                    f"(chunk size {tuple(self.chunk_size)} ZYX from {tuple(self.bbox.start)})"
+                )
+
+    def geometry(self) -> dict:
+        """The parameters that :func:`create_volume` compares against an existing volume."""
+        return {
+            "bbox": self.bbox.name,
+            "chunk_size": tuple(self.chunk_size),
+            "num_channels": self.num_channels,
+            "dtype": str(self.dtype),
+            "resolution": tuple(float(r) for r in self.resolution),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.url!r}, bbox={self.bbox.name}, chunk_size={tuple(self.chunk_size)}, "
+            f"channels={self.num_channels}, dtype={self.dtype}, resolution={self.resolution})"
+        )
+
+
+def _classify(url: str) -> tuple[str, str]:
+    """Return ``(format, location)`` for a volume URL, or raise StorageError."""
+    if not isinstance(url, str) or not url:
+        raise StorageError(f"volume URL {url!r} is not a string; {SUPPORTED_URLS}")
+    if url.startswith("zarr://"):
+        location = url[len("zarr://"):]
+        if location.startswith("file://"):
+            location = location[len("file://"):]
+        if not location or location.startswith(("s3://", "http://", "https://")):
+            raise StorageError(f"unsupported volume URL {url!r}; {SUPPORTED_URLS}")
+        return "zarr", location
+    if url.startswith("precomputed://"):
+        location = url[len("precomputed://"):]
+        if location.startswith(("file:///", "gs://", "s3://")):
+            return "precomputed", location
+        raise StorageError(f"unsupported volume URL {url!r}; {SUPPORTED_URLS}")
+    if url.startswith(("file:///", "gs://", "s3://")):
+        return "precomputed", url
+    if "://" not in url and url.rstrip("/").endswith(".zarr"):
+        return "zarr", url
+    raise StorageError(f"unsupported volume URL {url!r}; {SUPPORTED_URLS}")
+
+
+def volume_format(url: str) -> str:
+    """``"precomputed"`` or ``"zarr"`` for a supported volume URL (StorageError otherwise)."""
+    return _classify(url)[0]
+
+
+def open_volume(url: str) -> Volume:
+    """Open an existing volume; :class:`StorageError` ``no volume at URL`` if there is none."""
+    fmt, location = _classify(url)
+    if fmt == "zarr":
+        from chunkflow.storage.zarr_volume import ZarrVolume
+
+        return ZarrVolume.open(url, location)
+    from chunkflow.storage.precomputed import PrecomputedVolume
+
+    return PrecomputedVolume.open(url, location)
+
+
+def create_volume(
+    url: str,
+    bbox: Bbox,
+    chunk_size: Vec,
+    num_channels: int,
+    dtype: str,
+    resolution: tuple[float, float, float] = (40.0, 8.0, 8.0),
+    layer_type: str = "image",
+) -> Volume:
+    """Create a volume, or return the existing one if its geometry is identical.
+
+    ``bbox``, ``chunk_size`` and ``resolution`` are ZYX. An existing volume with a
+    different bbox, chunk size, channel count, dtype or resolution is an error: a job
+    must never write into storage laid out for another.
+    """
+    fmt, location = _classify(url)
+    bbox = Bbox(bbox.start, bbox.stop)
+    chunk_size = Vec(chunk_size)
+    if bbox.is_empty():
+        raise StorageError(f"cannot create volume {url} with empty bbox {bbox.name}")
+    if any(c <= 0 for c in chunk_size):
+        raise StorageError(f"cannot create volume {url}: chunk size {tuple(chunk_size)} must be positive")
+    if int(num_channels) < 1:
+        raise StorageError(f"cannot create volume {url}: num_channels must be >= 1, got {num_channels}")
+    wanted = {
+        "bbox": bbox.name,
+        "chunk_size": tuple(chunk_size),
+        "num_channels": int(num_channels),
+        "dtype": str(np.dtype(dtype)),
+        "resolution": tuple(float(r) for r in resolution),
+    }
+    if fmt == "zarr":
+        from chunkflow.storage.zarr_volume import ZarrVolume as impl
+    else:
+        from chunkflow.storage.precomputed import PrecomputedVolume as impl  # type: ignore[assignment]
+
+    vol = impl.open_if_exists(url, location)
+    if vol is None:
+        log.info("creating volume %s bbox=%s chunk=%s", url, bbox.name, tuple(chunk_size))
+        # create() may lose a race to a concurrent creator and return its volume instead,
+        # so the geometry is compared in every case.
+        vol = impl.create(url, location, bbox, chunk_size, int(num_channels), np.dtype(dtype),
+                          tuple(float(r) for r in resolution), layer_type)
+    have = vol.geometry()
+    if have != wanted:
+        diff = ", ".join(f"{k} {have[k]} != {wanted[k]}" for k in wanted if have[k] != wanted[k])
+        raise StorageError(f"volume {url} already exists with a different geometry: {diff}")
+    return vol

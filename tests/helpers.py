@@ -1,0 +1,47 @@
+"""Shared helpers for tests: real volumes on disk, real models, a forward-call counter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from chunkflow.bbox import Bbox, Vec
+from chunkflow.storage import create_volume
+
+MODELS = Path(__file__).parent / "models"
+CONV3 = str(MODELS / "conv3.py")            # valid convs: output = input - 6 per axis, 3 channels
+CONV3_SAME = str(MODELS / "conv3_same.py")  # same-size output, 3 channels
+
+
+def make_input(path: Path, shape, dtype: str = "float32", seed: int = 0, offset=(0, 0, 0), chunk=(8, 32, 32),
+               fmt: str = "precomputed", zero_region: Bbox | None = None) -> tuple[str, np.ndarray]:
+    """A real input volume with smooth random content; returns (url, array C,Z,Y,X)."""
+    rng = np.random.default_rng(seed)
+    data = rng.random((1,) + tuple(shape), dtype=np.float32)
+    if dtype == "uint8":
+        data = (data * 255).astype(np.uint8)
+    if zero_region is not None:
+        data[(slice(None),) + zero_region.slices(Bbox.from_shape(offset, shape))] = 0
+    url = f"file://{path}" if fmt == "precomputed" else f"{path}.zarr"
+    volume = create_volume(url, Bbox.from_shape(offset, shape), Vec(chunk), 1, dtype)
+    volume.write(volume.bbox, data)
+    return url, data
+
+
+class CountingBackend:
+    """Wraps a real backend and counts the patches that go through it."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.patches = 0
+        self.calls = 0
+        self.name = backend.name
+        self.device = backend.device
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        self.patches += len(batch)
+        return self.backend.predict(batch)
+
+    def output_shape(self, *args, **kwargs):
+        return self.backend.output_shape(*args, **kwargs)
