@@ -48,35 +48,48 @@ def setup_logging(quiet: bool = False) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
+FLAG_DOCS = {
+    "input": "input volume: file:///path, gs://bucket/path, s3://... (Neuroglancer precomputed) or PATH.zarr.",
+    "output": "output volume, created if absent (covering the input's bounding box).",
+    "donations": "the job's store: a local directory or gs://bucket/prefix (manifest, donations, done markers).",
+    "model": "builtin:membrane, identity, net.py (defines build_model()), net.pt (TorchScript) or net.onnx.",
+    "input_patch": "network input patch, ZYX, e.g. 20,256,256.",
+    "output_patch": "network output patch (default: the input patch); smaller = the net's context margin.",
+    "overlap": "overlap of neighbouring output patches in voxels, ZYX, e.g. 4,32,32.",
+    "block": "block size, ZYX: the unit of output ownership, a multiple of the output's storage chunk.",
+    "weights": "optional state-dict file for a .py model (loaded with weights_only=True).",
+    "blend": "constant, gaussian (MONAI's, sigma_scale 0.125) or bump (original chunkflow's).",
+    "dtype": "output dtype: float32, uint8 ([0, 1] scaled to 0..255) or float16 (zarr only).",
+    "pad_mode": "input padding past the volume's faces: reflect or constant (zeros).",
+    "precision": "float32, or float16/bfloat16 autocast on CUDA (accumulation stays float32).",
+    "device": "cpu, cuda or cuda:N (CUDA_VISIBLE_DEVICES is respected).",
+    "batch_size": "patches per forward pass.",
+    "storage_chunk": "storage chunk of a new output volume, ZYX (default: the largest divisor of the block <= 16,64,64).",
+    "donation_dtype": "float32 (exact) or float16 (half the bytes; error <= 2^-11 relative per piece).",
+    "compression": "donation compression: none, zstd or blosc.",
+    "force": "rerun blocks that are already done.",
+    "cleanup": "delete each block's donations once its output is written.",
+    "quiet": "no progress bars or log lines.",
+}
+
+
+def documented(summary: str):
+    """Give a command a Google-style docstring built from FLAG_DOCS, so `--help` explains every flag."""
+    def decorate(fn):
+        import inspect
+        names = [n for n in inspect.signature(fn).parameters if n in FLAG_DOCS]
+        fn.__doc__ = summary.strip() + "\n\nArgs:\n" + "".join(f"    {n}: {FLAG_DOCS[n]}\n" for n in names)
+        return fn
+    return decorate
+
+
 @user_errors
+@documented("Validate a job, create its output volume, and write its manifest into the donation store.")
 def plan(input: str, output: str, donations: str, model: str, input_patch: str, output_patch: str | None = None,
          overlap: str = "0,0,0", block: str | None = None, weights: str | None = None, blend: str = "gaussian",
          dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu",
          batch_size: int = 1, storage_chunk: str | None = None, donation_dtype: str = "float32",
          compression: str = "none", quiet: bool = False) -> None:
-    """Validate a job, create its output volume, and write its manifest into the donation store.
-
-    Args:
-        input: input volume: file:///path, gs://bucket/path, s3://... (Neuroglancer precomputed) or PATH.zarr.
-        output: output volume, created if absent (covering the input's bounding box).
-        donations: the job's store: a local directory or gs://bucket/prefix.
-        model: builtin:membrane, identity, net.py (defines build_model()), net.pt (TorchScript) or net.onnx.
-        input_patch: network input patch, ZYX, e.g. 20,256,256.
-        output_patch: network output patch (default: the input patch); smaller = the net's context margin.
-        overlap: overlap of neighbouring output patches in voxels, ZYX.
-        block: block size, ZYX: the unit of output ownership (a multiple of the output's storage chunk).
-        weights: optional state-dict file for a .py model (loaded with weights_only=True).
-        blend: constant, gaussian (MONAI's) or bump (original chunkflow's).
-        dtype: output dtype: float32, float16 or uint8 ([0, 1] scaled to 0..255).
-        pad_mode: how the input is padded past the volume's faces: reflect or constant (zeros).
-        precision: float32, or float16/bfloat16 autocast on CUDA (accumulation stays float32).
-        device: default device for workers: cpu, cuda, cuda:N.
-        batch_size: patches per forward pass.
-        storage_chunk: storage chunk of a new output volume (default: divides the block).
-        donation_dtype: float32 (exact) or float16 (halves donation bytes; error up to ~1e-3 relative).
-        compression: donation compression: none, zstd or blosc.
-        quiet: less output.
-    """
     setup_logging(quiet)
     job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
                    block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
@@ -91,17 +104,15 @@ def plan(input: str, output: str, donations: str, model: str, input_patch: str, 
 
 
 @user_errors
+@documented("""Plan, then stage one over all blocks, the barrier, and stage two, in this process.
+
+--donations defaults to a directory beside a local output (OUTPUT.donations). Finished
+blocks are skipped on a rerun unless --force.""")
 def run(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
         overlap: str = "0,0,0", block: str | None = None, donations: str | None = None, weights: str | None = None,
         blend: str = "gaussian", dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32",
         device: str = "cpu", batch_size: int = 1, force: bool = False, cleanup: bool = False,
         quiet: bool = False) -> None:
-    """Plan, then stage one over all blocks, the barrier, and stage two, in this process.
-
-    Takes the flags of `plan` (see `chunkflow plan --help`); --donations defaults to a
-    directory beside a local output (OUTPUT.donations). Finished blocks are skipped on a
-    rerun unless --force. --cleanup deletes each block's donations once it is written.
-    """
     setup_logging(quiet)
     donations = donations or _default_store(output)
     job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
@@ -114,14 +125,13 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
 
 
 @user_errors
+@documented("""Whole-volume blended inference in one process, written to OUTPUT: the answer `run` must match.
+
+Takes the model/patch/overlap/blend flags of `run`; use it on a small volume to validate a job.""")
 def reference(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
               overlap: str = "0,0,0", weights: str | None = None, blend: str = "gaussian", dtype: str = "float32",
               pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu", batch_size: int = 1,
               quiet: bool = False) -> None:
-    """Whole-volume blended inference in one process, written to OUTPUT (the answer `run` must match).
-
-    Same model/patch/overlap/blend flags as `run`; use it on a small volume to validate a job.
-    """
     setup_logging(quiet)
     source = open_volume(input)
     try:
