@@ -20,8 +20,10 @@ Weight maps (all float32, strictly positive so ``N`` never vanishes):
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from functools import lru_cache
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -91,3 +93,67 @@ def weight_sum(weights: np.ndarray, origins: Iterable[Vec], region: Bbox) -> np.
             continue
         total[overlap.slices(region)] += weights[overlap.slices(box)]
     return total
+
+
+#: the largest N(x) slab computed at once, in voxels (4 MiB of float32), but at least one z-plane
+SLAB_VOXELS = 1 << 20
+
+
+class WeightSum:
+    """``N(x)`` of one patch grid, for any box, without a chunk-sized buffer.
+
+    Args:
+        weights: the output patch weight map.
+        axis_origins: the sorted patch origins along z, y and x (the grid is their product).
+
+    Values are exactly those of :func:`weight_sum` over the grid patches that overlap the box:
+    each voxel sums the same numbers in the same (grid) order, wherever the box is cut. A
+    constant map is separable, ``N = c_z(z) c_y(y) c_x(x)`` with ``c_a`` the number of patches
+    covering the coordinate; a product of small integers is exact in float32, so that fast path
+    is bit-identical too. The gaussian map (clamped) and the bump map (rescaled) are not
+    separable; their ``N`` costs one add per covering patch per voxel, like the accumulation.
+    """
+
+    def __init__(self, weights: np.ndarray, axis_origins: Sequence[Sequence[int]]):
+        self.weights = weights
+        self.patch = Vec(weights.shape)
+        self.origins = tuple(tuple(int(o) for o in axis) for axis in axis_origins)
+        self.separable = bool(np.all(weights == 1))
+
+    def covering(self, axis: int, lo: int, hi: int) -> Sequence[int]:
+        """Origins along ``axis`` of the patches whose output overlaps ``[lo, hi)``."""
+        origins = self.origins[axis]
+        first = bisect.bisect_right(origins, lo - self.patch[axis])
+        return origins[first:bisect.bisect_left(origins, hi)]
+
+    def over(self, region: Bbox) -> np.ndarray:
+        """float32 ``N`` over ``region`` (Z, Y, X)."""
+        if self.separable:
+            counts = []
+            for a in range(3):
+                coords = np.arange(region.start[a], region.stop[a])
+                origins = np.asarray(self.origins[a])
+                covered = (np.searchsorted(origins, coords, side="right")
+                           - np.searchsorted(origins, coords - self.patch[a], side="right"))
+                counts.append(covered.astype(np.float32))
+            return counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
+        ranges = [self.covering(a, region.start[a], region.stop[a]) for a in range(3)]
+        return weight_sum(self.weights, (Vec(o) for o in itertools.product(*ranges)), region)
+
+    def slabs(self, region: Bbox, max_voxels: int | None = None) -> Iterable[Bbox]:
+        """``region`` cut along z into slabs of at most ``max_voxels`` (default :data:`SLAB_VOXELS`;
+        at least one plane each)."""
+        plane = max(1, region.shape[1] * region.shape[2])
+        step = max(1, (max_voxels or SLAB_VOXELS) // plane)
+        for z in range(region.start[0], region.stop[0], step):
+            yield Bbox(Vec(z, region.start[1], region.start[2]),
+                       Vec(min(z + step, region.stop[0]), region.stop[1], region.stop[2]))
+
+
+def normalise(acc: np.ndarray, region: Bbox, normaliser: np.ndarray | WeightSum) -> None:
+    """Divide ``acc`` (C, Z, Y, X over ``region``) by ``N`` in place, slab by slab for a WeightSum."""
+    if isinstance(normaliser, np.ndarray):
+        acc /= normaliser
+        return
+    for slab in normaliser.slabs(region):
+        acc[(slice(None),) + slab.slices(region)] /= normaliser.over(slab)

@@ -2,15 +2,30 @@
 
 ``blended_inference`` is the one function both stage one (a block's chunk) and the
 whole-volume reference call, so they sum the same numbers in the same order.
+
+Where the time goes, and why it is laid out this way (the model should be the only cost):
+
+- *gather*: each patch is copied (and, for integer input, scaled to [0, 1]) straight into one
+  reusable float32 batch buffer, so the input chunk can stay in its stored dtype (a uint8
+  chunk costs a quarter of a float32 copy) and no per-batch ``np.stack`` allocates;
+- *accumulate*: ``w * y`` goes into one reusable patch buffer (``np.multiply(..., out=)``) and
+  is then added in place into the chunk buffer: no patch-sized temporaries per patch;
+- *normalise*: the division by ``N(x)`` runs slab by slab (:class:`chunkflow.blend.WeightSum`),
+  so ``N`` never needs a chunk-sized buffer.
+
+Memory of one call: the input as given + the float32 output (C x region) + one batch in and
+out + one output patch + one ``N`` slab (at most ~32 MiB).
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Sequence
 
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.blend import WeightSum, normalise
 
 log = logging.getLogger(__name__)
 
@@ -25,32 +40,43 @@ def to_float(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32, copy=False)
 
 
+def _float_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = to_float(src)`` without the temporary: the same casts, bit for bit."""
+    dst[...] = src
+    if np.issubdtype(src.dtype, np.integer):
+        dst /= np.float32(np.iinfo(src.dtype).max)
+
+
 def blended_inference(
     image: np.ndarray,
     image_box: Bbox,
     origins: Sequence[Vec],
     region: Bbox,
-    normaliser: np.ndarray,
+    normaliser: np.ndarray | WeightSum,
     weights: np.ndarray,
     predict: Predict,
     input_patch: Vec,
     channels: int,
     batch_size: int = 1,
     progress: Callable[[int], None] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Sum of ``w * model(patch) / N`` over the given output patch origins, on ``region``.
 
     Args:
-        image: float32 input, C,Z,Y,X, covering ``image_box`` (the region grown by the
-            network's context margin, faces already padded).
+        image: input, C,Z,Y,X, covering ``image_box`` (the region grown by the network's
+            context margin, faces already padded); float, or integers scaled as :func:`to_float`.
         origins: output-patch origins to compute, in global grid order.
         region: output region; every patch's output box must lie inside it.
-        normaliser: ``N(x)`` over ``region`` from every grid patch (``blend.weight_sum``).
+        normaliser: ``N(x)`` over ``region`` (``blend.weight_sum``), or a ``WeightSum`` of the
+            whole grid, which computes it slab by slab.
         weights: the output patch weight map (its shape is the output patch size).
         predict: ``[B, C, *input_patch] -> [B, C_out, *output_patch]`` (or ``*input_patch``,
             in which case the centre is cropped).
         input_patch: the network's input patch size.
         channels: the number of output channels of the model.
+        seconds: if given, seconds spent are added under ``gather``, ``model``, ``accumulate``
+            and ``normalise``.
 
     A patch whose input is entirely zero is not run: its prediction is defined as zero
     (blank regions of EM volumes cost nothing), while its weight still counts in ``N``.
@@ -58,30 +84,53 @@ def blended_inference(
     Returns:
         float32 C_out,Z,Y,X over ``region``; zero where none of ``origins`` reaches.
     """
+    timer = _Timer(seconds)
     output_patch = Vec(weights.shape)
     margin = (Vec(input_patch) - output_patch) // 2
+    batch_size = max(1, batch_size)
     acc = np.zeros((channels,) + tuple(region.shape), dtype=np.float32)
-    for first in range(0, len(origins), max(1, batch_size)):
+    batch = np.empty((min(batch_size, max(1, len(origins))), image.shape[0]) + tuple(input_patch), dtype=np.float32)
+    product = np.empty((channels,) + tuple(output_patch), dtype=np.float32)
+    for first in range(0, len(origins), batch_size):
         batch_origins = origins[first:first + batch_size]
-        inputs, kept = [], []
+        kept = []
         for origin in batch_origins:
             box = Bbox(origin - margin, origin - margin + input_patch)
             patch = image[(slice(None),) + box.slices(image_box)]
             if patch.any():
-                inputs.append(patch)
+                _float_into(batch[len(kept)], patch)
                 kept.append(origin)
-        if inputs:
-            outputs = predict(np.stack(inputs))
+        timer.lap("gather")
+        if kept:
+            outputs = predict(batch[:len(kept)])
+            timer.lap("model")
             outputs = _crop_to(outputs, output_patch)
             if outputs.shape[1] != channels:
                 raise ValueError(f"the model returned {outputs.shape[1]} channels; the job expects {channels}")
             for origin, out in zip(kept, outputs):
-                box = Bbox(origin, origin + output_patch)
-                acc[(slice(None),) + box.slices(region)] += out * weights
+                np.multiply(out, weights, out=product)
+                acc[(slice(None),) + Bbox(origin, origin + output_patch).slices(region)] += product
+            timer.lap("accumulate")
         if progress is not None:
             progress(len(batch_origins))
-    acc /= normaliser
+    normalise(acc, region, normaliser)
+    timer.lap("normalise")
     return acc
+
+
+class _Timer:
+    """Adds the seconds since the previous lap to a named phase (a no-op without a dict)."""
+
+    def __init__(self, seconds: dict[str, float] | None):
+        self.seconds = seconds
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.seconds is None:
+            return
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def _crop_to(outputs: np.ndarray, output_patch: Vec) -> np.ndarray:

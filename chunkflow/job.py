@@ -9,7 +9,7 @@ A job lives in one object store (the ``--donations`` location)::
 
 The hash covers everything that changes the numbers in the output (volumes, geometry,
 blend, model and its checksum, dtype, padding, precision) and nothing that does not
-(device, batch size). Every donation carries it, so workers started with other flags, or a
+(device, batch size, compression, where the store itself lives). Every donation carries it, so workers started with other flags, or a
 manifest edited after planning, cannot mix their results into this job.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ PRECISIONS = ("float32", "float16", "bfloat16")
 DONATION_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "zstd", "blosc")
 SCHEMA_VERSION = 1
-_UNHASHED = {"device", "batch_size", "job_hash", "created_by", "donation_compression"}
+_UNHASHED = {"store", "device", "batch_size", "job_hash", "created_by", "donation_compression"}
 
 
 class JobError(ValueError):
@@ -97,6 +97,13 @@ class Job:
             raise JobError(f"{where} was changed after planning (hash {job.compute_hash()} != recorded "
                            f"{job.job_hash}); plan a new job instead of editing the manifest")
         return job
+
+    def at(self, store: str) -> "Job":
+        """The same job read from ``store`` (the store's location is not part of the hash, so a
+        copied or remounted store keeps working: workers use where they found the manifest)."""
+        values = asdict(self)
+        values["store"] = store
+        return Job(**values)
 
     def with_runtime(self, device: str | None = None, batch_size: int | None = None) -> "Job":
         """The same job with other runtime settings (these never change the output)."""

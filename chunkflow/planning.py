@@ -34,10 +34,13 @@ def plan(input: str, output: str, donations: str, model: str, input_patch, **opt
     if existing_output is None:
         create_volume(output, source.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
                       resolution=source.resolution)
-    if previous is None:
-        store.put(MANIFEST, job.to_json().encode(), if_absent=True)
+    if previous is None and store.put(MANIFEST, job.to_json().encode(), if_absent=True):
         log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks, job.layout.num_patches)
-    return load_job(store)
+    planned = load_job(store)
+    if planned.job_hash != job.job_hash:  # another planner won a race to this store
+        raise JobError(f"{store.url} already holds job {planned.job_hash} with other parameters; give a new "
+                       f"--donations location (or delete that one)")
+    return planned
 
 
 def make_job(
@@ -125,7 +128,7 @@ def _existing_job(store: ObjectStore) -> Job | None:
         text = store.get(MANIFEST).decode()
     except KeyError:
         return None
-    return Job.from_json(text, where=f"{store.url}/{MANIFEST}")
+    return Job.from_json(text, where=f"{store.url}/{MANIFEST}").at(store.url)
 
 
 def _existing_output(url: str):

@@ -6,6 +6,7 @@ is idempotent, and a missing or corrupt donation is refused with nothing written
 """
 from __future__ import annotations
 
+import fire
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from chunkflow.backends import load_backend
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import LocalEngine, run_job
-from chunkflow.planning import plan
+from chunkflow.cli import COMMANDS
+from chunkflow.planning import load_job, plan
 from chunkflow.stages import MissingDonations, Resources, inference_and_donate, receive_and_blend, reference
 from chunkflow.storage import open_store, open_volume
 from tests.helpers import CONV3, CONV3_SAME, CountingBackend, make_input
@@ -31,15 +33,18 @@ def _run(job, backend=None):
 
 
 @pytest.mark.parametrize("blend", ["constant", "gaussian", "bump"])
-def test_issue_acceptance_run_equals_reference(tmp_path, blend):
-    """64x256x256 float32, 3-layer conv net, patch 16x64x64, overlap 4x16x16, blocks 32x128x128."""
+def test_issue_acceptance_run_equals_reference(tmp_path, blend, capsys):
+    """`chunkflow run` == `chunkflow reference` on 64x256x256 float32 with a 3-layer conv net,
+    patch 16x64x64, overlap 4x16x16, blocks 32x128x128; every grid patch computed once."""
     url, _ = make_input(tmp_path / "in", (64, 256, 256), seed=1)
-    job = plan(url, f"file://{tmp_path / 'out'}", str(tmp_path / "job"), CONV3_SAME, "16,64,64",
-               overlap="4,16,16", block="32,128,128", blend=blend, batch_size=1)
-    counter = CountingBackend(load_backend(CONV3_SAME))
-    output = _run(job, counter)
-    assert counter.patches == job.layout.num_patches  # every grid patch exactly once
-    expected = reference(job, Resources(job))
+    flags = ["--input", url, "--model", CONV3_SAME, "--input-patch", "16,64,64", "--overlap", "4,16,16",
+             "--blend", blend, "--batch-size", "1", "--quiet"]
+    fire.Fire(COMMANDS, ["run", *flags, "--output", f"file://{tmp_path / 'run'}", "--block", "32,128,128"])
+    fire.Fire(COMMANDS, ["reference", *flags, "--output", f"file://{tmp_path / 'ref'}"])
+    job = load_job(str(tmp_path / "run.donations"))
+    assert f"{job.layout.num_patches} patches computed" in capsys.readouterr().out  # each grid patch once
+    output = open_volume(f"file://{tmp_path / 'run'}").read(job.layout.bbox)
+    expected = open_volume(f"file://{tmp_path / 'ref'}").read(job.layout.bbox)
     assert output.shape == (3, 64, 256, 256)
     np.testing.assert_allclose(output, expected, rtol=0, atol=1e-5)
     # the core of every block is summed in the same order as the reference: bit-identical
@@ -48,6 +53,16 @@ def test_issue_acceptance_run_equals_reference(tmp_path, blend):
         if not core.is_empty():
             sl = (slice(None),) + core.slices(job.layout.bbox)
             assert np.array_equal(output[sl], expected[sl])
+
+
+def test_each_grid_patch_goes_through_the_model_exactly_once(tmp_path):
+    url, _ = make_input(tmp_path / "in", (40, 150, 130), seed=9)
+    job = plan(url, f"file://{tmp_path / 'out'}", str(tmp_path / "job"), CONV3_SAME, "16,64,64",
+               overlap="4,16,16", block="16,64,64", batch_size=5)
+    counter = CountingBackend(load_backend(CONV3_SAME))
+    output = _run(job, counter)
+    assert counter.patches == job.layout.num_patches
+    np.testing.assert_allclose(output, reference(job, Resources(job)), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("blend", ["constant", "gaussian"])

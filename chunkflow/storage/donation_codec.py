@@ -102,6 +102,9 @@ def encode_donation(
         raise ValueError(f"donation {key}: array shape {array.shape} does not match bbox {bbox.name}")
     if not key or not job_hash:
         raise ValueError("donation key and job_hash must be non-empty")
+    if array.dtype == np.float16 and not np.isfinite(array).all():
+        raise ValueError(f"donation {key}: values do not fit float16 (|value| > 65504, or NaN); "
+                         "use donation dtype float32")
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
@@ -156,9 +159,24 @@ def _parse_header(data: bytes, key: str) -> tuple[DonationHeader, int]:
     return header, _PREFIX + hlen
 
 
-def read_header(data: bytes) -> DonationHeader:
-    """The header alone (for ``inspect``): no decompression, no checksum."""
-    return _parse_header(data, "<unknown>")[0]
+def read_header(data: bytes, key: str = "<unknown>") -> DonationHeader:
+    """The header alone (for ``inspect``): no decompression, no checksum.
+
+    ``data`` may be just the first bytes of a donation (a ranged read); it must hold
+    at least :func:`header_end` bytes. ``key`` only labels errors.
+    """
+    return _parse_header(data, key)[0]
+
+
+def header_end(data: bytes) -> int | None:
+    """Where the header of a donation starting with ``data`` ends (None: too short to tell).
+
+    Lets a reader that fetched the first few KiB know whether it holds the whole header.
+    """
+    if len(data) < _PREFIX or bytes(memoryview(data)[: len(MAGIC)]) != MAGIC:
+        return None
+    (hlen,) = _LEN.unpack(memoryview(data)[len(MAGIC):_PREFIX])
+    return _PREFIX + hlen
 
 
 def decode_donation(data: bytes, key: str, job_hash: str) -> tuple[DonationHeader, np.ndarray]:

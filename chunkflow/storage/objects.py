@@ -73,6 +73,14 @@ class ObjectStore:
         """Remove an object; an absent one is fine."""
         raise NotImplementedError
 
+    def get_head(self, name: str, nbytes: int) -> bytes:
+        """The first ``nbytes`` of an object (all of it if shorter); ``KeyError(name)`` if absent.
+
+        Lets ``inspect`` read a donation's header without its payload. Back ends
+        override it with a ranged read; this fallback fetches the whole object.
+        """
+        return self.get(name)[:nbytes]
+
     def get_many(self, names: list[str], workers: int = 16) -> dict[str, bytes | None]:
         """Fetch many objects concurrently (bounded thread pool); ``None`` for missing ones."""
         names = list(names)
@@ -101,15 +109,14 @@ class DirectoryStore(ObjectStore):
     with ``os.replace`` (atomic overwrite) or ``os.link`` (atomic create-if-absent:
     link fails with EEXIST if the name exists). Temp files start with ``.cftmp-`` and
     are never listed.
+
+    The root directory is created by the first ``put``, not when the store is opened,
+    so reading commands (``show``, ``inspect``) on a mistyped path leave nothing behind.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).resolve()
         self.url = f"file://{self.root}"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot create store directory {self.root}: {exc.strerror}") from exc
 
     def _path(self, name: str) -> Path:
         return self.root / validate_name(name)
@@ -164,6 +171,16 @@ class DirectoryStore(ObjectStore):
         try:
             with open(path, "rb") as f:
                 return f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise KeyError(name) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {name} from {self.url}: {exc.strerror or exc}") from exc
+
+    def get_head(self, name: str, nbytes: int) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                return f.read(max(0, int(nbytes)))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise KeyError(name) from None
         except OSError as exc:
