@@ -1,13 +1,12 @@
 #!/usr/bin/env python
 """Stage one: convnet inference over a block's chunk, core written, margins donated.
 
-    python inference_and_donate.py JOB --blocks all [--device cuda:0] [--batch-size 8]
+    python inference_and_donate.py run JOB --blocks all      blocks of a planned job, in this process
+    python inference_and_donate.py worker QUEUE [--wait]     a fleet worker leasing tasks from fq:// or sqs://
 
-Run `python inference_and_donate.py --help` for every flag.
+Run `python inference_and_donate.py run --help` or `python inference_and_donate.py worker --help` for every flag.
 """
-import fire
-
-from chunkflow.cli_stages import inference_and_donate
+from chunkflow.cli_stages import main
 
 if __name__ == "__main__":
-    fire.Fire(inference_and_donate, name="inference_and_donate.py")
+    main(1)

@@ -1,13 +1,12 @@
 #!/usr/bin/env python
 """Stage two: fetch the donations of a block, add them into its band, write aligned output.
 
-    python receive_and_blend.py JOB --blocks all [--cleanup]
+    python receive_and_blend.py run JOB --blocks all      blocks of a planned job, in this process
+    python receive_and_blend.py worker QUEUE [--wait]     a fleet worker leasing tasks from fq:// or sqs://
 
-Run `python receive_and_blend.py --help` for every flag.
+Run `python receive_and_blend.py run --help` or `python receive_and_blend.py worker --help` for every flag.
 """
-import fire
-
-from chunkflow.cli_stages import receive_and_blend
+from chunkflow.cli_stages import main
 
 if __name__ == "__main__":
-    fire.Fire(receive_and_blend, name="receive_and_blend.py")
+    main(2)

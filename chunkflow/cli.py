@@ -15,7 +15,9 @@ from pathlib import Path
 import fire
 
 from chunkflow.backends import ModelError
-from chunkflow.engines import LocalEngine, run_job
+from chunkflow.cli_inspect import inspect as inspect_command
+from chunkflow.cli_fleet import barrier, produce, status
+from chunkflow.engines import check_options, run_with
 from chunkflow.geometry import GeometryError
 from chunkflow.job import JobError
 from chunkflow.planning import load_job, make_job, plan as plan_job
@@ -70,6 +72,11 @@ FLAG_DOCS = {
     "force": "rerun blocks that are already done.",
     "cleanup": "delete each block's donations once its output is written.",
     "quiet": "no progress bars or log lines.",
+    "dry_run": "validate and print tasks, patches, donations, bytes and a calibrated time estimate; write nothing.",
+    "engine": "local (this process) or dask (Dask distributed); fleets of queue workers: `chunkflow produce`.",
+    "mode": "barrier (all of stage one, then stage two) or streaming (a block's stage two starts once its donors are done).",
+    "workers": "dask: worker processes of the LocalCluster (default: one per core, or per GPU for a CUDA job).",
+    "scheduler": "dask: tcp://host:8786 of a running scheduler to use instead of a LocalCluster.",
 }
 
 
@@ -89,8 +96,17 @@ def plan(input: str, output: str, donations: str, model: str, input_patch: str, 
          overlap: str = "0,0,0", block: str | None = None, weights: str | None = None, blend: str = "gaussian",
          dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu",
          batch_size: int = 1, storage_chunk: str | None = None, donation_dtype: str = "float32",
-         compression: str = "none", quiet: bool = False) -> None:
+         compression: str = "none", dry_run: bool = False, quiet: bool = False) -> None:
     setup_logging(quiet)
+    if dry_run:
+        from chunkflow.dryrun import dry_run_job
+        job, _, _ = make_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
+                             block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode,
+                             precision=precision, device=device, batch_size=batch_size, storage_chunk=storage_chunk,
+                             donation_dtype=donation_dtype, compression=compression)
+        for line in dry_run_job(job):
+            print(line)
+        return
     job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
                    block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
                    device=device, batch_size=batch_size, storage_chunk=storage_chunk, donation_dtype=donation_dtype,
@@ -112,14 +128,16 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
         overlap: str = "0,0,0", block: str | None = None, donations: str | None = None, weights: str | None = None,
         blend: str = "gaussian", dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32",
         device: str = "cpu", batch_size: int = 1, force: bool = False, cleanup: bool = False,
-        quiet: bool = False) -> None:
+        donation_dtype: str = "float32", compression: str = "none", engine: str = "local", mode: str = "barrier",
+        workers: int | None = None, scheduler: str | None = None, quiet: bool = False) -> None:
     setup_logging(quiet)
+    check_options(engine, mode, workers, scheduler)
     donations = donations or _default_store(output)
     job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
                    block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
-                   device=device, batch_size=batch_size)
+                   device=device, batch_size=batch_size, donation_dtype=donation_dtype, compression=compression)
     job = job.with_runtime(device=device, batch_size=batch_size)
-    summary = run_job(job, LocalEngine(), force=force, progress=not quiet, cleanup=cleanup)
+    summary = run_with(job, engine, mode, workers, scheduler, force=force, progress=not quiet, cleanup=cleanup)
     for line in summary.lines():
         print(line)
 
@@ -180,7 +198,8 @@ def _zyx(v) -> str:
     return ",".join(str(int(x)) for x in v)
 
 
-COMMANDS = {"plan": plan, "run": run, "reference": reference, "demo": demo, "show": show}
+COMMANDS = {"plan": plan, "run": run, "reference": reference, "demo": demo, "show": show, "inspect": inspect_command,
+            "produce": produce, "barrier": barrier, "status": status}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The in-process engine: runs tasks one after another in this process (tests, small jobs)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -12,9 +12,33 @@ class LocalEngine:
 
     name = "local"
 
-    def map(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[tuple[T, R]]:
+    def map(self, fn: Callable[[T], R], tasks: Iterable[T], gpu: bool = False) -> Iterator[tuple[T, R]]:
         for task in tasks:
             yield task, fn(task)
+
+    def stream(self, first: Callable[[T], R], second: Callable[[T], R], firsts: Iterable[T],
+               dependencies: Mapping[T, Iterable[T]], gpu: bool = False) -> Iterator[tuple[int, T, R]]:
+        """Run ``first`` over ``firsts`` in order and ``second(b)`` as soon as every task ``b``
+        depends on has run; yields ``(1 or 2, task, result)``. Dependencies outside ``firsts``
+        count as already satisfied."""
+        firsts = list(firsts)
+        pending = set(firsts)
+        waiting = {b: {d for d in deps if d in pending} for b, deps in dependencies.items()}
+        dependents: dict[T, list[T]] = {}
+        for b, deps in waiting.items():
+            for d in deps:
+                dependents.setdefault(d, []).append(b)
+        for b in [b for b, deps in waiting.items() if not deps]:
+            yield 2, b, second(b)
+        for task in firsts:
+            yield 1, task, first(task)
+            for b in dependents.get(task, ()):
+                waiting[b].discard(task)
+                if not waiting[b]:
+                    yield 2, b, second(b)
+
+    def prepare(self, job):
+        return job
 
     def close(self) -> None:
         pass

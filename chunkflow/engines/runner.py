@@ -1,8 +1,14 @@
 """Run a planned job's stages over its blocks on an engine, with done markers and progress.
 
-The runner knows the order of the stages (barrier: all of stage one, then all of stage two)
-and which tasks are already done; it knows nothing of blending. An engine only has to
-``map`` a picklable function over tasks and yield ``(task, result)`` pairs as they finish.
+The runner knows the order of the stages and which tasks are already done; it knows
+nothing of blending. Two orders:
+
+- ``barrier``: stage one over every block, then stage two over every block;
+- ``streaming``: stage two of a block runs as soon as stage one of the blocks it depends on
+  (``Layout.dependencies``: its donors and itself) is done, so blocks become final while
+  inference still runs elsewhere.
+
+A block whose done marker exists is skipped unless ``force`` (so a rerun resumes).
 """
 from __future__ import annotations
 
@@ -14,8 +20,11 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from chunkflow.bbox import Vec
+from chunkflow.engines.base import EngineError, MODES, check_options, make_engine
+from chunkflow.engines.task import STAGE_NAMES, StageTask, TaskResult
 from chunkflow.job import Job
-from chunkflow.stages import Resources, Stats, inference_and_donate, is_done, receive_and_blend
+from chunkflow.stages import Resources, Stats
+from chunkflow.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +33,19 @@ log = logging.getLogger(__name__)
 class StageSummary:
     tasks: int = 0
     skipped: int = 0
+    retries: int = 0
     seconds: float = 0.0
     stats: Stats = field(default_factory=Stats)
+    finished_at: list[float] = field(default_factory=list)
+
+    def add(self, result: TaskResult) -> None:
+        if result.skipped:
+            self.skipped += 1
+            return
+        self.tasks += 1
+        self.retries += result.attempt - 1
+        self.stats.add(result.stats)
+        self.finished_at.append(time.perf_counter())
 
 
 @dataclass
@@ -33,71 +53,131 @@ class RunSummary:
     job: Job
     stage1: StageSummary = field(default_factory=StageSummary)
     stage2: StageSummary = field(default_factory=StageSummary)
+    mode: str = "barrier"
+    engine: str = "local"
+    seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def final_times(self) -> list[float]:
+        """Seconds from the start of the run at which each block run by stage two became final."""
+        return sorted(t - self.started for t in self.stage2.finished_at)
 
     def lines(self) -> list[str]:
         layout = self.job.layout
         voxels = layout.bbox.size
-        total = self.stage1.seconds + self.stage2.seconds
+        total = self.seconds or self.stage1.seconds + self.stage2.seconds
         rate = voxels / total if total > 0 else float("nan")
+        finals = self.final_times
+        first = f", first block final after {finals[0]:.2f} s" if finals else ""
         return [
             f"job {self.job.job_hash}: {layout.num_blocks} blocks, {layout.num_patches} patches in the grid, "
-            f"{voxels:,} voxels",
+            f"{voxels:,} voxels ({self.engine} engine, {self.mode})",
             f"stage one: {self.stage1.tasks} tasks run, {self.stage1.skipped} already done, "
-            f"{self.stage1.stats.patches} patches computed, {human_bytes(self.stage1.stats.donated_bytes)} donated "
-            f"in {self.stage1.stats.donations} pieces, {self.stage1.seconds:.2f} s",
+            f"{self.stage1.retries} retries, {self.stage1.stats.patches} patches computed, "
+            f"{human_bytes(self.stage1.stats.donated_bytes)} donated in {self.stage1.stats.donations} pieces, "
+            f"{self.stage1.seconds:.2f} s",
             f"stage two: {self.stage2.tasks} tasks run, {self.stage2.skipped} already done, "
-            f"{self.stage2.stats.donations} pieces received, {self.stage2.seconds:.2f} s",
-            f"throughput: {rate:,.0f} voxels/s over both stages",
+            f"{self.stage2.retries} retries, {self.stage2.stats.donations} pieces received, "
+            f"{self.stage2.seconds:.2f} s",
+            f"throughput: {rate:,.0f} voxels/s, {total:.2f} s in all{first}",
         ]
 
 
-class _StageTask:
-    """A picklable callable running one stage for one block (engines may ship it to workers)."""
+def done_blocks(store: ObjectStore, stage: int) -> set[str]:
+    """Names of the blocks whose done marker for ``stage`` exists (one listing, not one request per block)."""
+    prefix = f"done/stage{stage}/"
+    return {name[len(prefix):] for name in store.list(prefix)}
 
-    def __init__(self, job: Job, stage: int, cleanup: bool = False):
-        self.job, self.stage, self.cleanup = job, stage, cleanup
-        self._resources: Resources | None = None
 
-    def __getstate__(self):
-        return {"job": self.job, "stage": self.stage, "cleanup": self.cleanup, "_resources": None}
+def _prepare(job: Job, engine) -> Job:
+    prepare = getattr(engine, "prepare", None)
+    return prepare(job) if prepare is not None else job
 
-    def __call__(self, block: Vec) -> Stats:
-        if self._resources is None:
-            self._resources = Resources(self.job)
-        if self.stage == 1:
-            return inference_and_donate(self.job, block, self._resources)
-        return receive_and_blend(self.job, block, self._resources, cleanup=self.cleanup)
+
+def _gpu(job: Job) -> bool:
+    return job.device.startswith("cuda")
 
 
 def run_stage(job: Job, stage: int, engine, blocks: Iterable[Vec] | None = None, force: bool = False,
               progress: bool = True, cleanup: bool = False) -> StageSummary:
     """Run one stage over ``blocks`` (all blocks by default), skipping finished ones unless ``force``."""
+    job = _prepare(job, engine)
     summary = StageSummary()
     started = time.perf_counter()
-    store = Resources(job).store
+    done = set() if force else done_blocks(Resources(job).store, stage)
     todo = []
     for block in (blocks if blocks is not None else job.layout.block_indices()):
-        if not force and is_done(store, stage, job.layout.block_box(block)):
+        if job.layout.block_box(block).name in done:
             summary.skipped += 1
         else:
             todo.append(block)
-    name = "inference-and-donate" if stage == 1 else "receive-and-blend"
-    with tqdm(total=len(todo), desc=name, unit="block", disable=not progress, leave=True) as bar:
-        for _, stats in engine.map(_StageTask(job, stage, cleanup), todo):
-            summary.stats.add(stats)
-            summary.tasks += 1
+    with tqdm(total=len(todo), desc=STAGE_NAMES[stage], unit="block", disable=not progress, leave=True) as bar:
+        for _, result in engine.map(StageTask(job, stage, force, cleanup), todo, gpu=stage == 1 and _gpu(job)):
+            summary.add(result)
             bar.update(1)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def run_job(job: Job, engine, blocks: list[Vec] | None = None, force: bool = False, progress: bool = True,
-            cleanup: bool = False) -> RunSummary:
-    """Barrier mode: stage one over every block, then stage two over every block."""
-    summary = RunSummary(job)
-    summary.stage1 = run_stage(job, 1, engine, blocks, force, progress)
-    summary.stage2 = run_stage(job, 2, engine, blocks, force, progress, cleanup)
+            cleanup: bool = False, mode: str = "barrier") -> RunSummary:
+    """Both stages over ``blocks`` (all by default) in ``mode`` (barrier or streaming)."""
+    if mode not in MODES:
+        raise EngineError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    summary = RunSummary(job, mode=mode, engine=getattr(engine, "name", type(engine).__name__))
+    if mode == "barrier":
+        summary.stage1 = run_stage(job, 1, engine, blocks, force, progress)
+        summary.stage2 = run_stage(job, 2, engine, blocks, force, progress, cleanup)
+    else:
+        _stream(_prepare(job, engine), engine, summary, blocks, force, progress, cleanup)
+    summary.seconds = time.perf_counter() - summary.started
     return summary
+
+
+def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress: bool, cleanup: bool) -> None:
+    layout = job.layout
+    store = Resources(job).store
+    blocks = list(blocks if blocks is not None else layout.block_indices())
+    done1 = set() if force else done_blocks(store, 1)
+    done2 = set() if force else done_blocks(store, 2)
+    firsts = [b for b in blocks if layout.block_box(b).name not in done1]
+    seconds = [b for b in blocks if layout.block_box(b).name not in done2]
+    summary.stage1.skipped, summary.stage2.skipped = len(blocks) - len(firsts), len(blocks) - len(seconds)
+    scheduled = set(firsts)
+    dependencies = {}
+    for b in seconds:
+        deps = layout.dependencies(b)
+        missing = [d for d in deps if d not in scheduled and layout.block_box(d).name not in done1]
+        if missing:
+            raise EngineError(f"stage two of {layout.block_box(b).name} needs stage one of "
+                              f"{', '.join(layout.block_box(d).name for d in missing)}, which is neither done nor "
+                              "selected")
+        dependencies[b] = deps
+    bars = {s: tqdm(total=n, desc=STAGE_NAMES[s], unit="block", position=s - 1, disable=not progress, leave=True)
+            for s, n in ((1, len(firsts)), (2, len(seconds)))}
+    stage_summary = {1: summary.stage1, 2: summary.stage2}
+    try:
+        for stage, _, result in engine.stream(StageTask(job, 1, force), StageTask(job, 2, force, cleanup), firsts,
+                                              dependencies, gpu=_gpu(job)):
+            stage_summary[stage].add(result)
+            stage_summary[stage].seconds = time.perf_counter() - summary.started
+            bars[stage].update(1)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def run_with(job: Job, engine: str = "local", mode: str = "barrier", workers: int | None = None,
+             scheduler: str | None = None, force: bool = False, progress: bool = True,
+             cleanup: bool = False) -> RunSummary:
+    """Start the engine by name, run the job, stop the engine (what ``chunkflow run`` does)."""
+    check_options(engine, mode, workers, scheduler)
+    running = make_engine(engine, workers=workers, scheduler=scheduler, gpu=_gpu(job))
+    try:
+        return run_job(job, running, force=force, progress=progress, cleanup=cleanup, mode=mode)
+    finally:
+        running.close()
 
 
 def human_bytes(n: float) -> str:

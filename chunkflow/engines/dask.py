@@ -1,0 +1,170 @@
+"""The Dask distributed engine: a LocalCluster on this machine, or an existing cluster.
+
+Fault tolerance is Dask's own: a task whose worker dies (SIGKILL, preemption, OOM) is
+rescheduled on another worker, up to ``distributed.scheduler.allowed-failures`` deaths
+(default 3) before it is declared a ``KilledWorker``; a task that *raises* is retried
+``retries`` times. Both are safe because every chunkflow task may run again (Invariant 2).
+
+GPUs are a worker resource: stage-one tasks of a CUDA job ask for ``{"GPU": 1}``. On a real
+cluster start one worker per GPU::
+
+    CUDA_VISIBLE_DEVICES=0 dask worker tcp://SCHED:8786 --nthreads 1 --resources GPU=1
+    CUDA_VISIBLE_DEVICES=1 dask worker tcp://SCHED:8786 --nthreads 1 --resources GPU=1
+
+On a LocalCluster each worker is given ``GPU=1`` and its own device (``CUDA_VISIBLE_DEVICES``
+set by a worker plugin before CUDA starts), one worker per visible GPU by default.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
+
+from distributed import Client, KilledWorker, LocalCluster, as_completed
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from chunkflow.engines.base import EngineError
+from chunkflow.job import Job
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+CONNECT_TIMEOUT = 10
+
+
+def _after(fn: Callable[[T], R], task: T, *dependencies) -> R:
+    """Run ``fn(task)`` once Dask has finished ``dependencies`` (their results are not needed)."""
+    return fn(task)
+
+
+class DaskEngine:
+    """Runs tasks on Dask workers, as they become free, and yields results as they finish.
+
+    Args:
+        workers: LocalCluster size (default: one per core, or one per GPU for a CUDA job).
+        scheduler: ``tcp://host:8786`` of a running scheduler; no LocalCluster then.
+        gpu: the tasks of stage one need a GPU (the job's device is CUDA).
+        retries: Dask retries of a task that raised (worker deaths are counted separately).
+    """
+
+    name = "dask"
+
+    def __init__(self, workers: int | None = None, scheduler: str | None = None, gpu: bool = False,
+                 retries: int = 2):
+        self.gpu, self.retries, self.cluster = gpu, retries, None
+        if scheduler:
+            try:
+                self.client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+            except (OSError, ValueError, TypeError) as err:
+                raise EngineError(f"cannot connect to the Dask scheduler at {scheduler!r}: {err}") from None
+            if gpu:
+                self._check_gpu_workers(scheduler)
+            return
+        gpus = _gpu_count() if gpu else 0
+        if gpu and gpus == 0:
+            raise EngineError("the job runs on CUDA but this machine has no visible GPU; plan it with --device cpu "
+                              "or give --scheduler of a cluster with GPU workers")
+        count = int(workers or gpus or os.cpu_count() or 1)
+        if count < 1:
+            raise EngineError(f"--workers {workers} must be a positive integer")
+        quiet = logging.getLogger("distributed")  # Dask's start-up chatter; its warnings (a worker died) stay
+        quiet.setLevel(max(quiet.level, logging.WARNING))
+        self.cluster = LocalCluster(n_workers=count, processes=True, threads_per_worker=1, dashboard_address=":0",
+                                    silence_logs=logging.WARNING, resources={"GPU": 1} if gpu else None,
+                                    env={"DASK_LOGGING__DISTRIBUTED": "warning"})
+        self.client = Client(self.cluster)
+        if gpu:
+            self.client.register_plugin(PinGPU(gpus), name="chunkflow-pin-gpu")
+        log.info("Dask LocalCluster with %d worker processes, dashboard %s", count, self.client.dashboard_link)
+
+    def prepare(self, job: Job) -> Job:
+        """On a LocalCluster each worker sees only its own GPU, as ``cuda``."""
+        if self.gpu and self.cluster is not None:
+            return job.with_runtime(device="cuda")
+        return job
+
+    def _submit(self, token: str, fn, task, label: str, index: int, *dependencies, gpu: bool = False,
+                priority: int = 0):
+        """``token`` is new for every map/stream call: Dask would hand back the cached result of a
+        finished task with the same key instead of running it again."""
+        return self.client.submit(
+            fn if not dependencies else _after, *((task,) if not dependencies else (fn, task, *dependencies)),
+            key=f"{label}-{_task_name(task)}-{token}-{index}", retries=self.retries, pure=False,
+            resources={"GPU": 1} if gpu and self.gpu else None, priority=priority)
+
+    def map(self, fn: Callable[[T], R], tasks: Iterable[T], gpu: bool = False) -> Iterator[tuple[T, R]]:
+        label = getattr(fn, "label", "task")
+        token = uuid.uuid4().hex[:12]
+        futures = {self._submit(token, fn, task, label, i, gpu=gpu): task for i, task in enumerate(tasks)}
+        for future, result in self._completed(futures):
+            yield futures[future], result
+
+    def stream(self, first: Callable[[T], R], second: Callable[[T], R], firsts: Iterable[T],
+               dependencies: Mapping[T, Iterable[T]], gpu: bool = False) -> Iterator[tuple[int, T, R]]:
+        """A task graph: ``second(b)`` depends on ``first(d)`` for each ``d`` in ``dependencies[b]``
+        that is in ``firsts``; Dask runs each as soon as its inputs are done."""
+        token = uuid.uuid4().hex[:12]
+        stage1 = {task: self._submit(token, first, task, getattr(first, "label", "first"), i, gpu=gpu)
+                  for i, task in enumerate(firsts)}
+        owner = {future: (1, task) for task, future in stage1.items()}
+        label = getattr(second, "label", "second")
+        for i, (task, deps) in enumerate(dependencies.items()):
+            inputs = [stage1[d] for d in deps if d in stage1]
+            future = self._submit(token, second, task, label, i, *inputs, priority=1)
+            owner[future] = (2, task)
+        for future, result in self._completed(owner):
+            stage, task = owner[future]
+            yield stage, task, result
+
+    def _completed(self, futures) -> Iterator[tuple[object, object]]:
+        try:
+            for future in as_completed(list(futures)):
+                try:
+                    result = future.result()
+                except KilledWorker as err:
+                    raise EngineError(f"Dask gave up on {future.key}: {err}") from None
+                yield future, result
+                future.release()
+        finally:
+            pending = [f for f in futures if not f.done()]
+            if pending:
+                self.client.cancel(pending)
+
+    def _check_gpu_workers(self, scheduler: str) -> None:
+        workers = self.client.scheduler_info().get("workers", {})
+        if not any(w.get("resources", {}).get("GPU") for w in workers.values()):
+            self.close()
+            raise EngineError(f"no worker of the Dask cluster at {scheduler} declares a GPU; start one worker per "
+                              f"GPU with `dask worker {scheduler} --nthreads 1 --resources GPU=1`")
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _task_name(task) -> str:
+    return "_".join(str(v) for v in task) if isinstance(task, tuple) else str(task)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+class PinGPU(WorkerPlugin):
+    """Each LocalCluster worker (named 0..n-1, kept across restarts) sees one GPU."""
+
+    idempotent = True
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def setup(self, worker) -> None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.name) % self.count)

@@ -1,0 +1,141 @@
+"""One stage of one block as an engine task: done-marker skip, running/failed markers, attempts.
+
+Every engine (local, Dask, queue workers) runs blocks through :func:`run_task`, so they all keep
+the same markers in the job's store (small JSON objects beside ``manifest.json``)::
+
+    done/stage{n}/{block}     the block is final for this stage (written by chunkflow.stages)
+    running/stage{n}/{block}  an attempt started: host, pid, start time, attempt number; removed
+                              when the attempt ends, so one that outlives its done marker (or has
+                              no done marker and an old timestamp) belongs to a dead worker
+    failed/stage{n}/{block}   the last attempt raised: the error; removed by a later success
+
+The attempt number comes from the markers a previous attempt left behind, which is how a
+retry after a killed worker is counted without asking the engine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from chunkflow.backends import Backend, load_backend
+from chunkflow.bbox import Bbox, Vec
+from chunkflow.engines import faults
+from chunkflow.job import Job
+from chunkflow.stages import Resources, Stats, inference_and_donate, is_done, receive_and_blend
+from chunkflow.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+STAGE_NAMES = {1: "inference-and-donate", 2: "receive-and-blend"}
+
+
+@dataclass
+class TaskResult:
+    """What one task did; ``skipped`` when its done marker already existed."""
+
+    stage: int
+    block: str
+    stats: Stats = field(default_factory=Stats)
+    attempt: int = 1
+    skipped: bool = False
+
+
+def marker(kind: str, stage: int, block: Bbox) -> str:
+    """``running/stage1/{block}`` and the like; ``done`` markers are :func:`chunkflow.stages.done_marker`."""
+    return f"{kind}/stage{stage}/{block.name}"
+
+
+_RESOURCES: dict[tuple, Resources] = {}
+_BACKENDS: dict[tuple, Backend] = {}
+
+
+def worker_resources(job: Job) -> Resources:
+    """The Resources of ``job`` in this process, opened once; the model is loaded on first use
+    and shared by every job with the same model, so a worker switching jobs keeps it loaded."""
+    key = (job.job_hash, job.store, job.device, job.batch_size)
+    res = _RESOURCES.get(key)
+    if res is None:
+        if len(_RESOURCES) >= 4:
+            _RESOURCES.pop(next(iter(_RESOURCES)))
+        res = _RESOURCES[key] = Resources(job, _SharedBackend(job))
+    return res
+
+
+class _SharedBackend:
+    """Loads the job's model on first use into a one-entry cache (one model per worker process:
+    a new model replaces the old one, which frees its GPU memory)."""
+
+    def __init__(self, job: Job):
+        self._job = job
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy/pickle probes must not load a model
+            raise AttributeError(name)
+        job = self._job
+        key = (job.model, job.weights, job.model_checksum, job.device, job.precision)
+        if key not in _BACKENDS:
+            _BACKENDS.clear()
+            _BACKENDS[key] = load_backend(job.model, job.weights, job.device, job.precision)
+        return getattr(_BACKENDS[key], name)
+
+
+def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: bool = False,
+             res: Resources | None = None) -> TaskResult:
+    """Run stage ``stage`` for ``block`` unless it is done (or ``force``), keeping the markers."""
+    res = res or worker_resources(job)
+    store = res.store
+    box = job.layout.block_box(block)
+    if not force and is_done(store, stage, box):
+        return TaskResult(stage, box.name, skipped=True)
+    attempt = _last_attempt(store, stage, box) + 1
+    running = marker("running", stage, box)
+    store.put(running, _record(job, box, attempt=attempt, host=socket.gethostname(), pid=os.getpid(),
+                               started=time.time()))
+    view = faults.watched(res, stage)
+    try:
+        if stage == 1:
+            stats = inference_and_donate(job, block, view)
+        else:
+            stats = receive_and_blend(job, block, view, cleanup=cleanup)
+    except Exception as err:
+        store.put(marker("failed", stage, box), _record(job, box, attempt=attempt, error=str(err)[:2000],
+                                                        finished=time.time()))
+        store.delete(running)
+        raise
+    store.delete(marker("failed", stage, box))
+    store.delete(running)
+    if attempt > 1:
+        log.info("%s %s done on attempt %d", STAGE_NAMES[stage], box.name, attempt)
+    return TaskResult(stage, box.name, stats, attempt)
+
+
+class StageTask:
+    """A picklable callable running one stage for one block (what engines ship to workers)."""
+
+    def __init__(self, job: Job, stage: int, force: bool = False, cleanup: bool = False):
+        self.job, self.stage, self.force, self.cleanup = job, stage, force, cleanup
+
+    @property
+    def label(self) -> str:
+        return STAGE_NAMES[self.stage]
+
+    def __call__(self, block: Vec) -> TaskResult:
+        return run_task(self.job, self.stage, Vec(block), self.force, self.cleanup)
+
+
+def _last_attempt(store: ObjectStore, stage: int, box: Bbox) -> int:
+    last = 0
+    for kind in ("running", "failed"):
+        try:
+            last = max(last, int(json.loads(store.get(marker(kind, stage, box))).get("attempt", 0)))
+        except (KeyError, ValueError, TypeError):
+            continue
+    return last
+
+
+def _record(job: Job, box: Bbox, **values) -> bytes:
+    return json.dumps({"job": job.job_hash, "block": box.name, **values}).encode()

@@ -1,0 +1,124 @@
+"""``chunkflow status``: per stage, how many blocks are done, running and failed, with an ETA.
+
+Read from the job's own markers (see :mod:`chunkflow.engines.task`), which every engine
+keeps, and optionally from a task queue's counters:
+
+- done: ``done/stage{n}/{block}`` exists;
+- running: a ``running/`` marker and no done marker. A worker killed mid-task leaves its
+  running marker until a retry finishes, so ``oldest_running_s`` helps to spot the dead;
+- failed: the last attempt raised (``failed/``) and no attempt is running or succeeded;
+- ETA: remaining blocks over the throughput so far, measured from the done markers' task
+  durations and finish times (a sample of them on big jobs).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+
+from chunkflow.engines.runner import done_blocks
+from chunkflow.engines.task import STAGE_NAMES
+from chunkflow.job import Job
+from chunkflow.storage import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+
+SAMPLE = 256
+
+
+def job_status(job: Job, queue_url: str | None = None, now: float | None = None, **queue_kwargs) -> dict:
+    """A JSON-able report of ``job``'s progress (and of ``queue_url``'s counters when given)."""
+    store = open_store(job.store)
+    now = time.time() if now is None else now
+    names = {job.layout.block_box(b).name for b in job.layout.block_indices()}
+    report: dict = {"job": job.job_hash, "store": job.store, "blocks": len(names), "stages": {}}
+    for stage in (1, 2):
+        done = done_blocks(store, stage) & names
+        running = _markers(store, "running", stage) & names - done
+        failed = _markers(store, "failed", stage) & names - done - running
+        report["stages"][str(stage)] = {
+            "name": STAGE_NAMES[stage], "total": len(names), "done": len(done), "running": len(running),
+            "failed": len(failed), "eta_s": _eta(store, stage, done, len(names), now),
+            "oldest_running_s": _oldest(store, stage, running, now), "failed_blocks": sorted(failed)[:20],
+        }
+    if queue_url:
+        report["queue"] = queue_status(queue_url, **queue_kwargs)
+    return report
+
+
+def queue_status(queue_url: str, **queue_kwargs) -> dict:
+    """The queue's own counters: enqueued (leased included), leased, and for fq:// inserted/completed."""
+    from chunkflow.engines.queue import open_queue
+
+    queue = open_queue(queue_url, **queue_kwargs)
+    counters = {"url": queue_url, "enqueued": int(queue.enqueued), "leased": int(queue.leased)}
+    for name in ("inserted", "completed"):
+        value = getattr(queue, name)
+        counters[name] = None if isinstance(value, float) and math.isnan(value) else int(value)
+    return counters
+
+
+def format_status(report: dict) -> list[str]:
+    lines = [f"job {report['job']} in {report['store']}: {report['blocks']} blocks"]
+    lines.append(f"  {'stage':<22}{'total':>7}{'done':>7}{'running':>9}{'failed':>8}  ETA")
+    for s in report["stages"].values():
+        eta = "done" if s["done"] == s["total"] else ("?" if s["eta_s"] is None else _duration(s["eta_s"]))
+        lines.append(f"  {s['name']:<22}{s['total']:>7}{s['done']:>7}{s['running']:>9}{s['failed']:>8}  {eta}")
+        if s["oldest_running_s"] is not None and s["running"]:
+            lines.append(f"    oldest running task started {_duration(s['oldest_running_s'])} ago")
+        if s["failed_blocks"]:
+            lines.append(f"    failed: {', '.join(s['failed_blocks'])}")
+    queue = report.get("queue")
+    if queue:
+        extra = "".join(f", {queue[k]} {k}" for k in ("inserted", "completed") if queue[k] is not None)
+        lines.append(f"  queue {queue['url']}: {queue['enqueued']} enqueued ({queue['leased']} leased){extra}")
+    return lines
+
+
+def _markers(store: ObjectStore, kind: str, stage: int) -> set[str]:
+    prefix = f"{kind}/stage{stage}/"
+    return {name[len(prefix):] for name in store.list(prefix)}
+
+
+def _records(store: ObjectStore, kind: str, stage: int, names: set[str]) -> list[dict]:
+    chosen = sorted(names) if len(names) <= SAMPLE else random.sample(sorted(names), SAMPLE)
+    blobs = store.get_many([f"{kind}/stage{stage}/{n}" for n in chosen])
+    records = []
+    for data in blobs.values():
+        if data is None:
+            continue
+        try:
+            records.append(json.loads(data))
+        except ValueError:
+            continue
+    return records
+
+
+def _eta(store: ObjectStore, stage: int, done: set[str], total: int, now: float) -> float | None:
+    if len(done) == total:
+        return 0.0
+    if not done:
+        return None
+    records = _records(store, "done", stage, done)
+    starts = [r["finished"] - sum(r.get("seconds", {}).values()) for r in records if "finished" in r]
+    if not starts:
+        return None
+    span = now - min(starts)
+    rate = len(done) / span if span > 0 else None
+    return (total - len(done)) / rate if rate else None
+
+
+def _oldest(store: ObjectStore, stage: int, running: set[str], now: float) -> float | None:
+    started = [r["started"] for r in _records(store, "running", stage, running) if "started" in r]
+    return max(0.0, now - min(started)) if started else None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"
