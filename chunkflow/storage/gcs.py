@@ -11,7 +11,8 @@ that endpoint, e.g. fake-gcs-server); otherwise Application Default Credentials
 (``GOOGLE_APPLICATION_CREDENTIALS``, gcloud ADC, the metadata server).
 
 Transient failures (429, 5xx, connection resets and refusals) are retried with the
-library's exponential back-off up to ``retry_deadline`` seconds. Since every object
+library's exponential back-off up to ``retry_deadline`` seconds (default 120, or
+``CHUNKFLOW_GCS_RETRY_DEADLINE``; a small value makes a wrong endpoint fail fast). Since every object
 chunkflow writes is a pure function of (job, task), retrying an unconditional upload
 is safe. Caveat: if an ``if_absent`` upload succeeds but its response is lost, the
 retry sees 412 and ``put`` returns False although this call wrote the object.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Iterator
 from urllib.parse import urlparse
 
@@ -36,6 +38,26 @@ def _endpoint_host(endpoint: str) -> str:
     return parsed.netloc or endpoint
 
 
+def _retry_deadline(value: float | None) -> float:
+    if value is not None:
+        return float(value)
+    text = os.environ.get("CHUNKFLOW_GCS_RETRY_DEADLINE", "120")
+    try:
+        return float(text)
+    except ValueError:
+        raise StorageError(f"CHUNKFLOW_GCS_RETRY_DEADLINE={text!r} is not a number of seconds") from None
+
+
+def _api_message(exc: BaseException) -> str:
+    """``403 <the server's message>`` for an API error, whatever the transport wrapped around it
+    (uploads embed the whole JSON error body in the exception text)."""
+    found = re.search(r'"message":\s*"((?:[^"\\]|\\.)*)"', str(exc))
+    code = getattr(exc, "code", None)
+    if found and code:
+        return f"{int(code)} {found.group(1)}"
+    return re.sub(r"^(\d{3}) [A-Z]+ \S+: ", r"\1 ", _first_line(exc))
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
@@ -49,7 +71,7 @@ class GCSStore(ObjectStore):
         url: str,
         credentials: str | None = None,
         project: str | None = None,
-        retry_deadline: float = 120.0,
+        retry_deadline: float | None = None,
         timeout: float = 60.0,
         pool_size: int = 32,
         check_bucket: bool = True,
@@ -68,7 +90,7 @@ class GCSStore(ObjectStore):
         self.prefix = prefix + "/" if prefix else ""
         self.url = f"gs://{bucket}/{prefix}".rstrip("/")
         self.timeout = timeout
-        self._retry = DEFAULT_RETRY.with_timeout(retry_deadline)
+        self._retry = DEFAULT_RETRY.with_timeout(_retry_deadline(retry_deadline))
         self._client = self._make_client(credentials, project, pool_size)
         self._bucket = self._client.bucket(bucket)
         self.endpoint = self._client._connection.API_BASE_URL
@@ -77,7 +99,7 @@ class GCSStore(ObjectStore):
 
     # -- setup ---------------------------------------------------------------------
     def _make_client(self, credentials: str | None, project: str | None, pool_size: int):
-        from google.auth.exceptions import DefaultCredentialsError
+        from google.auth.exceptions import DefaultCredentialsError, GoogleAuthError
         from google.cloud import storage
 
         try:
@@ -92,13 +114,17 @@ class GCSStore(ObjectStore):
                 client = storage.Client(project=project or EMULATOR_PROJECT, credentials=AnonymousCredentials())
             else:
                 client = storage.Client(project=project)
-        except DefaultCredentialsError as exc:
+        except (OSError, ValueError, GoogleAuthError) as exc:
+            if credentials:
+                raise StorageError(f"cannot load Google credentials {credentials!r}: {_first_line(exc)}") from exc
+            if not isinstance(exc, DefaultCredentialsError):
+                raise StorageError(f"cannot create a GCS client for {self.url}: {_first_line(exc)}") from exc
+            if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+                raise StorageError(f"GOOGLE_APPLICATION_CREDENTIALS for {self.url}: {_first_line(exc)}") from exc
             raise StorageError(
                 f"no Google credentials for {self.url}: set GOOGLE_APPLICATION_CREDENTIALS, "
                 "run `gcloud auth application-default login`, or pass credentials=PATH"
             ) from exc
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"cannot load Google credentials {credentials!r}: {_first_line(exc)}") from exc
         self._widen_pool(client, pool_size)
         return client
 
@@ -142,8 +168,13 @@ class GCSStore(ObjectStore):
         host = _endpoint_host(self.endpoint)
         if isinstance(cause, gexc.NotFound):
             return StorageError(f"bucket {self.bucket_name} does not exist ({what})")
-        if isinstance(cause, (gexc.Forbidden, gexc.Unauthorized, RefreshError)):
-            return StorageError(f"permission denied: {what}: {_first_line(cause)}")
+        if isinstance(cause, (gexc.Forbidden, gexc.Unauthorized)):
+            return StorageError(f"permission denied: {what}: {_api_message(cause)}")
+        if isinstance(cause, RefreshError):
+            return StorageError(f"credentials refused by the token endpoint ({what}): {_first_line(cause)}")
+        if isinstance(cause, TransportError) and not isinstance(cause, requests.exceptions.RequestException):
+            # google.auth's own transport: the access-token request, not the GCS endpoint
+            return StorageError(f"cannot get an access token ({what}): {_first_line(cause)}")
         if isinstance(cause, requests.exceptions.Timeout):  # a ConnectionError subclass too
             return StorageError(f"timed out: {what} at {host}")
         if isinstance(cause, (requests.exceptions.ConnectionError, ConnectionError, TransportError)):
@@ -153,7 +184,7 @@ class GCSStore(ObjectStore):
             return StorageError(f"timed out retrying: {what} at {host}: {_first_line(cause)}")
         if isinstance(exc, gexc.RetryError):
             return StorageError(f"gave up retrying: {what}: {_first_line(cause)}")
-        return StorageError(f"failed: {what}: {type(cause).__name__}: {_first_line(cause)}")
+        return StorageError(f"failed: {what}: {type(cause).__name__}: {_api_message(cause)}")
 
     # -- ObjectStore ---------------------------------------------------------------
     def _blob(self, name: str):
@@ -183,6 +214,24 @@ class GCSStore(ObjectStore):
         blob = self._blob(name)
         try:
             return blob.download_as_bytes(retry=self._retry, timeout=self.timeout)
+        except NotFound as exc:
+            if "bucket" in str(exc).lower() and "not exist" in str(exc).lower():
+                raise self._error(exc, "read", name) from exc
+            raise KeyError(name) from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "read", name) from exc
+
+    def get_head(self, name: str, nbytes: int) -> bytes:
+        """One ranged GET (``Range: bytes=0-N``): a donation's header without its payload."""
+        from google.api_core.exceptions import NotFound, RequestRangeNotSatisfiable
+
+        if nbytes <= 0:
+            return b""
+        blob = self._blob(name)
+        try:
+            return blob.download_as_bytes(start=0, end=int(nbytes) - 1, retry=self._retry, timeout=self.timeout)
+        except RequestRangeNotSatisfiable:
+            return b""  # GCS answers 416 for a range of an empty object
         except NotFound as exc:
             if "bucket" in str(exc).lower() and "not exist" in str(exc).lower():
                 raise self._error(exc, "read", name) from exc
