@@ -1,0 +1,66 @@
+"""The three model backends side by side on the benchmark U-Net: PyTorch eager, TorchScript, ONNX Runtime.
+
+The net of ``bench_unet.py`` is traced to TorchScript and exported to ONNX (dynamic batch and
+spatial axes, the exporter the demo net uses); each backend is loaded through
+``chunkflow.backends.load_backend`` exactly as a job would, and runs the same synthetic EM
+patches. Reported per backend and batch size: seconds per 16x128x128 patch (best of
+``--repeats`` batches after one warm-up) and the max abs difference to PyTorch eager.
+
+    python benchmarks/bench_backends.py
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from common import BENCH_NET, save, scratch
+from chunkflow.backends import load_backend
+from chunkflow.demo import make_em_volume
+from chunkflow.demo.train import export_onnx
+
+
+def per_patch(backend, batch: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
+    out = backend.predict(batch)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        backend.predict(batch)
+        best = min(best, time.perf_counter() - t)
+    return best / len(batch), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patch", default="16,128,128")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    patch = tuple(int(v) for v in args.patch.split(","))
+    workdir = scratch("cf-bench-backends-")
+    eager = load_backend(BENCH_NET)
+    ts_path, onnx_path = workdir / "bench_unet.ts", workdir / "bench_unet.onnx"
+    with torch.inference_mode():
+        torch.jit.trace(eager.module, torch.rand(1, 1, *patch)).save(str(ts_path))
+    export_onnx(eager.module, onnx_path)
+    backends = {"pytorch": eager, "torchscript": load_backend(str(ts_path)), "onnx": load_backend(str(onnx_path))}
+    image, _ = make_em_volume((patch[0], 2 * patch[1], 2 * patch[2]), seed=5)
+    tiles = [image[:, y:y + patch[1], x:x + patch[2]] for y in (0, patch[1]) for x in (0, patch[2])]
+    rows = []
+    for batch_size in (1, 4):
+        batch = np.stack(tiles[:batch_size])[:, None].astype(np.float32) / 255
+        reference = None
+        for name, backend in backends.items():
+            seconds, out = per_patch(backend, batch, args.repeats)
+            reference = out if reference is None else reference
+            diff = float(np.abs(out - reference).max())
+            rows.append({"backend": name, "batch": batch_size, "seconds_per_patch": round(seconds, 4),
+                         "max_abs_diff_vs_pytorch": diff})
+            print(f"  {name:12s} batch {batch_size}: {seconds:.3f} s per patch, max |diff| vs PyTorch {diff:.1e}",
+                  flush=True)
+    print(f"recorded in {save('backends', {'patch': list(patch), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()

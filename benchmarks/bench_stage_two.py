@@ -1,0 +1,114 @@
+"""Stage two's blending throughput against numpy's ``a += b``, and donated bytes against geometry.
+
+1. ``a += b`` on float32 arrays of 1, 8 and 64 MiB: the bandwidth ceiling of an in-place sum here
+   (and at 64 MiB into a fresh ``np.zeros``, whose pages the sum touches first, as stage two's do).
+2. A real job (identity model, so stage one is quick; 64x512x512, patch 16x128x128, overlap
+   4x32x32, blocks 32x256x256): stage two's ``blend`` phase sums every received piece into the
+   band; its throughput is piece bytes summed per second. Fetch, verify and write are reported too.
+3. Donated bytes over output bytes, measured in that run and computed by the dry run
+   (``chunkflow.dryrun.summarise``) for other block sizes, against the geometric surface ratio
+   ``sum_a overlap_a / block_a``: the fraction of a block within one overlap of its three lower
+   faces, the least any exact scheme must move between blocks.
+
+    python benchmarks/bench_stage_two.py
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from common import make_input, run_two_stage, save, scratch
+from chunkflow.bbox import Bbox, Vec
+from chunkflow.dryrun import summarise
+from chunkflow.geometry import Layout
+from chunkflow.job import default_storage_chunk
+from chunkflow.planning import plan
+
+BLOCKS = ("32,256,256", "64,512,512", "112,1152,1152", "128,2048,2048")
+
+
+def add_bandwidth(mib: int, repeats: int = 10, fresh: bool = False) -> float:
+    """Bytes of ``b`` added into ``a`` per second (best of ``repeats``); ``fresh``: ``a`` is a new
+    ``np.zeros`` each time, so its pages are first touched by the sum, as in stage two."""
+    n = mib * 2 ** 20 // 4
+    a, b = np.ones(n, dtype=np.float32), np.full(n, 0.5, dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        if fresh:
+            del a
+            t = time.perf_counter()
+            a = np.zeros(n, dtype=np.float32)
+            a += b
+        else:
+            t = time.perf_counter()
+            a += b
+        best = min(best, time.perf_counter() - t)
+    return b.nbytes / best
+
+
+def surface(overlap: Vec, block: Vec) -> float:
+    return sum(o / b for o, b in zip(overlap, block))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="64,512,512")
+    ap.add_argument("--patch", default="16,128,128")
+    ap.add_argument("--overlap", default="4,32,32")
+    ap.add_argument("--block", default="32,256,256")
+    args = ap.parse_args()
+    bandwidth = {mib: add_bandwidth(mib) for mib in (1, 8, 64)}
+    fresh = add_bandwidth(64, fresh=True)
+    for mib, bps in bandwidth.items():
+        print(f"numpy a += b, {mib:2d} MiB float32: {bps / 2**30:6.2f} GiB/s of b summed")
+    print(f"numpy a = zeros(); a += b, 64 MiB (first touch): {fresh / 2**30:6.2f} GiB/s")
+
+    workdir = scratch("cf-bench-s2-")
+    url, _ = make_input(workdir, tuple(Vec.parse(args.shape)), synthetic=False)
+    job = plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), "identity", args.patch, overlap=args.overlap,
+               block=args.block, batch_size=4)
+    run = run_two_stage(job, read_output=False)
+    s2 = run.stats2.seconds
+    received = run.stats2.donated_bytes
+    blend_rate = received / s2["blend"]
+    print(f"stage two over {job.layout.num_blocks} blocks: received {received / 2**20:.1f} MiB in "
+          f"{run.stats2.donations} pieces; phases (s) {({k: round(v, 3) for k, v in s2.items()})}")
+    print(f"stage two blend: {blend_rate / 2**30:.2f} GiB/s = {blend_rate / bandwidth[64]:.2f} x numpy a += b "
+          f"(64 MiB), {blend_rate / fresh:.2f} x with first touch; whole stage two "
+          f"{received / run.stage2.wall / 2**30:.2f} GiB/s "
+          "of pieces")
+
+    out_bytes = job.layout.bbox.size * job.out_channels * 4
+    overlap = Vec.parse(args.overlap)
+    measured = run.stats1.donated_bytes / out_bytes
+    print(f"this run: donated {run.stats1.donated_bytes / 2**20:.1f} MiB / output {out_bytes / 2**20:.1f} MiB = "
+          f"{measured:.3f}; geometric surface ratio {surface(overlap, Vec.parse(args.block)):.3f}")
+    rows = []
+    for text in BLOCKS:
+        block = Vec.parse(text)
+        shape = block * 8
+        layout = Layout(Bbox(Vec(0, 0, 0), shape), Vec.parse(args.patch), overlap, block,
+                        default_storage_chunk(block))
+        s = summarise(layout)
+        voxels = s.output_voxels
+        between = s.donated_voxels_between_blocks
+        rows.append({"block": list(block), "volume": list(shape), "surface": round(surface(overlap, block), 4),
+                     "between_blocks": round(between / voxels, 4),
+                     "total": round(s.donated_voxels / voxels, 4),
+                     "objects_per_block": round(s.donations / s.blocks, 2)})
+        r = rows[-1]
+        print(f"  blocks {text:>14s} (8x8x8 of them): surface {r['surface']:.3f}, donated between blocks "
+              f"{r['between_blocks']:.3f}, with each block's own band {r['total']:.3f} x the output; "
+              f"{r['objects_per_block']:.1f} objects per block")
+    record = {"add_bandwidth": {str(k): v for k, v in bandwidth.items()}, "add_bandwidth_fresh_64": fresh,
+              "stage2_seconds": s2,
+              "stage2_wall": run.stage2.wall, "received_bytes": received, "blend_rate": blend_rate,
+              "donated_over_output": measured, "surface": surface(overlap, Vec.parse(args.block)),
+              "block": args.block, "rows": rows}
+    print(f"recorded in {save('stage_two', record)}")
+
+
+if __name__ == "__main__":
+    main()

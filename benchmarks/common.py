@@ -1,0 +1,144 @@
+"""Shared pieces of the benchmarks: the machine, the test volume, timers, our two-stage run.
+
+Benchmarks are scripts, not tests: they print what they measured and append a JSON record to
+``benchmarks/results/`` that ``benchmarks/plots.py`` turns into the figures of
+``docs/benchmarks.md``. Times are wall-clock seconds, with the process's CPU seconds (all
+threads) beside them: this machine may be shared, and CPU seconds are what a busy neighbour
+does not inflate.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+BENCH_NET = str(HERE / "bench_unet.py")
+sys.path.insert(0, str(ROOT))
+
+from chunkflow.bbox import Bbox, Vec  # noqa: E402
+from chunkflow.demo import make_em_volume  # noqa: E402
+from chunkflow.stages import (Resources, Stats, inference_and_donate_many,  # noqa: E402
+                              receive_and_blend)
+from chunkflow.storage import create_volume, open_volume  # noqa: E402
+
+
+def machine() -> dict:
+    """What this ran on: CPU model (lscpu), cores, memory, library versions, load."""
+    import torch
+
+    model = platform.processor()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
+            "numpy": np.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "loadavg_1min": os.getloadavg()[0]}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process, every thread included."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass
+class Timed:
+    wall: float = 0.0
+    cpu: float = 0.0
+    load: float = 0.0
+    _t: tuple = field(default=(0.0, 0.0), repr=False)
+
+    def __enter__(self) -> "Timed":
+        self._t = (time.perf_counter(), cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self._t[0]
+        self.cpu = cpu_seconds() - self._t[1]
+        self.load = os.getloadavg()[0]
+
+
+def scratch(prefix: str, keep: str | None = None) -> Path:
+    """A working directory: ``keep`` if given (left in place), else a temporary one removed at exit."""
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        return Path(keep)
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def make_input(workdir: Path, shape: tuple[int, int, int], chunk=(16, 64, 64), seed: int = 1,
+               synthetic: bool = True) -> tuple[str, np.ndarray]:
+    """A synthetic EM volume (or uniform noise in 1..255, faster to make) as uint8 precomputed
+    (raw encoding) at ``workdir/input``."""
+    if synthetic:
+        image, _ = make_em_volume(shape, seed=seed)
+    else:
+        image = np.random.default_rng(seed).integers(1, 256, size=shape, dtype=np.uint8)
+    url = f"file://{workdir / 'input'}"
+    volume = create_volume(url, Bbox(Vec(0, 0, 0), Vec(shape)), Vec(chunk), 1, "uint8")
+    volume.write(volume.bbox, image[None])
+    return url, image
+
+
+@dataclass
+class TwoStage:
+    stage1: Timed
+    stage2: Timed
+    stats1: Stats
+    stats2: Stats
+    output: np.ndarray
+
+    @property
+    def wall(self) -> float:
+        return self.stage1.wall + self.stage2.wall
+
+    @property
+    def cpu(self) -> float:
+        return self.stage1.cpu + self.stage2.cpu
+
+
+def run_two_stage(job, backend=None, read_output: bool = True) -> TwoStage:
+    """Stage one over every block (input of the next block prefetched), the barrier, stage two."""
+    res = Resources(job, backend)
+    res.backend, res.input, res.output, res.store, res.weight_sum  # what a worker opens once per job
+    backend = res.backend
+    backend.predict(np.zeros((1, job.in_channels, *job.input_patch), dtype=np.float32))  # warm-up, as MONAI gets
+    stats1, stats2 = Stats(), Stats()
+    with Timed() as t1:
+        for _, stats in inference_and_donate_many(job, job.layout.block_indices(), res):
+            stats1.add(stats)
+    with Timed() as t2:
+        for idx in job.layout.block_indices():
+            stats2.add(receive_and_blend(job, idx, res))
+    output = open_volume(job.output).read(job.layout.bbox) if read_output else np.empty(0)
+    return TwoStage(t1, t2, stats1, stats2, output)
+
+
+def save(name: str, record: dict) -> Path:
+    """Append ``record`` (with the machine and a timestamp) to ``results/{name}.json``."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **record})
+    path.write_text(json.dumps(runs, indent=1) + "\n")
+    return path
