@@ -173,3 +173,34 @@ def test_every_grid_patch_once_with_prefetch_and_batching(tmp_path, batch_size):
         if not core.is_empty() and batch_size == 1:
             sl = (slice(None),) + core.slices(job.layout.bbox)
             assert np.array_equal(output[sl], expected[sl])
+
+
+def test_local_engine_reads_each_next_input_in_the_background(tmp_path):
+    """`chunkflow run` and the stage scripts go through the local engine: every block after the
+    first has its input read on the prefetch thread while the previous block computes."""
+    import threading
+
+    from chunkflow.engines import LocalEngine, run_stage
+    from chunkflow.engines.task import worker_resources
+
+    job = _job(tmp_path)
+    res = worker_resources(job)
+    threads = []
+    plain = res.read_input
+
+    def read(box):
+        threads.append(threading.current_thread().name)
+        return plain(box)
+
+    res.read_input = read
+    try:
+        summary = run_stage(job, 1, LocalEngine(), progress=False)
+    finally:
+        del res.read_input
+    blocks_with_input = sum(job.layout.chunk_box(b) is not None for b in job.layout.block_indices())
+    assert summary.tasks == job.layout.num_blocks and len(threads) == blocks_with_input
+    assert sum(name.startswith("chunkflow-prefetch") for name in threads) == blocks_with_input - 1
+    for idx in job.layout.block_indices():
+        receive_and_blend(job, idx, res)
+    output = open_volume(job.output).read(job.layout.bbox)
+    np.testing.assert_allclose(output, reference(job, Resources(job)), rtol=0, atol=1e-5)

@@ -6,7 +6,7 @@ Never set these variables in production; unset, the hook costs one environment l
     comma-separated points, e.g. ``stage1:during-write,stage2:after-write``. Points per stage:
 
     - ``before-write``: the task computed its result and is about to make its first write;
-    - ``during-write``: its first write (stage one: the core; stage two: the first band slab) is
+    - ``during-write``: its first write (stage one: the first slab of the core; stage two: the first band slab) is
       done, the others (donations, other slabs) are not;
     - ``after-write``: every write is done, the done marker is not;
     - ``after-done``: the done marker is written, the engine has not been told (queue task not

@@ -1,4 +1,9 @@
-"""The in-process engine: runs tasks one after another in this process (tests, small jobs)."""
+"""The in-process engine: runs tasks one after another in this process (tests, small jobs).
+
+Since it knows which task comes next, it tells a task that wants to know (one with a
+``run_before(task, upcoming)`` method, like :class:`chunkflow.engines.task.StageTask`), so
+stage one reads the next block's input while the current block computes.
+"""
 from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Mapping, TypeVar
@@ -13,8 +18,9 @@ class LocalEngine:
     name = "local"
 
     def map(self, fn: Callable[[T], R], tasks: Iterable[T], gpu: bool = False) -> Iterator[tuple[T, R]]:
-        for task in tasks:
-            yield task, fn(task)
+        tasks = list(tasks)
+        for i, task in enumerate(tasks):
+            yield task, _call(fn, task, tasks[i + 1] if i + 1 < len(tasks) else None)
 
     def stream(self, first: Callable[[T], R], second: Callable[[T], R], firsts: Iterable[T],
                dependencies: Mapping[T, Iterable[T]], gpu: bool = False) -> Iterator[tuple[int, T, R]]:
@@ -30,8 +36,8 @@ class LocalEngine:
                 dependents.setdefault(d, []).append(b)
         for b in [b for b, deps in waiting.items() if not deps]:
             yield 2, b, second(b)
-        for task in firsts:
-            yield 1, task, first(task)
+        for i, task in enumerate(firsts):
+            yield 1, task, _call(first, task, firsts[i + 1] if i + 1 < len(firsts) else None)
             for b in dependents.get(task, ()):
                 waiting[b].discard(task)
                 if not waiting[b]:
@@ -42,3 +48,10 @@ class LocalEngine:
 
     def close(self) -> None:
         pass
+
+
+def _call(fn: Callable[[T], R], task: T, upcoming: T | None) -> R:
+    run_before = getattr(fn, "run_before", None)
+    if run_before is None or upcoming is None:
+        return fn(task)
+    return run_before(task, upcoming)

@@ -84,8 +84,10 @@ class _SharedBackend:
 
 
 def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: bool = False,
-             res: Resources | None = None) -> TaskResult:
-    """Run stage ``stage`` for ``block`` unless it is done (or ``force``), keeping the markers."""
+             res: Resources | None = None, prefetch_next: Vec | None = None) -> TaskResult:
+    """Run stage ``stage`` for ``block`` unless it is done (or ``force``), keeping the markers.
+    ``prefetch_next`` (stage one): the block this process runs next, whose input is read while
+    this one computes."""
     res = res or worker_resources(job)
     store = res.store
     box = job.layout.block_box(block)
@@ -98,7 +100,7 @@ def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: boo
     view = faults.watched(res, stage)
     try:
         if stage == 1:
-            stats = inference_and_donate(job, block, view)
+            stats = inference_and_donate(job, block, view, prefetch_next=prefetch_next)
         else:
             stats = receive_and_blend(job, block, view, cleanup=cleanup)
     except Exception as err:
@@ -125,6 +127,12 @@ class StageTask:
 
     def __call__(self, block: Vec) -> TaskResult:
         return run_task(self.job, self.stage, Vec(block), self.force, self.cleanup)
+
+    def run_before(self, block: Vec, upcoming: Vec) -> TaskResult:
+        """Run ``block`` knowing that this process runs ``upcoming`` next (engines that know it
+        call this): stage one starts reading the upcoming block's input once its own is read."""
+        ahead = Vec(upcoming) if self.stage == 1 else None
+        return run_task(self.job, self.stage, Vec(block), self.force, self.cleanup, prefetch_next=ahead)
 
 
 def _last_attempt(store: ObjectStore, stage: int, box: Bbox) -> int:
