@@ -70,7 +70,7 @@ class RunSummary:
         rate = voxels / total if total > 0 else float("nan")
         finals = self.final_times
         first = f", first block final after {finals[0]:.2f} s" if finals else ""
-        return [
+        lines = [
             f"job {self.job.job_hash}: {layout.num_blocks} blocks, {layout.num_patches} patches in the grid, "
             f"{voxels:,} voxels ({self.engine} engine, {self.mode})",
             f"stage one: {self.stage1.tasks} tasks run, {self.stage1.skipped} already done, "
@@ -82,6 +82,12 @@ class RunSummary:
             f"{self.stage2.seconds:.2f} s",
             f"throughput: {rate:,.0f} voxels/s, {total:.2f} s in all{first}",
         ]
+        for name, stage in (("one", self.stage1), ("two", self.stage2)):
+            if stage.stats.seconds:
+                phases = sorted(stage.stats.seconds.items(), key=lambda kv: -kv[1])
+                lines.append(f"stage {name} task seconds by phase (summed over workers): "
+                             + ", ".join(f"{k} {v:.2f}" for k, v in phases))
+        return lines
 
 
 def done_blocks(store: ObjectStore, stage: int) -> set[str]:
