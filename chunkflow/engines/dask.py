@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
@@ -33,6 +34,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 CONNECT_TIMEOUT = 10
+GPU_WORKER_WAIT = float(os.environ.get("CHUNKFLOW_GPU_WORKER_WAIT", "300"))
 
 
 def _after(fn: Callable[[T], R], task: T, *dependencies) -> R:
@@ -48,12 +50,15 @@ class DaskEngine:
         scheduler: ``tcp://host:8786`` of a running scheduler; no LocalCluster then.
         gpu: the tasks of stage one need a GPU (the job's device is CUDA).
         retries: Dask retries of a task that raised (worker deaths are counted separately).
+        gpu_wait: seconds to wait for a GPU worker to join an existing cluster (workers of a
+            freshly scaled SLURM or Kubernetes cluster join minutes after the scheduler is up);
+            ``CHUNKFLOW_GPU_WORKER_WAIT`` sets the default, 300.
     """
 
     name = "dask"
 
     def __init__(self, workers: int | None = None, scheduler: str | None = None, gpu: bool = False,
-                 retries: int = 2):
+                 retries: int = 2, gpu_wait: float = GPU_WORKER_WAIT):
         self.gpu, self.retries, self.cluster = gpu, retries, None
         if scheduler:
             try:
@@ -61,7 +66,7 @@ class DaskEngine:
             except (OSError, ValueError, TypeError) as err:
                 raise EngineError(f"cannot connect to the Dask scheduler at {scheduler!r}: {err}") from None
             if gpu:
-                self._check_gpu_workers(scheduler)
+                self._wait_for_gpu_workers(scheduler, gpu_wait)
             return
         gpus = _gpu_count() if gpu else 0
         if gpu and gpus == 0:
@@ -77,7 +82,7 @@ class DaskEngine:
                                     env={"DASK_LOGGING__DISTRIBUTED": "warning"})
         self.client = Client(self.cluster)
         if gpu:
-            self.client.register_plugin(PinGPU(gpus), name="chunkflow-pin-gpu")
+            self.client.register_plugin(PinGPU(_visible_gpus(gpus)), name="chunkflow-pin-gpu")
         log.info("Dask LocalCluster with %d worker processes, dashboard %s", count, self.client.dashboard_link)
 
     def prepare(self, job: Job) -> Job:
@@ -133,12 +138,21 @@ class DaskEngine:
             if pending:
                 self.client.cancel(pending)
 
-    def _check_gpu_workers(self, scheduler: str) -> None:
-        workers = self.client.scheduler_info().get("workers", {})
-        if not any(w.get("resources", {}).get("GPU") for w in workers.values()):
-            self.close()
-            raise EngineError(f"no worker of the Dask cluster at {scheduler} declares a GPU; start one worker per "
-                              f"GPU with `dask worker {scheduler} --nthreads 1 --resources GPU=1`")
+    def _wait_for_gpu_workers(self, scheduler: str, wait: float) -> None:
+        deadline, said = time.monotonic() + wait, False
+        while True:
+            workers = self.client.scheduler_info().get("workers", {})
+            if any(w.get("resources", {}).get("GPU") for w in workers.values()):
+                return
+            if time.monotonic() >= deadline:
+                self.close()
+                raise EngineError(f"no worker of the Dask cluster at {scheduler} declares a GPU after {wait:g} s; "
+                                  f"start one worker per GPU with `dask worker {scheduler} --nthreads 1 "
+                                  "--resources GPU=1`")
+            if not said:
+                log.info("waiting up to %g s for a worker with --resources GPU=1 to join %s", wait, scheduler)
+                said = True
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
         self.client.close()
@@ -158,13 +172,21 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+def _visible_gpus(count: int) -> list[str]:
+    """The devices this process may use: the parent's ``CUDA_VISIBLE_DEVICES`` (SLURM ``--gres``, a
+    shared node) when set, else ``0..count-1``."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[:count] if visible else [str(i) for i in range(count)]
+
+
 class PinGPU(WorkerPlugin):
-    """Each LocalCluster worker (named 0..n-1, kept across restarts) sees one GPU."""
+    """Each LocalCluster worker (named 0..n-1, kept across restarts) sees one of the GPUs this
+    process may use."""
 
     idempotent = True
 
-    def __init__(self, count: int):
-        self.count = count
+    def __init__(self, devices: list[str]):
+        self.devices = list(devices)
 
     def setup(self, worker) -> None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.name) % self.count)
+        os.environ["CUDA_VISIBLE_DEVICES"] = self.devices[int(worker.name) % len(self.devices)]
