@@ -179,7 +179,8 @@ def report_lines(summary: PlanSummary, layout: Layout, calibration: Calibration 
         f"uncompressed = {s.donated_bytes / s.output_bytes:.3f} x the output",
         f"  output: {human_bytes(s.output_bytes)}",
         f"  largest stage-one task: chunk {_zyx(s.largest_chunk)}, ~{human_bytes(s.task_bytes)} of buffers "
-        f"(input + output chunk + one batch; plus the model)",
+        f"(input + output chunk + one batch; plus one more input chunk where the next block's input is "
+        f"prefetched, and the model)",
     ]
     if calibration is not None:
         seconds = s.patches_computed * calibration.seconds_per_patch
@@ -248,4 +249,6 @@ def _zyx(v) -> str:
 if __name__ == "__main__":
     import fire
 
-    fire.Fire(hypothetical)
+    from chunkflow.cli import user_errors
+
+    fire.Fire(user_errors(hypothetical), name="python -m chunkflow.dryrun")

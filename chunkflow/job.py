@@ -22,7 +22,7 @@ from functools import cached_property
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import BLEND_MODES
-from chunkflow.geometry import Layout
+from chunkflow.geometry import GeometryError, Layout
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,9 @@ def validate_parameters(input_patch: Vec, output_patch: Vec, blend: str, output_
 def default_storage_chunk(block: Vec, target: Vec = Vec(16, 64, 64)) -> Vec:
     """The largest divisor of each block side that is at most ``target`` (small chunks keep
     the stage-two band thin; dividing the block keeps every block write aligned)."""
+    if any(b <= 0 for b in block):
+        raise GeometryError(f"block size {_zyx(block)} must be positive along every axis")
+
     def best(b: int, t: int) -> int:
         return max(d for d in range(1, min(b, t) + 1) if b % d == 0)
     return Vec(best(b, t) for b, t in zip(block, target))

@@ -152,6 +152,11 @@ def test_entry_point_plugin_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert be.name == "doubler"
     x = _batch()
     assert np.array_equal(be.predict(x), 2 * x)
+    # a plugin taking a file with a suffix a built-in backend also knows (a TensorRT adapter and an .onnx)
+    net = tmp_path / "net.onnx"
+    net.write_bytes(b"not really onnx")
+    assert load_backend(f"doubler:{net}").name == "doubler"
+    assert model_checksum(f"doubler:{net}", None) == hashlib.sha256(net.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- checksums
@@ -168,6 +173,7 @@ def test_model_checksum(tmp_path: Path) -> None:
     assert len(builtin) == 64 and builtin == model_checksum("builtin:membrane", None)
     with pytest.raises(ModelError, match="nope.py"):
         model_checksum(str(tmp_path / "nope.py"), None)
+    assert model_checksum(f"pytorch:{CONV3}", None) == hashlib.sha256(raw).hexdigest()  # the file, not the string
 
 
 # ---------------------------------------------------------------- errors: one line naming the value

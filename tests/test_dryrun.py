@@ -114,3 +114,16 @@ def test_cli_dry_run_refuses_a_bad_job_like_plan(tmp_path, capsys):
                  block="8,32,32", dry_run=True, quiet=True)
     assert exit_.value.code == 2
     assert "overlap" in capsys.readouterr().err
+
+
+def test_a_million_blocks_whose_stride_does_not_divide_the_block_plan_per_axis(monkeypatch):
+    """Patch stride and block share no period, so every block along an axis is of its own kind:
+    key uniqueness must still be checked per axis, never block by block in 3-D."""
+    calls = []
+    plain = Layout.donations_to
+    monkeypatch.setattr(Layout, "donations_to", lambda self, idx: calls.append(idx) or plain(self, idx))
+    layout = Layout(Bbox(Vec(0, 0, 0), Vec(100_000, 100_000, 100_000)), Vec(193, 193, 193), Vec(4, 64, 64),
+                    Vec(1000, 1000, 1000), Vec(8, 8, 8))
+    assert layout.num_blocks == 10 ** 6 and calls == []
+    s = summarise(layout)
+    assert s.patches_computed == s.patches_grid and s.redundancy == 1.0 and calls == []

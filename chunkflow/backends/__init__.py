@@ -85,8 +85,8 @@ def resolve_backend_name(model: str) -> str:
         return "builtin"
     suffix = Path(model).suffix.lower()
     prefix, sep, _ = model.partition(":")
-    if sep and prefix in BUILTIN_BACKENDS:
-        return prefix  # explicit "onnx:/path/file" etc.
+    if sep and (prefix in BUILTIN_BACKENDS or prefix in _plugin_names()):
+        return prefix  # explicit "onnx:/path/file", or a plugin's "tensorrt:/path/net.onnx"
     if suffix in _SUFFIXES:
         return _SUFFIXES[suffix]
     return prefix if sep else model

@@ -33,6 +33,7 @@ __all__ = [
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(:(\d+))?$")
+_BACKEND_PREFIXES = ("pytorch", "torchscript", "onnx")  # "onnx:/path/net.onnx" names the backend explicitly
 CUDA_UNAVAILABLE = "CUDA is not available on this machine; use --device cpu"
 
 
@@ -151,6 +152,10 @@ def model_checksum(model: str, weights: str | None = None) -> str:
         parts = [hashlib.sha256(model.encode()).hexdigest(), _sha256_file(source)]
         parts.append(_sha256_file(check_file(weights, "weights file")) if weights else _sha256_file(shipped))
     else:
+        prefix, sep, rest = model.partition(":")
+        if sep and rest and not Path(model).expanduser().is_file() and (
+                prefix in _BACKEND_PREFIXES or Path(rest).expanduser().is_file()):
+            model = rest  # "onnx:/x/net.onnx", a plugin's "tensorrt:/x/engine.plan": hash the file itself
         path = Path(model).expanduser()
         if path.is_file():
             parts = [_sha256_file(path)]

@@ -71,6 +71,10 @@ class OnnxBackend(Backend):
         except Exception as exc:
             first = " ".join(str(exc).split())[:300]
             raise ModelError(f"{str(path)!r} is not a loadable ONNX model: {first}") from exc
+        if self.device.startswith("cuda") and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise ModelError(f"onnxruntime could not start its CUDA provider for {self.device} (it would fall back to "
+                             f"the CPU: check the CUDA and cuDNN libraries of onnxruntime-gpu); providers in use: "
+                             f"{', '.join(self.session.get_providers())}")
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         logger.debug("onnx model %s on %s via %s", path, self.device, self.session.get_providers())
