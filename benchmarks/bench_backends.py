@@ -10,13 +10,13 @@ patches. Reported per backend and batch size: seconds per 16x128x128 patch (best
 """
 from __future__ import annotations
 
-import argparse
 import time
 
+import fire
 import numpy as np
 import torch
 
-from common import BENCH_NET, save, scratch
+from common import BENCH_NET, save, scratch, zyx
 from chunkflow.backends import load_backend
 from chunkflow.demo import make_em_volume
 from chunkflow.demo.train import export_onnx
@@ -32,12 +32,15 @@ def per_patch(backend, batch: np.ndarray, repeats: int) -> tuple[float, np.ndarr
     return best / len(batch), out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--patch", default="16,128,128")
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    patch = tuple(int(v) for v in args.patch.split(","))
+def main(patch: str | tuple = "16,128,128", repeats: int = 3) -> None:
+    """The three model backends side by side on the benchmark U-Net: PyTorch eager, TorchScript, ONNX Runtime.
+
+    Args:
+        patch: patch, ZYX (16,128,128 or 16x128x128); batches of 1 and 4 such patches.
+        repeats: timed batches per backend and batch size (best one kept), after one warm-up.
+    """
+    patch = tuple(int(v) for v in zyx(patch, "patch").split(","))
+    repeats = int(repeats)
     workdir = scratch("cf-bench-backends-")
     eager = load_backend(BENCH_NET)
     ts_path, onnx_path = workdir / "bench_unet.ts", workdir / "bench_unet.onnx"
@@ -52,7 +55,7 @@ def main() -> None:
         batch = np.stack(tiles[:batch_size])[:, None].astype(np.float32) / 255
         reference = None
         for name, backend in backends.items():
-            seconds, out = per_patch(backend, batch, args.repeats)
+            seconds, out = per_patch(backend, batch, repeats)
             reference = out if reference is None else reference
             diff = float(np.abs(out - reference).max())
             rows.append({"backend": name, "batch": batch_size, "seconds_per_patch": round(seconds, 4),
@@ -63,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    fire.Fire(main)

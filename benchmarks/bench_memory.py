@@ -12,7 +12,6 @@ activations (not seen by tracemalloc; they show in the resident set).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import threading
 import tracemalloc
 from pathlib import Path
 
+import fire
 import psutil
 
 from common import BENCH_NET, HERE, make_input, save, scratch
@@ -87,11 +87,17 @@ def measure(url: str, model: str, shape: str, patch: str, overlap: str, block: s
             "donated_bytes": stats.donated_bytes, "patches": stats.patches}
 
 
+def child(case: str) -> None:
+    """In the child process: measure one case (a JSON list of ``measure``'s arguments), print one JSON line."""
+    print(json.dumps(measure(*json.loads(case))))
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(measure(*json.loads(sys.argv[2]))))
-        return
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    """Peak memory of one stage-one task against its buffers, for each of ``CASES`` (no flags).
+
+    Each case runs in a fresh process (this script with ``--child JSON``, an internal entry point
+    taken before Fire sees the command line).
+    """
     rows, inputs = [], {}
     for case in CASES:
         shape = case[1]
@@ -116,4 +122,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":  # internal: one case, in a fresh process
+        child(sys.argv[2])
+    else:
+        fire.Fire(main)

@@ -12,14 +12,14 @@ Two models, patch 16x128x128, overlap 4x32x32, blocks 32x256x256, gaussian blend
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+import fire
 import torch
 
 from bench_vs_monai import run_monai
-from common import make_input, run_two_stage, save
+from common import make_input, run_two_stage, save, zyx, zyx_list
 from chunkflow.backends import load_backend
 from chunkflow.bbox import Vec
 from chunkflow.planning import plan
@@ -28,14 +28,15 @@ NET_SIZES = ("16,256,256", "32,256,256", "32,512,512", "64,512,512")
 IDENTITY_SIZES = ("32,256,256", "64,512,512", "64,1024,1024", "128,1024,1024")
 
 
-def one(workdir: Path, shape: Vec, model: str, module: torch.nn.Module, args) -> dict:
+def one(workdir: Path, shape: Vec, model: str, module: torch.nn.Module, patch: str, overlap: str,
+        block: str) -> dict:
     url, image = make_input(workdir, tuple(shape))
-    job = plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), model, args.patch, overlap=args.overlap,
-               block=args.block, blend="gaussian", batch_size=1)
+    job = plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), model, patch, overlap=overlap,
+               block=block, blend="gaussian", batch_size=1)
     backend = load_backend(model)
     ours = run_two_stage(job, backend, read_output=False)
     del ours.output
-    t, pred, _ = run_monai(image, module, Vec.parse(args.patch), Vec.parse(args.overlap), 1, "gaussian")
+    t, pred, _ = run_monai(image, module, Vec.parse(patch), Vec.parse(overlap), 1, "gaussian")
     row = {"model": model, "shape": list(shape), "voxels": shape.prod(), "blocks": job.layout.num_blocks,
            "patches": job.layout.num_patches, "ours": round(ours.wall, 3), "ours_cpu": round(ours.cpu, 3),
            "ours_model": round(ours.stats1.seconds.get("model", 0.0), 3), "ours_stage2": round(ours.stage2.wall, 3),
@@ -55,21 +56,26 @@ class Identity(torch.nn.Module):
         return x.clone()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--patch", default="16,128,128")
-    ap.add_argument("--overlap", default="4,32,32")
-    ap.add_argument("--block", default="32,256,256")
-    ap.add_argument("--net-sizes", default=";".join(NET_SIZES))
-    ap.add_argument("--identity-sizes", default=";".join(IDENTITY_SIZES))
-    args = ap.parse_args()
+def main(patch: str | tuple = "16,128,128", overlap: str | tuple = "4,32,32", block: str | tuple = "32,256,256",
+         net_sizes: str | tuple = ";".join(NET_SIZES), identity_sizes: str | tuple = ";".join(IDENTITY_SIZES)) -> None:
+    """Scaling with volume size: chunkflow's two stages against MONAI, and the pipeline's own overhead.
+
+    Args:
+        patch: patch, ZYX (16,128,128 or 16x128x128).
+        overlap: patch overlap, ZYX.
+        block: block, ZYX.
+        net_sizes: volumes for the demo U-Net, ZYX, separated by ';' (quote them; "" runs none).
+        identity_sizes: volumes for the identity model, ZYX, separated by ';' (quote them; "" runs none).
+    """
+    patch, overlap, block = zyx(patch, "patch"), zyx(overlap, "overlap"), zyx(block, "block")
     rows = []
     net = load_backend("builtin:membrane").module
-    cases = (("identity", Identity(), args.identity_sizes), ("builtin:membrane", net, args.net_sizes))
+    cases = (("identity", Identity(), zyx_list(identity_sizes, "identity sizes")),
+             ("builtin:membrane", net, zyx_list(net_sizes, "net sizes")))
     for model, module, sizes in cases:
-        for text in filter(None, sizes.split(";")):
+        for text in sizes:
             with tempfile.TemporaryDirectory(prefix="cf-bench-scale-") as tmp:
-                rows.append(one(Path(tmp), Vec.parse(text), model, module, args))
+                rows.append(one(Path(tmp), Vec.parse(text), model, module, patch, overlap, block))
     for r in rows:
         r["ours_ns_per_voxel"] = round(1e9 * (r["ours"] - r["ours_model"]) / r["voxels"], 2)
         r["monai_ns_per_voxel"] = round(1e9 * (r["monai"] - r["monai_model"]) / r["voxels"], 2)
@@ -78,9 +84,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:18s} {'x'.join(map(str, r['shape'])):>14s} {r['ours']:8.2f} {r['monai']:8.2f} "
               f"{r['ours'] / r['monai']:6.3f} {r['ours_ns_per_voxel']:20.1f} {r['monai_ns_per_voxel']:21.1f}")
-    record = {"patch": args.patch, "overlap": args.overlap, "block": args.block, "rows": rows}
+    record = {"patch": patch, "overlap": overlap, "block": block, "rows": rows}
     print(f"recorded in {save('scaling', record)}")
 
 
 if __name__ == "__main__":
-    main()
+    fire.Fire(main)

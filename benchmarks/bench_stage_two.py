@@ -14,12 +14,12 @@
 """
 from __future__ import annotations
 
-import argparse
 import time
 
+import fire
 import numpy as np
 
-from common import make_input, run_two_stage, save, scratch
+from common import make_input, run_two_stage, save, scratch, zyx
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.dryrun import summarise
 from chunkflow.geometry import Layout
@@ -52,13 +52,18 @@ def surface(overlap: Vec, block: Vec) -> float:
     return sum(o / b for o, b in zip(overlap, block))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="64,512,512")
-    ap.add_argument("--patch", default="16,128,128")
-    ap.add_argument("--overlap", default="4,32,32")
-    ap.add_argument("--block", default="32,256,256")
-    args = ap.parse_args()
+def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", overlap: str | tuple = "4,32,32",
+         block: str | tuple = "32,256,256") -> None:
+    """Stage two's blending throughput against numpy's ``a += b``, and donated bytes against geometry.
+
+    Args:
+        shape: volume of the real job (identity model), ZYX (64,512,512 or 64x512x512).
+        patch: patch, ZYX (also used for the dry-run rows).
+        overlap: patch overlap, ZYX (also used for the dry-run rows).
+        block: block of the real job, ZYX (the dry-run rows use the fixed BLOCKS).
+    """
+    shape, patch, overlap, block = (zyx(v, what) for v, what in
+                                    ((shape, "shape"), (patch, "patch"), (overlap, "overlap"), (block, "block")))
     bandwidth = {mib: add_bandwidth(mib) for mib in (1, 8, 64)}
     fresh = add_bandwidth(64, fresh=True)
     for mib, bps in bandwidth.items():
@@ -66,9 +71,9 @@ def main() -> None:
     print(f"numpy a = zeros(); a += b, 64 MiB (first touch): {fresh / 2**30:6.2f} GiB/s")
 
     workdir = scratch("cf-bench-s2-")
-    url, _ = make_input(workdir, tuple(Vec.parse(args.shape)), synthetic=False)
-    job = plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), "identity", args.patch, overlap=args.overlap,
-               block=args.block, batch_size=4)
+    url, _ = make_input(workdir, tuple(Vec.parse(shape)), synthetic=False)
+    job = plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), "identity", patch, overlap=overlap,
+               block=block, batch_size=4)
     run = run_two_stage(job, read_output=False)
     s2 = run.stats2.seconds
     received = run.stats2.donated_bytes
@@ -81,20 +86,21 @@ def main() -> None:
           "of pieces")
 
     out_bytes = job.layout.bbox.size * job.out_channels * 4
-    overlap = Vec.parse(args.overlap)
+    overlap_v = Vec.parse(overlap)
     measured = run.stats1.donated_bytes / out_bytes
     print(f"this run: donated {run.stats1.donated_bytes / 2**20:.1f} MiB / output {out_bytes / 2**20:.1f} MiB = "
-          f"{measured:.3f}; geometric surface ratio {surface(overlap, Vec.parse(args.block)):.3f}")
+          f"{measured:.3f}; geometric surface ratio {surface(overlap_v, Vec.parse(block)):.3f}")
     rows = []
     for text in BLOCKS:
-        block = Vec.parse(text)
-        shape = block * 8
-        layout = Layout(Bbox(Vec(0, 0, 0), shape), Vec.parse(args.patch), overlap, block,
-                        default_storage_chunk(block))
+        row_block = Vec.parse(text)
+        volume = row_block * 8
+        layout = Layout(Bbox(Vec(0, 0, 0), volume), Vec.parse(patch), overlap_v, row_block,
+                        default_storage_chunk(row_block))
         s = summarise(layout)
         voxels = s.output_voxels
         between = s.donated_voxels_between_blocks
-        rows.append({"block": list(block), "volume": list(shape), "surface": round(surface(overlap, block), 4),
+        rows.append({"block": list(row_block), "volume": list(volume),
+                     "surface": round(surface(overlap_v, row_block), 4),
                      "between_blocks": round(between / voxels, 4),
                      "total": round(s.donated_voxels / voxels, 4),
                      "objects_per_block": round(s.donations / s.blocks, 2)})
@@ -105,10 +111,10 @@ def main() -> None:
     record = {"add_bandwidth": {str(k): v for k, v in bandwidth.items()}, "add_bandwidth_fresh_64": fresh,
               "stage2_seconds": s2,
               "stage2_wall": run.stage2.wall, "received_bytes": received, "blend_rate": blend_rate,
-              "donated_over_output": measured, "surface": surface(overlap, Vec.parse(args.block)),
-              "block": args.block, "rows": rows}
+              "donated_over_output": measured, "surface": surface(overlap_v, Vec.parse(block)),
+              "block": block, "rows": rows}
     print(f"recorded in {save('stage_two', record)}")
 
 
 if __name__ == "__main__":
-    main()
+    fire.Fire(main)

@@ -24,16 +24,16 @@ faces than elsewhere (a seam).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import fire
 import numpy as np
 import torch
 
-from common import BENCH_NET, HERE, ROOT, Timed, make_input, run_two_stage, save, scratch
+from common import BENCH_NET, HERE, ROOT, Timed, choice, make_input, run_two_stage, save, scratch, zyx
 from chunkflow.backends import load_backend
 from chunkflow.bbox import Vec
 from chunkflow.planning import plan
@@ -108,37 +108,45 @@ def _max(values: np.ndarray) -> float:
     return float(values.max()) if values.size else float("nan")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="64,512,512")
-    ap.add_argument("--patch", default="16,128,128")
-    ap.add_argument("--overlap", default="4,32,32")
-    ap.add_argument("--block", default="32,256,256")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--model", default="bench", choices=["bench", "membrane"],
-                    help="bench: bench_unet.py (random); membrane: the trained demo U-Net (builtin:membrane)")
-    ap.add_argument("--venv", default="/tmp/cf12venv")
-    ap.add_argument("--reference", action="store_true", help="also run chunkflow 2's whole-volume reference")
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
-    shape, patch, overlap, block = (Vec.parse(v) for v in (args.shape, args.patch, args.overlap, args.block))
-    python = ensure_venv(Path(args.venv))
-    workdir = scratch("cf-bench-cf12-", args.workdir)
+def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", overlap: str | tuple = "4,32,32",
+         block: str | tuple = "32,256,256", batch: int = 1, model: str = "bench", venv: str = "/tmp/cf12venv",
+         reference: bool = False, workdir: str | None = None) -> None:
+    """chunkflow 2 against chunkflow 1.2.0 (from PyPI) over the same blocks of the same volume.
+
+    Args:
+        shape: volume, ZYX (64,512,512 or 64x512x512): a synthetic EM volume, uint8.
+        patch: patch, ZYX.
+        overlap: patch overlap, ZYX (also 1.2.0's crop margin).
+        block: block, ZYX (the same grid for both).
+        batch: patches per forward pass (both).
+        model: bench: bench_unet.py (random); membrane: the trained demo U-Net (builtin:membrane).
+        venv: chunkflow 1.2.0's virtual environment (made on first use).
+        reference: also run chunkflow 2's whole-volume reference (a switch: --reference).
+        workdir: keep the volumes, weights and outputs here (default: a temporary directory, removed).
+    """
+    patch_text, overlap_text, block_text = zyx(patch, "patch"), zyx(overlap, "overlap"), zyx(block, "block")
+    shape, patch, overlap, block = (Vec.parse(v) for v in (shape, patch_text, overlap_text, block_text))
+    batch, model_name = int(batch), choice(model, ("bench", "membrane"), "model")
+    reference_run = bool(reference)
+    python = ensure_venv(Path(str(venv)))
+    workdir = scratch("cf-bench-cf12-", None if workdir is None else str(workdir))
     url, _ = make_input(workdir, tuple(shape))
-    model = BENCH_NET if args.model == "bench" else "builtin:membrane"
-    net_file = HERE / "bench_unet.py" if args.model == "bench" else ROOT / "chunkflow" / "demo" / "unet.py"
+    model = BENCH_NET if model_name == "bench" else "builtin:membrane"
+    net_file = HERE / "bench_unet.py" if model_name == "bench" else ROOT / "chunkflow" / "demo" / "unet.py"
     backend = load_backend(model)
     weights = workdir / "weights.pt"
     torch.save(backend.module.state_dict(), weights)
 
-    job = plan(url, f"file://{workdir / 'ours'}", str(workdir / "job"), model, args.patch, overlap=args.overlap,
-               block=args.block, blend="bump", batch_size=args.batch)
+    job = plan(url, f"file://{workdir / 'ours'}", str(workdir / "job"), model, patch_text, overlap=overlap_text,
+               block=block_text, blend="bump", batch_size=batch)
     ours = run_two_stage(job, backend)
     print(f"  chunkflow 2: {ours.wall:.2f} s wall, {ours.cpu:.2f} s CPU, {ours.stats1.patches} patches", flush=True)
 
-    cmd = [str(python), "-P", str(HERE / "cf12_driver.py"), "--input", url, "--output", f"file://{workdir / 'cf12'}",
-           "--net", str(net_file), "--weights", str(weights), "--adapter", str(workdir / "cf12_model.py"),
-           "--patch", args.patch, "--overlap", args.overlap, "--block", args.block, "--batch", str(args.batch)]
+    # one JSON argument: the driver runs in 1.2.0's venv, where fire (not a dependency of 1.2.0) may be missing
+    driver_options = {"input": url, "output": f"file://{workdir / 'cf12'}", "net": str(net_file),
+                      "weights": str(weights), "adapter": str(workdir / "cf12_model.py"), "patch": list(patch),
+                      "overlap": list(overlap), "block": list(block), "batch": batch}
+    cmd = [str(python), "-P", str(HERE / "cf12_driver.py"), json.dumps(driver_options)]
     with Timed() as whole:
         done = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
     if done.returncode:
@@ -148,7 +156,7 @@ def main() -> None:
           f"{theirs['patches']} patches (process {whole.wall:.2f} s)", flush=True)
     cf12 = open_volume(f"file://{workdir / 'cf12'}").read(job.layout.bbox)
 
-    if args.reference:
+    if reference_run:
         with Timed() as tref:
             ref = reference(job, Resources(job, backend))
         print(f"  reference: {tref.wall:.2f} s", flush=True)
@@ -161,13 +169,13 @@ def main() -> None:
     layout = job.layout
     record = {
         "model": model, "shape": list(shape), "patch": list(patch), "overlap": list(overlap), "block": list(block),
-        "batch": args.batch, "blocks": layout.num_blocks, "patches_grid": layout.num_patches,
+        "batch": batch, "blocks": layout.num_blocks, "patches_grid": layout.num_patches,
         "ours_patches": ours.stats1.patches, "cf12_patches": theirs["patches"], "cf12_version": theirs["version"],
         "ours_wall": round(ours.wall, 3), "ours_cpu": round(ours.cpu, 3),
         "ours_model": round(ours.stats1.seconds["model"], 3),
         "cf12_wall": round(theirs["wall"], 3), "cf12_cpu": round(theirs["cpu"], 3),
         "ratio_wall": round(ours.wall / theirs["wall"], 4), "ratio_cpu": round(ours.cpu / theirs["cpu"], 4),
-        "reference_run": bool(args.reference),
+        "reference_run": reference_run,
         "ours_max_diff": float(np.abs(ours.output - ref).max()),
         "cf12_max_diff": float(err.max()), "cf12_mean_diff": float(err.mean()),
         "cf12_max_diff_near_faces": _max(err[near]), "cf12_mean_diff_near_faces": float(err[near].mean()),
@@ -182,7 +190,7 @@ def main() -> None:
     print(f"time: chunkflow 2 {ours.wall:.2f} s vs 1.2.0 {theirs['wall']:.2f} s wall "
           f"(ratio {record['ratio_wall']:.3f}); CPU {ours.cpu:.2f} s vs {theirs['cpu']:.2f} s "
           f"(ratio {record['ratio_cpu']:.3f})")
-    what = ("the whole-volume reference" if args.reference
+    what = ("the whole-volume reference" if reference_run
             else "the reference (chunkflow 2's output, = reference by Invariant 1)")
     print(f"max |output - {what}|: chunkflow 2 {record['ours_max_diff']:.2e}; chunkflow 1.2.0 "
           f"{record['cf12_max_diff']:.2e} (mean {record['cf12_mean_diff']:.2e})")
@@ -195,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    fire.Fire(main)

@@ -16,13 +16,13 @@ donated bytes vs output bytes, and where stage one's time went.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
+import fire
 import numpy as np
 import torch
 
-from common import BENCH_NET, Timed, make_input, run_two_stage, save, scratch
+from common import BENCH_NET, Timed, choice, make_input, run_two_stage, save, scratch, zyx
 from chunkflow.backends import load_backend
 from chunkflow.bbox import Vec
 from chunkflow.planning import plan
@@ -73,35 +73,42 @@ def monai_io(job, out: np.ndarray) -> Timed:
     return t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="64,512,512")
-    ap.add_argument("--patch", default="16,128,128")
-    ap.add_argument("--overlap", default="4,32,32")
-    ap.add_argument("--block", default="32,256,256")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--blend", default="gaussian", choices=["gaussian", "constant"])
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
-    shape, patch, overlap = Vec.parse(args.shape), Vec.parse(args.patch), Vec.parse(args.overlap)
-    workdir = scratch("cf-bench-monai-", args.workdir)
+def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", overlap: str | tuple = "4,32,32",
+         block: str | tuple = "32,256,256", batch: int = 1, blend: str = "gaussian", repeats: int = 2,
+         workdir: str | None = None) -> None:
+    """chunkflow's two-stage run against MONAI's whole-volume ``sliding_window_inference``.
+
+    Args:
+        shape: volume, ZYX (64,512,512 or 64x512x512): a synthetic EM volume, uint8.
+        patch: patch, ZYX.
+        overlap: patch overlap, ZYX (MONAI gets it as a fraction of the patch).
+        block: chunkflow's block, ZYX.
+        batch: patches per forward pass (both tools).
+        blend: gaussian or constant (both tools).
+        repeats: runs of each tool, interleaved; the fastest of each is compared.
+        workdir: keep the volumes, jobs and outputs here (default: a temporary directory, removed).
+    """
+    shape_text, patch_text, overlap_text, block_text = (
+        zyx(v, what) for v, what in ((shape, "shape"), (patch, "patch"), (overlap, "overlap"), (block, "block")))
+    batch, repeats, blend = int(batch), int(repeats), choice(blend, ("gaussian", "constant"), "blend")
+    shape, patch, overlap = Vec.parse(shape_text), Vec.parse(patch_text), Vec.parse(overlap_text)
+    workdir = scratch("cf-bench-monai-", None if workdir is None else str(workdir))
     url, image = make_input(workdir, tuple(shape))
     backend = load_backend(BENCH_NET)
     module = backend.module
     params = sum(p.numel() for p in module.parameters())
-    print(f"model {BENCH_NET}: {params:,} parameters; volume {args.shape} uint8; patch {args.patch}, "
-          f"overlap {args.overlap}, block {args.block}, batch {args.batch}, {args.blend}")
+    print(f"model {BENCH_NET}: {params:,} parameters; volume {shape_text} uint8; patch {patch_text}, "
+          f"overlap {overlap_text}, block {block_text}, batch {batch}, {blend}")
 
     ours, monai, monai_io_s = [], [], []
-    for r in range(args.repeats):
-        job = plan(url, f"file://{workdir / f'out{r}'}", str(workdir / f"job{r}"), BENCH_NET, args.patch,
-                   overlap=args.overlap, block=args.block, blend=args.blend, batch_size=args.batch)
+    for r in range(repeats):
+        job = plan(url, f"file://{workdir / f'out{r}'}", str(workdir / f"job{r}"), BENCH_NET, patch_text,
+                   overlap=overlap_text, block=block_text, blend=blend, batch_size=batch)
         run = run_two_stage(job, backend)
         ours.append(run)
         print(f"  ours  #{r}: {run.wall:7.2f} s wall, {run.cpu:7.2f} s CPU, model {run.stats1.seconds['model']:.2f} s"
               f" (load {run.stage2.load:.1f})", flush=True)
-        t, pred, monai_out = run_monai(image, module, patch, overlap, args.batch, args.blend)
+        t, pred, monai_out = run_monai(image, module, patch, overlap, batch, blend)
         io = monai_io(job, monai_out)
         monai.append((t, pred))
         monai_io_s.append(io.wall)
@@ -120,8 +127,8 @@ def main() -> None:
     phases1 = {k: round(v, 3) for k, v in s1.seconds.items()}
     phases2 = {k: round(v, 3) for k, v in s2.seconds.items()}
     record = {
-        "shape": list(shape), "patch": list(patch), "overlap": list(overlap), "block": list(Vec.parse(args.block)),
-        "batch": args.batch, "blend": args.blend, "parameters": params, "blocks": layout.num_blocks,
+        "shape": list(shape), "patch": list(patch), "overlap": list(overlap), "block": list(Vec.parse(block_text)),
+        "batch": batch, "blend": blend, "parameters": params, "blocks": layout.num_blocks,
         "ours_wall": [round(r.wall, 3) for r in ours], "ours_cpu": [round(r.cpu, 3) for r in ours],
         "monai_wall": [round(t.wall, 3) for t, _ in monai], "monai_cpu": [round(t.cpu, 3) for t, _ in monai],
         "ours_best": round(best.wall, 3), "ours_stage1": round(best.stage1.wall, 3),
@@ -137,10 +144,10 @@ def main() -> None:
         "donated_bytes": s1.donated_bytes, "donations": s1.donations, "output_bytes": out_bytes,
         "stage1_phases": phases1, "stage2_phases": phases2,
     }
-    print(f"ours (two stages, best of {args.repeats}): {best.wall:.2f} s  = stage one {best.stage1.wall:.2f} s + "
+    print(f"ours (two stages, best of {repeats}): {best.wall:.2f} s  = stage one {best.stage1.wall:.2f} s + "
           f"stage two {best.stage2.wall:.2f} s; model {model:.2f} s; overhead outside the model "
           f"{overhead:.2f} s = {100 * overhead / model:.1f}% of the model")
-    print(f"MONAI whole volume (best of {args.repeats}): {mt.wall:.2f} s; model {mp.seconds:.2f} s; overhead "
+    print(f"MONAI whole volume (best of {repeats}): {mt.wall:.2f} s; model {mp.seconds:.2f} s; overhead "
           f"{m_overhead:.2f} s = {100 * m_overhead / mp.seconds:.1f}% of the model")
     print(f"ratio ours / MONAI: {record['ratio_wall']:.3f} wall, {record['ratio_cpu']:.3f} CPU; "
           f"{record['ratio_wall_with_io']:.3f} if MONAI also read and wrote the volumes (+{min(monai_io_s):.2f} s)")
@@ -158,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    fire.Fire(main)

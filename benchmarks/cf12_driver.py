@@ -1,7 +1,14 @@
 """Runs chunkflow 1.2.0's chunk inference over the blocks of a volume (inside its own venv).
 
-Invoked by ``bench_vs_chunkflow12.py`` as ``/tmp/cf12venv/bin/python -P cf12_driver.py ARGS``
+Invoked by ``bench_vs_chunkflow12.py`` as ``/tmp/cf12venv/bin/python -P cf12_driver.py JSON``
 (``-P`` keeps this repository's chunkflow off ``sys.path``, so ``import chunkflow`` is 1.2.0).
+``JSON`` is one argument, an object with the keys ``input`` (precomputed input, file://...),
+``output`` (float32 precomputed output to create), ``net`` (a .py file defining ``build_model()``,
+only torch needed), ``weights`` (its state dict), ``adapter`` (where to write the 1.2.0 model
+file), ``patch``, ``overlap``, ``block`` (ZYX, ``[16, 128, 128]`` or ``"16,128,128"``) and
+optionally ``batch`` (default 1). One JSON argument rather than flags: this runs in 1.2.0's venv,
+where python-fire (this project's command-line library) is not guaranteed, since chunkflow 1.2.0
+does not depend on it.
 
 What it does per block, as a 1.2.0 pipeline ``load-precomputed --expand-margin-size M ->
 inference -> save-precomputed`` would: read the block grown by the crop margin (reflect-padded
@@ -13,7 +20,6 @@ volume. Prints one JSON line: seconds (wall, CPU), patches computed, blocks.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -57,43 +63,69 @@ class PatchInferencer:
 '''
 
 
+REQUIRED = ("input", "output", "net", "weights", "adapter", "patch", "overlap", "block")
+
+
+def _zyx(value, key: str) -> tuple[int, int, int]:
+    """``[16, 128, 128]`` or ``"16,128,128"`` as a tuple of three ints."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        zyx = tuple(int(v) for v in parts)
+    except (TypeError, ValueError):
+        zyx = ()
+    if len(zyx) != 3:
+        raise SystemExit(f"cf12_driver: {key} {value!r} is not three integers z,y,x")
+    return zyx  # type: ignore[return-value]
+
+
+def parse_options(argv: list[str]) -> dict:
+    """The one JSON argument (see the module's docstring), checked; ``-h``/``--help`` prints the docstring."""
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
+    if len(argv) != 2:
+        raise SystemExit(f"usage: {argv[0]} JSON (one argument; see --help)")
+    try:
+        options = json.loads(argv[1])
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"cf12_driver: the argument is not JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise SystemExit("cf12_driver: the argument must be a JSON object")
+    missing = [k for k in REQUIRED if k not in options]
+    unknown = sorted(set(options) - set(REQUIRED) - {"batch"})
+    if missing or unknown:
+        raise SystemExit(f"cf12_driver: missing keys {missing}, unknown keys {unknown}")
+    for key in ("patch", "overlap", "block"):
+        options[key] = _zyx(options[key], key)
+    options["batch"] = int(options.get("batch", 1))
+    return options
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--input", required=True, help="precomputed input (file://...)")
-    ap.add_argument("--output", required=True, help="precomputed float32 output to create (file://...)")
-    ap.add_argument("--net", required=True, help="a .py file defining build_model() (only torch needed)")
-    ap.add_argument("--weights", required=True, help="state dict of the net")
-    ap.add_argument("--adapter", required=True, help="where to write the 1.2.0 model file")
-    ap.add_argument("--patch", required=True)
-    ap.add_argument("--overlap", required=True)
-    ap.add_argument("--block", required=True)
-    ap.add_argument("--batch", type=int, default=1)
-    args = ap.parse_args()
+    args = parse_options(sys.argv)
 
     from cloudvolume import CloudVolume
     from chunkflow.chunk import Chunk
     from chunkflow.flow.divid_conquer.inferencer import Inferencer
     import chunkflow.__version__ as cfv
 
-    patch = tuple(int(v) for v in args.patch.split(","))
-    overlap = tuple(int(v) for v in args.overlap.split(","))
-    block = tuple(int(v) for v in args.block.split(","))
-    with open(args.adapter, "w") as f:
-        f.write(ADAPTER.format(net=args.net))
+    patch, overlap, block = args["patch"], args["overlap"], args["block"]
+    with open(args["adapter"], "w") as f:
+        f.write(ADAPTER.format(net=args["net"]))
 
-    src = CloudVolume(args.input, mip=0, fill_missing=False, progress=False)
+    src = CloudVolume(args["input"], mip=0, fill_missing=False, progress=False)
     size = tuple(int(v) for v in src.info["scales"][0]["size"])[::-1]  # z, y, x
     info = CloudVolume.create_new_info(num_channels=1, layer_type="image", data_type="float32", encoding="raw",
                                        resolution=src.info["scales"][0]["resolution"], voxel_offset=[0, 0, 0],
                                        volume_size=list(size[::-1]), chunk_size=[64, 64, 16])
-    dst = CloudVolume(args.output, info=info, compress=False, progress=False)
+    dst = CloudVolume(args["output"], info=info, compress=False, progress=False)
     dst.commit_info()
 
     torch.set_grad_enabled(False)
     start_wall, start_cpu = time.perf_counter(), _cpu()
-    inferencer = Inferencer(args.adapter, args.weights, input_patch_size=patch, output_patch_size=None,
+    inferencer = Inferencer(args["adapter"], args["weights"], input_patch_size=patch, output_patch_size=None,
                             num_input_channels=1, num_output_channels=1, output_patch_overlap=overlap,
-                            output_crop_margin=None, framework="universal", batch_size=args.batch, bump="wu",
+                            output_crop_margin=None, framework="universal", batch_size=args["batch"], bump="wu",
                             mask_output_chunk=False, dtype="float32",
                             input_size=tuple(b + 2 * m for b, m in zip(block, overlap)))
     blocks = 0

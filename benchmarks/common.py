@@ -134,6 +134,35 @@ def run_two_stage(job, backend=None, read_output: bool = True) -> TwoStage:
     return TwoStage(t1, t2, stats1, stats2, output)
 
 
+def zyx(value, what: str = "size") -> str:
+    """A ZYX size as the scripts' flags give it, as the string ``"16,128,128"``.
+
+    Fire turns ``--patch 16,128,128`` into the tuple ``(16, 128, 128)`` and ``--patch 16`` into an
+    int; ``16x128x128`` and a quoted ``"16,128,128"`` stay strings. All of them are accepted.
+    """
+    return ",".join(str(v) for v in Vec.parse(value, what))
+
+
+def zyx_list(value, what: str = "sizes") -> list[str]:
+    """A list of ZYX sizes: ``"16,256,256;32,256,256"`` (``;``-separated; empty entries skipped), one
+    size (a string or the tuple Fire makes of ``16,256,256``), or a list/tuple of sizes."""
+    if isinstance(value, str):
+        return [zyx(v, what) for v in value.split(";") if v.strip()]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+        return [zyx(value, what)]
+    if isinstance(value, (list, tuple)):
+        return [zyx(v, what) for v in value]
+    return [zyx(value, what)]
+
+
+def choice(value, options: tuple[str, ...], flag: str) -> str:
+    """``value`` if it is one of ``options``; else exit with status 2 and one line, as argparse's ``choices`` did."""
+    if str(value) not in options:
+        print(f"error: --{flag.replace('_', '-')} must be one of {', '.join(options)}, not {value!r}", file=sys.stderr)
+        raise SystemExit(2)
+    return str(value)
+
+
 def save(name: str, record: dict) -> Path:
     """Append ``record`` (with the machine and a timestamp) to ``results/{name}.json``."""
     RESULTS.mkdir(exist_ok=True)

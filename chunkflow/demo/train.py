@@ -14,12 +14,12 @@ must be reproducible by anyone; this is the recipe.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 import warnings
 from pathlib import Path
 
+import fire
 import numpy as np
 import torch
 from torch import nn
@@ -183,23 +183,28 @@ def _export(model: nn.Module, dummy: torch.Tensor, path: Path, axes: dict[int, s
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: train, evaluate, save weights and the ONNX export next to this file."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=150.0, help="training wall-clock budget")
-    parser.add_argument("--out-dir", type=Path, default=DEMO_DIR, help="where to write the weights")
-    args = parser.parse_args(argv)
+def main(seconds: float = 150.0, out_dir: str = str(DEMO_DIR)) -> None:
+    """Train the demo membrane U-Net, evaluate it, save its weights and the ONNX export.
+
+    Writes ``membrane_unet.pt`` (state dict) and ``membrane_unet.onnx`` into ``out_dir``, which
+    by default is the package's own ``chunkflow/demo/``: the shipped weights are overwritten.
+
+    Args:
+        seconds: training wall-clock budget, in seconds.
+        out_dir: where to write membrane_unet.pt and membrane_unet.onnx (default: next to this file).
+    """
+    seconds, out = float(seconds), Path(str(out_dir))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    model = train(seconds=args.seconds)
+    model = train(seconds=seconds)
     metrics = evaluate(model)
     logger.info("held-out synthetic volume (seed %d): %s", HELD_OUT_SEED,
                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    pt = args.out_dir / "membrane_unet.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    pt = out / "membrane_unet.pt"
     torch.save(model.state_dict(), pt)
-    export_onnx(model, args.out_dir / "membrane_unet.onnx")
-    logger.info("wrote %s and %s", pt, args.out_dir / "membrane_unet.onnx")
+    export_onnx(model, out / "membrane_unet.onnx")
+    logger.info("wrote %s and %s", pt, out / "membrane_unet.onnx")
 
 
 if __name__ == "__main__":
-    main()
+    fire.Fire(main, name="chunkflow.demo.train")
