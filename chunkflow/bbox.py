@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-_NAME_RE = re.compile(r"^(-?\d+)-(-?\d+)_(-?\d+)-(-?\d+)_(-?\d+)-(-?\d+)$")
+_INT = r"(0|-?[1-9][0-9]*)"  # ASCII, no leading zeros: one spelling per number
+_NAME_RE = re.compile(rf"{_INT}-{_INT}_{_INT}-{_INT}_{_INT}-{_INT}", re.ASCII)
 
 
 class Vec(tuple):
@@ -105,8 +106,9 @@ class Bbox:
 
     @classmethod
     def from_name(cls, name: str) -> "Bbox":
-        """Parse ``x0-x1_y0-y1_z0-z1`` strictly: integers only, start < stop."""
-        m = _NAME_RE.match(name) if isinstance(name, str) else None
+        """Parse ``x0-x1_y0-y1_z0-z1`` strictly: ASCII integers without leading zeros (so a name
+        has one spelling and names of the same box are equal strings), start < stop."""
+        m = _NAME_RE.fullmatch(name) if isinstance(name, str) else None
         if m is None:
             raise ValueError(f"{name!r} is not a box name of the form x0-x1_y0-y1_z0-z1 (integers)")
         x0, x1, y0, y1, z0, z1 = (int(g) for g in m.groups())

@@ -141,12 +141,15 @@ def inspect_store(store: ObjectStore, block: str | None = None, verify: bool = F
     headers are then read by default. ``verify`` fetches and fully checks every piece.
     """
     job = load_job(store) if store.exists(MANIFEST) else None
-    listed, malformed, objects = _list_donations(store)
-    done = {name for name, _ in store.list_with_sizes(DONE)}
-    objects += len(done) + (job is not None)
-    if job is None and not listed and not malformed:
-        raise StorageError(f"no chunkflow job and no donations at {store.url}")
     wanted = _block_name(block, job) if block is not None else None
+    # One block: list only its own keys (they all start with its name), not the whole bucket.
+    listed, malformed, objects = _list_donations(store, f"{DONATIONS}{wanted}%" if wanted else DONATIONS)
+    done = {name for name, _ in store.list_with_sizes(DONE)} if wanted is None else {
+        name for stage in (1, 2) for name, _ in store.list_with_sizes(f"{DONE}stage{stage}/{wanted}")
+        if name.endswith(f"/{wanted}")}
+    objects += len(done) + (job is not None)
+    if job is None and not listed and not malformed and wanted is None:
+        raise StorageError(f"no chunkflow job and no donations at {store.url}")
     blocks, orphans = (_job_blocks(job, listed, done, wanted) if job is not None
                        else _prefix_blocks(listed, done, wanted))
     if wanted is not None and not blocks:
@@ -183,12 +186,14 @@ def _block_name(block: str, job: Job | None) -> str:
     return box.name
 
 
-def _list_donations(store: ObjectStore) -> tuple[dict[str, dict[str, int]], list[tuple[str, str]], int]:
-    """One listing of ``donations/``: valid keys grouped by block name, malformed names, count."""
+def _list_donations(store: ObjectStore, prefix: str = DONATIONS
+                    ) -> tuple[dict[str, dict[str, int]], list[tuple[str, str]], int]:
+    """One listing of ``prefix`` (``donations/``, or one block's keys): valid keys grouped by
+    block name, malformed names, count."""
     by_block: dict[str, dict[str, int]] = {}
     malformed: list[tuple[str, str]] = []
     count = 0
-    for name, size in store.list_with_sizes(DONATIONS):
+    for name, size in store.list_with_sizes(prefix):
         count += 1
         key = name[len(DONATIONS):]
         try:
@@ -318,7 +323,7 @@ def check_piece(data: bytes, key: str, job: Job | None,
             return ("foreign", UNCHECKED, f"donation {key} belongs to job {header.job_hash}, not {expected_hash}", 0,
                     header.job_hash)
         if full:
-            decode_donation(data, key, expected_hash)
+            decode_donation(data, key, expected_hash, *((job.out_channels, job.donation_dtype) if job else ()))
         return "ok", "ok" if full else UNCHECKED, None, header.nbytes_raw, header.job_hash
     except DonationError as err:
         return UNCHECKED, "bad", str(err), 0, None
@@ -363,7 +368,7 @@ def format_table(report: StoreReport) -> list[str]:
         for err in b.errors:
             lines.append(f"refused   {printable(err)}")
         for key in b.unexpected:
-            lines.append(f"unexpected {DONATIONS}{key}: not a piece block {b.block} expects")
+            lines.append(f"unexpected {DONATIONS}{printable(key)}: not a piece block {b.block} expects")
     for name in report.orphans:
         lines.append(f"stray     {printable(name)}: its block is not a block of this job")
     for name, reason in report.malformed:

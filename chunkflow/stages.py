@@ -285,7 +285,7 @@ def receive_and_blend(job: Job, block: Vec, res: Resources | None = None, cleanu
                 missing.append(donation.key)
                 continue
             try:
-                _, array = decode_donation(data, donation.key, job.job_hash)
+                _, array = decode_donation(data, donation.key, job.job_hash, job.out_channels, job.donation_dtype)
             except DonationError as err:
                 corrupt.append(str(err))
                 continue

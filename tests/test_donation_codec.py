@@ -100,3 +100,17 @@ def test_encode_rejects_bad_input():
         encode_donation(_array().astype(np.float64), PIECE, KEY, JOB)
     with pytest.raises(ValueError):
         encode_donation(_array(), PIECE, KEY, JOB, compression="gzip")
+
+
+def test_a_self_consistent_donation_of_the_wrong_box_channels_or_dtype_is_refused():
+    """Stored under the right key, for the right job, with a header that agrees with its own
+    array: still refused, since numpy would broadcast a 1x1x1 piece over the whole region."""
+    tiny = Bbox.from_name("0-1_0-1_0-1")
+    data = encode_donation(np.full((3, 1, 1, 1), 1000.0, np.float32), tiny, KEY, JOB)
+    assert _refusal(data) == f"donation {KEY} is corrupt: header box {tiny.name}, expected {PIECE.name}"
+    good = encode_donation(_array(), PIECE, KEY, JOB)
+    assert decode_donation(good, KEY, JOB, channels=3, dtype="float32")[1].shape == (3, *PIECE.shape)
+    with pytest.raises(DonationError, match="3 channels, the job's model has 1"):
+        decode_donation(good, KEY, JOB, channels=1)
+    with pytest.raises(DonationError, match="dtype float32, the job donates float16"):
+        decode_donation(good, KEY, JOB, dtype="float16")

@@ -183,3 +183,13 @@ def test_invariant_1_in_memory(layout, mode, context, batch_size, seed):
     output, reference = simulate(layout, image, mode, context, batch_size)
     assert not np.isnan(output).any(), "some voxel was written by neither stage"
     np.testing.assert_allclose(output, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["032-64_0-8_0-8", "0-8_0-8_0-8\n", "\uff132-64_0-8_0-8", "-0-8_0-8_0-8", " 0-8_0-8_0-8"])
+def test_box_names_have_one_spelling(name):
+    """Leading zeros, a trailing newline, non-ASCII digits or -0 would let two different strings
+    name one box (two objects for one donation) or slip a junk key past the parser."""
+    with pytest.raises(ValueError, match="is not a box name"):
+        Bbox.from_name(name)
+    with pytest.raises(ValueError):
+        parse_key(f"0-64_0-64_0-64%{name}")

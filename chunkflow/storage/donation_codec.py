@@ -179,22 +179,37 @@ def header_end(data: bytes) -> int | None:
     return _PREFIX + hlen
 
 
-def decode_donation(data: bytes, key: str, job_hash: str) -> tuple[DonationHeader, np.ndarray]:
+def decode_donation(data: bytes, key: str, job_hash: str, channels: int | None = None,
+                    dtype: str | None = None) -> tuple[DonationHeader, np.ndarray]:
     """Verify and decode a donation expected under ``key`` for job ``job_hash``.
 
     Returns the header and a writable C,Z,Y,X array. Raises :class:`DonationError`
-    if anything is off: magic, truncation, header, key, job, shape vs bbox, dtype,
-    sizes, decompression or checksum.
+    if anything is off: magic, truncation, header, key, job, its box vs the piece the key
+    names, shape vs box, channels and dtype (when given: the job's), sizes, decompression
+    or checksum. A consistent header with the wrong box must never reach the sum, where
+    numpy would broadcast it over the piece.
     """
+    from chunkflow.geometry import parse_key
+
     header, offset = _parse_header(data, key)
     if header.key != key:
         raise DonationError(key, f"is mislabelled: its header names key {header.key}")
     if header.job_hash != job_hash:
         raise DonationError(key, f"belongs to job {header.job_hash}, not {job_hash}")
+    try:
+        _, piece = parse_key(key)
+    except ValueError as exc:
+        raise DonationError(key, f"is not a donation key: {exc}") from None
+    if header.bbox != piece:
+        raise DonationError(key, f"is corrupt: header box {header.bbox.name}, expected {piece.name}")
     if len(header.shape) != 4 or tuple(header.shape[1:]) != tuple(header.bbox.shape):
         raise DonationError(key, f"is corrupt: shape {list(header.shape)} does not match bbox {header.bbox.name}")
+    if channels is not None and header.shape[0] != channels:
+        raise DonationError(key, f"is corrupt: {header.shape[0]} channels, the job's model has {channels}")
     if header.dtype not in DTYPES:
         raise DonationError(key, f"is corrupt: unsupported dtype {header.dtype!r}")
+    if dtype is not None and header.dtype != np.dtype(dtype).name:
+        raise DonationError(key, f"is corrupt: dtype {header.dtype}, the job donates {np.dtype(dtype).name}")
     if header.compression not in COMPRESSIONS:
         raise DonationError(key, f"is corrupt: unknown compression {header.compression!r}")
     dtype = np.dtype(header.dtype).newbyteorder("<")
