@@ -122,8 +122,8 @@ class GCSStore(ObjectStore):
             if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
                 raise StorageError(f"GOOGLE_APPLICATION_CREDENTIALS for {self.url}: {_first_line(exc)}") from exc
             raise StorageError(
-                f"no Google credentials for {self.url}: set GOOGLE_APPLICATION_CREDENTIALS, "
-                "run `gcloud auth application-default login`, or pass credentials=PATH"
+                f"no Google credentials for {self.url}: set GOOGLE_APPLICATION_CREDENTIALS=KEY.json (every "
+                "command and worker), run `gcloud auth application-default login`, or give inspect --credentials KEY.json"
             ) from exc
         self._widen_pool(client, pool_size)
         return client
