@@ -17,6 +17,7 @@ import fire
 from chunkflow.backends import ModelError
 from chunkflow.cli_inspect import inspect as inspect_command
 from chunkflow.cli_fleet import barrier, produce, status
+from chunkflow.cli_stages import check_command_line
 from chunkflow.engines import check_options, run_with
 from chunkflow.geometry import GeometryError
 from chunkflow.job import JobError
@@ -115,8 +116,8 @@ def plan(input: str, output: str, donations: str, model: str, input_patch: str, 
     print(f"job {job.job_hash} planned in {job.store}")
     print(f"  {layout.num_blocks} blocks of {_zyx(job.block)} ({_zyx(layout.grid_shape)} z,y,x), "
           f"{layout.num_patches} patches, output chunks {_zyx(job.storage_chunk)}")
-    print(f"  stage one:  python inference_and_donate.py {job.store} --blocks all")
-    print(f"  stage two:  python receive_and_blend.py {job.store} --blocks all")
+    print(f"  stage one:  python -m inference_and_donate run {job.store} --blocks all")
+    print(f"  stage two:  python -m receive_and_blend run {job.store} --blocks all")
 
 
 @user_errors
@@ -202,8 +203,11 @@ COMMANDS = {"plan": plan, "run": run, "reference": reference, "demo": demo, "sho
             "produce": produce, "barrier": barrier, "status": status}
 
 
-def main() -> None:
-    fire.Fire(COMMANDS, name="chunkflow")
+def main(argv: list[str] | None = None) -> None:
+    """The console script: the command line is checked (unknown flags, extra arguments) before
+    Fire runs anything, since Fire would report them only after the command ran."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fire.Fire(COMMANDS, command=check_command_line(COMMANDS, argv, "chunkflow"), name="chunkflow")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ Each has two commands::
 """
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import logging
+import re
 import signal
 import sys
 
@@ -131,7 +134,117 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     commands = {"run": run_command(stage), "worker": worker_command(stage)}
     if argv and argv[0] not in commands and not argv[0].startswith("-"):
         argv.insert(0, "run")
-    fire.Fire(commands, command=argv, name=SCRIPTS[stage])
+    fire.Fire(commands, command=check_command_line(commands, argv, SCRIPTS[stage]), name=SCRIPTS[stage])
+
+
+# ---- the command line, checked before Fire runs anything ---------------------------------------
+#
+# Fire hands arguments a command does not take to whatever the command returned, so a mistyped
+# flag would only be reported after the command ran (tasks enqueued, a whole job computed). The
+# command line is therefore parsed here first, the way Fire parses it (``--flag value``,
+# ``--flag=value``, ``--flag`` before another flag or at the end for True, ``--noflag`` for False,
+# ``-x`` for the one parameter starting with x, ``-`` and ``_`` alike), and refused in one line.
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def usage_error(message: str) -> None:
+    """One line on stderr and exit status 2: the CLIs' answer to a user mistake."""
+    print(f"chunkflow: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _is_flag(arg: str) -> bool:
+    """Fire's notion of a flag (so ``-1,2,3`` and ``-5`` are values, not flags)."""
+    return arg.startswith("--") or re.match(r"^-[a-zA-Z]", arg) is not None
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def check_command_line(commands: dict, argv: list[str], prog: str) -> list[str]:
+    """The arguments to give Fire for ``argv``, checked against the selected command's signature.
+
+    An unknown command or flag, an ambiguous short flag, too many or too few positional
+    arguments end the process with one line (exit 2) before anything runs. ``--help``/``-h``
+    anywhere shows the command's help and runs nothing; Fire's own flags go after a ``--``.
+    ``--no-flag`` is rewritten to Fire's ``--noflag``.
+    """
+    if "--" in argv:
+        cut = len(argv) - 1 - argv[::-1].index("--")
+        args, fire_flags = argv[:cut], argv[cut:]
+    else:
+        args, fire_flags = list(argv), []
+    if not args or args[0] in HELP_FLAGS:
+        return list(argv)  # Fire lists the commands
+    name = args[0]
+    fn = commands.get(name, commands.get(name.replace("-", "_")))
+    if fn is None and name.startswith("-"):
+        usage_error(f"`{prog}` takes a command first ({' or '.join(commands)}), then its arguments; got {name}")
+    if fn is None:
+        usage_error(f"unknown command {name!r} for `{prog}`{_closest(name, list(commands))}; "
+                    f"valid: {', '.join(commands)}")
+    if any(f in HELP_FLAGS for f in fire_flags):
+        return [name, *fire_flags]  # help only: Fire calls nothing without arguments
+    command = f"{prog} {name}"
+    params = inspect.signature(fn).parameters
+    if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values()):
+        return list(argv)
+    names = list(params)
+    valid = ", ".join("--" + n.replace("_", "-") for n in names)
+    given, positional, out = set(), [], [name]
+    rest, i = args[1:], 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in HELP_FLAGS:
+            return [name, "--", "--help", *fire_flags[1:]]
+        if arg == "-":
+            usage_error(f"unexpected argument '-' for `{command}` (commands cannot be chained)")
+        if not _is_flag(arg):
+            positional.append(arg)
+            out.append(arg)
+            i += 1
+            continue
+        equals = "=" in arg
+        key = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+        boolean = not equals and (i + 1 == len(rest) or _is_flag(rest[i + 1]))
+        if key in params:
+            keyword = key
+        elif boolean and key.startswith("no") and key[2:] in params:
+            keyword = key[2:]
+        elif boolean and key.startswith("no_") and key[3:] in params:
+            keyword, arg = key[3:], "--no" + key[3:]  # --no-force: Fire only knows --noforce
+        elif len(key) == 1 and [n for n in names if n[0] == key]:
+            matches = [n for n in names if n[0] == key]
+            if len(matches) > 1:
+                usage_error(f"flag {arg} for `{command}` is ambiguous: "
+                            + " or ".join("--" + m.replace("_", "-") for m in matches))
+            keyword = matches[0]
+        else:
+            shown = arg.split("=", 1)[0]
+            usage_error(f"unknown flag {shown} for `{command}`"
+                        f"{_closest('--' + key.replace('_', '-'), valid.split(', '))}; valid: {valid}")
+        given.add(keyword)
+        out.append(arg)
+        if not equals and not boolean:
+            out.append(rest[i + 1])
+            i += 1
+        i += 1
+    slots = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and n not in given]
+    takes = " ".join(n.upper() for n, p in params.items() if p.default is p.empty)
+    if len(positional) > len(slots):
+        extra = ", ".join(repr(a) for a in positional[len(slots):])
+        usage_error(f"too many arguments for `{command}`: {extra} (usage: {command} {takes} [--flags]; "
+                    f"valid flags: {valid})")
+    filled = set(slots[:len(positional)])
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in given and n not in filled]
+    if missing:
+        usage_error(f"`{command}` needs {' and '.join(n.upper() for n in missing)} "
+                    f"(usage: {command} {takes} [--flags]; --help for every flag)")
+    return out + fire_flags
 
 
 inference_and_donate = run_command(1)

@@ -7,8 +7,13 @@ keeps, and optionally from a task queue's counters:
 - running: a ``running/`` marker and no done marker. A worker killed mid-task leaves its
   running marker until a retry finishes, so ``oldest_running_s`` helps to spot the dead;
 - failed: the last attempt raised (``failed/``) and no attempt is running or succeeded;
-- ETA: remaining blocks over the throughput so far, measured from the done markers' task
-  durations and finish times (a sample of them on big jobs).
+- ETA: remaining blocks over the *recent* throughput, from the done markers' finish times
+  and task durations (a random sample of ``SAMPLE`` markers on big jobs, scaled up): the
+  blocks finished in the last ``ETA_WINDOW_S`` seconds over the time since the earliest of
+  them started. If none finished that recently (a stopped job, or one resumed so recently
+  that no block has finished since), the last ``ETA_RECENT`` completions measure the rate
+  the job had while it last ran. So a job resumed days after it stopped is not measured
+  over the idle days.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from chunkflow.storage import ObjectStore, open_store
 log = logging.getLogger(__name__)
 
 SAMPLE = 256
+ETA_WINDOW_S = 1800.0  # completions within this many seconds of now measure the rate
+ETA_RECENT = 16        # otherwise the last this many completions (the rate while the job last ran)
 
 
 def job_status(job: Job, queue_url: str | None = None, now: float | None = None, **queue_kwargs) -> dict:
@@ -101,12 +108,22 @@ def _eta(store: ObjectStore, stage: int, done: set[str], total: int, now: float)
         return 0.0
     if not done:
         return None
-    records = _records(store, "done", stage, done)
-    starts = [r["finished"] - sum(r.get("seconds", {}).values()) for r in records if "finished" in r]
-    if not starts:
+    tasks = []  # (finished, started) of the sampled done markers
+    for r in _records(store, "done", stage, done):
+        finished, seconds = r.get("finished"), r.get("seconds", {})
+        if not isinstance(finished, (int, float)) or not isinstance(seconds, dict):
+            continue
+        tasks.append((finished, finished - sum(v for v in seconds.values() if isinstance(v, (int, float)))))
+    if not tasks:
         return None
-    span = now - min(starts)
-    rate = len(done) / span if span > 0 else None
+    scale = len(done) / len(tasks)  # each sampled marker stands for this many done blocks
+    recent = [t for t in tasks if t[0] >= now - ETA_WINDOW_S]
+    if recent:
+        span = now - min(start for _, start in recent)
+    else:
+        recent = sorted(tasks, reverse=True)[:ETA_RECENT]
+        span = max(end for end, _ in recent) - min(start for _, start in recent)
+    rate = len(recent) * scale / span if span > 0 else None
     return (total - len(done)) / rate if rate else None
 
 

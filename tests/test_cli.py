@@ -14,7 +14,7 @@ import fire
 import numpy as np
 import pytest
 
-from chunkflow.cli import COMMANDS
+from chunkflow.cli import COMMANDS, main
 from chunkflow.storage import open_volume
 from tests.helpers import CONV3, CONV3_SAME, make_input
 
@@ -140,3 +140,88 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line and not line.startswith("#"))
     assert command.strip() in readme
+
+
+# ---- the command line is checked before anything runs ------------------------------------------
+
+def main_fails(capsys, argv: list[str], *messages: str) -> str:
+    """``chunkflow ARGV`` (the console script's entry point) ends in one line, exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("chunkflow: error: "), err
+    for message in messages:
+        assert message in err[0], err[0]
+    return err[0]
+
+
+@pytest.fixture
+def planned(tmp_path, volume, capsys):
+    cli("plan", *common(tmp_path, volume))
+    capsys.readouterr()
+    return tmp_path / "job"
+
+
+@pytest.mark.parametrize("extra, messages", [
+    (["--stge", "2"], ["unknown flag --stge for `chunkflow produce`", "did you mean --stage?",
+                       "valid: --job, --queue, --stage, --blocks, --force, --quiet"]),
+    (["--stage=2", "--blocks=all", "--forse"], ["unknown flag --forse", "did you mean --force?"]),
+    (["--quiet", "--bloks=all"], ["unknown flag --bloks for `chunkflow produce`"]),
+    (["-q"], ["flag -q for `chunkflow produce` is ambiguous: --queue or --quiet"]),
+    (["1", "all", "False", "True", "surplus"], ["too many arguments for `chunkflow produce`: 'surplus'"]),
+])
+def test_produce_with_a_bad_command_line_enqueues_nothing(planned, tmp_path, capsys, extra, messages):
+    """Fire would run the command first and complain about the leftover arguments afterwards."""
+    main_fails(capsys, ["produce", planned, f"fq://{tmp_path / 'q'}", *extra], *messages)
+    assert not (tmp_path / "q").exists()
+
+
+def test_flag_forms_fire_accepts_still_work_and_help_runs_nothing(planned, tmp_path, capsys):
+    queue = f"fq://{tmp_path / 'q'}"
+    with pytest.raises(SystemExit) as exit_info:  # help after the arguments: Fire's help, no tasks produced
+        main(["produce", str(planned), queue, "--help"])
+    assert exit_info.value.code == 0 and "--stage" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    main(["produce", str(planned), queue, "--no-force", "--blocks=all", "--quiet"])  # --no-force: Fire's --noforce
+    assert "8 stage-one tasks" in capsys.readouterr().out
+    main(["produce", "--queue", queue, "--job", str(planned), "--noforce", "-s", "1", "--quiet"])
+    assert "8 stage-one tasks" in capsys.readouterr().out
+
+
+def test_barrier_with_a_mistyped_flag_does_not_wait(planned, tmp_path, capsys):
+    main_fails(capsys, ["barrier", planned, f"fq://{tmp_path / 'q'}", "--poll", "0.1", "--timeout", "0.2",
+                        "--timout", "1"], "unknown flag --timout", "did you mean --timeout?")
+    assert not (tmp_path / "q").exists()
+
+
+def test_run_with_a_mistyped_flag_runs_nothing(tmp_path, volume, capsys):
+    main_fails(capsys, ["run", *common(tmp_path, volume), "--engine", "dask", "--wrkers", "2"],
+               "unknown flag --wrkers for `chunkflow run`", "did you mean --workers?")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "job").exists()
+
+
+@pytest.mark.parametrize("argv, messages", [
+    (["prodce", "/x", "fq:///q"], ["unknown command 'prodce' for `chunkflow`", "did you mean produce?"]),
+    (["produce", "/x"], ["`chunkflow produce` needs QUEUE"]),
+    (["status"], ["`chunkflow status` needs JOB"]),
+])
+def test_unknown_commands_and_missing_arguments_end_in_one_line(capsys, argv, messages):
+    main_fails(capsys, argv, *messages)
+
+
+def test_stage_script_with_a_mistyped_flag_leases_nothing(tmp_path, volume, capsys):
+    """A real worker process: `--wrkers 2` is refused before it leases (it would run every task)."""
+    from chunkflow.engines.queue import open_queue, produce
+    from chunkflow.planning import load_job
+
+    cli("plan", *common(tmp_path, volume))
+    queue = f"fq://{tmp_path / 'q'}"
+    produce(load_job(str(tmp_path / "job")), queue)
+    result = subprocess.run([sys.executable, "inference_and_donate.py", "worker", queue, "--wrkers", "2"], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("chunkflow: error: unknown flag --wrkers for `inference_and_donate.py worker`; "
+                                     "valid: --queue, --job, --lease, --wait, --poll, --force, --max-tasks, --device, "
+                                     "--batch-size, --quiet")
+    assert open_queue(queue).enqueued == 8 and open_queue(queue).inserted == 8 and open_queue(queue).leased == 0
+    assert not (tmp_path / "job" / "done").exists()

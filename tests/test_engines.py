@@ -111,10 +111,14 @@ def test_resume_after_half_the_blocks_runs_only_the_rest(tmp_path, capsys):
                          "--quiet"])
     out = capsys.readouterr().out
     assert "stage one: 4 tasks run, 4 already done" in out and "stage two: 8 tasks run, 0 already done" in out
+    # the throughput counts the voxels this run wrote (4 cores and 8 bands), not the whole volume
+    written = int(out.split(" output voxels written")[0].rsplit("(", 1)[1].replace(",", ""))
+    assert 0 < written < job.layout.bbox.size
     assert_complete_and_exact(job)
     fire.Fire(COMMANDS, ["run", *run_flags(job), "--quiet"])
     out = capsys.readouterr().out
     assert "stage one: 0 tasks run, 8 already done" in out and "stage two: 0 tasks run, 8 already done" in out
+    assert "throughput: n/a (no task ran)" in out
 
 
 def test_killed_run_resumes(tmp_path, capsys):
@@ -152,6 +156,27 @@ def test_status_counts_running_and_failed_tasks(tmp_path, capsys):
     assert f"failed: {names[1]}" in out and "oldest running task started 30 s ago" in out
 
 
+def test_eta_measures_recent_completions_not_the_idle_days_before_a_resume(tmp_path):
+    from chunkflow.status import job_status
+
+    job = small_job(tmp_path)
+    store = open_store(job.store)
+    names = [job.layout.block_box(b).name for b in job.layout.block_indices()]
+    now, days = time.time(), 3 * 86400
+
+    def done(name, finished, seconds=10.0):
+        store.put(f"done/stage1/{name}", json.dumps({"finished": finished, "seconds": {"model": seconds}}).encode())
+
+    for i, name in enumerate(names[:4]):  # the job ran for 40 s three days ago, 4 blocks in a row
+        done(name, now - days + 10 * (i + 1))
+    eta = job_status(job, now=now)["stages"]["1"]["eta_s"]
+    assert eta == pytest.approx(40, rel=0.01)  # 4 more blocks at that pace, not 3 more days
+    done(names[4], now - 50)  # resumed a minute ago: 2 blocks since (each 10 s of work)
+    done(names[5], now - 20)
+    eta = job_status(job, now=now)["stages"]["1"]["eta_s"]
+    assert eta == pytest.approx(2 / (2 / 60), rel=0.01)  # 2 blocks in the 60 s since the first started
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--engine", "spark"], "engine 'spark' is not one of local, dask"),
     (["--engine", "queue"], "the queue engine runs as separate workers"),
@@ -159,6 +184,8 @@ def test_status_counts_running_and_failed_tasks(tmp_path, capsys):
     (["--engine", "dask", "--workers", "0"], "--workers 0 must be a positive integer"),
     (["--engine", "dask", "--scheduler", "localhost"], "is not a scheduler address"),
     (["--engine", "dask", "--scheduler", "tcp://127.0.0.1:9"], "cannot connect to the Dask scheduler"),
+    (["--engine", "dask", "--workers", "2", "--scheduler", "tcp://127.0.0.1:9"],
+     "--workers 2 sizes the LocalCluster chunkflow starts; with --scheduler"),
 ])
 def test_bad_engine_flags_end_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.setattr("chunkflow.engines.dask.CONNECT_TIMEOUT", 1)

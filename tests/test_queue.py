@@ -21,7 +21,7 @@ from chunkflow.cli import COMMANDS
 from chunkflow.cli_stages import main as stage_main
 from chunkflow.engines.queue import barrier, open_queue, produce
 from chunkflow.job import MANIFEST, Job
-from tests.test_engines_support import assert_complete_and_exact, fleet_env, run_fleet, small_job
+from tests.test_engines_support import assert_complete_and_exact, fleet_env, run_fleet, small_job, worker
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -152,3 +152,144 @@ def test_stage_two_worker_refuses_stage_one_tasks_and_early_stage_two(tmp_path, 
     with pytest.raises(SystemExit):
         fire.Fire(COMMANDS, ["barrier", job.store, queue, "--poll", "0.1", "--timeout", "0.3", "--quiet"])
     assert "8 of 8 blocks not done" in capsys.readouterr().err
+
+
+# ---- fq:// paths: only produce and barrier create a queue ------------------------------------
+
+@pytest.mark.parametrize("url", ["fq://{tmp}/nonexistent/deeper", "fq://relative/dir", "fq://", "fq://{tmp}"])
+def test_worker_refuses_an_fq_path_without_a_queue_and_creates_nothing(tmp_path, monkeypatch, capsys, url):
+    monkeypatch.chdir(tmp_path)  # where a relative fq:// path would be created
+    url = url.format(tmp=tmp_path)
+    for stage in (1, 2):
+        err = _refused(capsys, stage, ["worker", url, "--quiet"])
+        assert url in err and ("no queue at" in err or "absolute directory" in err), err
+    with pytest.raises(SystemExit) as exit_:
+        fire.Fire(COMMANDS, ["status", str(tmp_path / "nojob"), "--queue", url])
+    assert exit_.value.code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_status_refuses_a_mistyped_queue_and_produce_a_relative_one(tmp_path, monkeypatch, capsys):
+    job = small_job(tmp_path)
+    produce(job, f"fq://{tmp_path / 'q'}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)
+    for argv in (["status", job.store, "--queue", f"fq://{tmp_path / 'qq'}"],
+                 ["produce", job.store, "fq://q2", "--quiet"], ["barrier", job.store, "fq://", "--quiet"]):
+        with pytest.raises(SystemExit) as exit_:
+            fire.Fire(COMMANDS, argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    fire.Fire(COMMANDS, ["status", job.store, "--queue", f"fq://{tmp_path / 'q'}", "--json"])
+    assert json.loads(capsys.readouterr().out)["queue"]["enqueued"] == job.layout.num_blocks
+
+
+# ---- numbers that Fire passes through as strings ---------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lease", "abc"], "--lease 'abc' must be a number of seconds, at least 1"),
+    (["--lease", "0.5"], "--lease 0.5 must be a number of seconds, at least 1"),
+    (["--poll", "abc"], "--poll 'abc' must be a number of seconds above 0"),
+    (["--max-tasks", "abc"], "--max-tasks 'abc' must be a whole number, at least 1"),
+    (["--max-tasks", "1.5"], "--max-tasks 1.5 must be a whole number, at least 1"),
+    (["--batch-size", "abc"], "--batch-size 'abc' must be a whole number, at least 1"),
+])
+def test_worker_refuses_non_numbers_before_leasing(tmp_path, capsys, flags, message):
+    job = small_job(tmp_path)
+    queue = f"fq://{tmp_path / 'q'}"
+    produce(job, queue)
+    assert message in _refused(capsys, 1, ["worker", queue, *flags, "--quiet"])
+    assert open_queue(queue).enqueued == job.layout.num_blocks and open_queue(queue).leased == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["barrier", "{job}", "{q}", "--timeout", "abc", "--poll", "0.1"], "--timeout 'abc' must be a number of seconds"),
+    (["barrier", "{job}", "{q}", "--poll", "abc"], "--poll 'abc' must be a number of seconds above 0"),
+    (["produce", "{job}", "{q}", "--stage", "abc"], "--stage 'abc' must be 1 or 2"),
+    (["produce", "{job}", "{q}", "--stage"], "--stage True must be 1 or 2"),
+])
+def test_fleet_commands_refuse_non_numbers(tmp_path, capsys, argv, message):
+    job = small_job(tmp_path)
+    queue = f"fq://{tmp_path / 'q'}"
+    with pytest.raises(SystemExit) as exit_:
+        fire.Fire(COMMANDS, [a.format(job=job.store, q=queue) for a in argv] + ["--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "q").exists()
+
+
+# ---- a task of the other stage -----------------------------------------------------------------
+
+def _stage_one_done(job, capsys) -> None:
+    stage_main(1, ["run", job.store, "--quiet"])
+    capsys.readouterr()
+
+
+def test_waiting_stage_one_worker_hands_stage_two_tasks_back_and_keeps_polling(tmp_path, capsys):
+    """`--wait` means serve forever: a stage-two task is left for stage-two workers."""
+    job = small_job(tmp_path)
+    _stage_one_done(job, capsys)
+    queue = f"fq://{tmp_path / 'q'}"
+    produce(job, queue, stage=2)
+    proc = worker(1, queue, fleet_env(), "--wait")
+    try:
+        deadline = time.monotonic() + 60
+        # a lease (handed back or not) gives the task file a timestamp; tasks are inserted at 0
+        while all(p.name.startswith("0--") for p in (tmp_path / "q" / "queue").iterdir()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(1.5)  # several more polls
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert open_queue(queue).enqueued == job.layout.num_blocks
+    assert not list((tmp_path / "job").glob("done/stage2/*"))
+
+
+def test_other_stage_task_of_another_job_is_refused(tmp_path, capsys):
+    """`--job` is checked for a task of the other stage too (it was only checked for its own stage)."""
+    job, other = small_job(tmp_path / "a"), small_job(tmp_path / "b", seed=2)
+    _stage_one_done(job, capsys)
+    two = f"fq://{tmp_path / 'q2'}"
+    produce(job, two, stage=2)
+    err = _refused(capsys, 1, ["worker", two, "--job", other.store, "--quiet"])
+    assert f"belongs to job {job.job_hash}" in err and f"serves job {other.job_hash}" in err
+    assert open_queue(two).enqueued == job.layout.num_blocks and open_queue(two).leased == 0  # handed back
+    one = f"fq://{tmp_path / 'q1'}"
+    produce(job, one, force=True)  # stage-one tasks of blocks that are done: strays for a stage-two worker...
+    err = _refused(capsys, 2, ["worker", one, "--job", other.store, "--quiet"])
+    assert f"belongs to job {job.job_hash}" in err  # ...of its own job only, never deleted for another job
+    assert open_queue(one).enqueued == job.layout.num_blocks and open_queue(one).leased == 0
+
+
+# ---- the lease keeper never holds a finished task for long -------------------------------------
+
+def test_lease_keeper_stop_does_not_wait_for_a_renewal_that_retries(tmp_path):
+    """A renewal that cannot get the task's lock is retried with backoff by python-task-queue
+    (tens of seconds); stopping the keeper gives up on it after LEASE_STOP_TIMEOUT."""
+    from chunkflow.engines.queue import LEASE_STOP_TIMEOUT, _LeaseKeeper
+
+    job = small_job(tmp_path)
+    queue_url = f"fq://{tmp_path / 'q'}"
+    produce(job, queue_url)
+    queue = open_queue(queue_url)
+    task = queue.lease(seconds=60, num_tasks=1, wait_sec=0)
+    movement = tmp_path / "q" / "movement" / task.id
+    holder = subprocess.Popen(  # another process holds the task's lock, as a slow NFS peer might
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(120)", str(movement)], stdout=subprocess.PIPE, text=True)
+    keeper = _LeaseKeeper(queue, task, 3)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        keeper.start()
+        time.sleep(1.5)  # the first renewal started at 1 s and is retrying
+        t = time.monotonic()
+        keeper.stop()
+        assert time.monotonic() - t < LEASE_STOP_TIMEOUT + 2
+    finally:
+        holder.kill()
+        holder.wait()
+    keeper.join(90)  # the lock is free again: the renewal goes through or gives up
+    assert not keeper.is_alive()

@@ -52,6 +52,9 @@ def check_options(engine: str, mode: str, workers: int | None = None, scheduler:
         raise EngineError("--workers and --scheduler need --engine dask")
     if scheduler is not None and (not isinstance(scheduler, str) or "://" not in scheduler):
         raise EngineError(f"--scheduler {scheduler!r} is not a scheduler address such as tcp://host:8786")
+    if scheduler is not None and workers is not None:
+        raise EngineError(f"--workers {workers} sizes the LocalCluster chunkflow starts; with --scheduler the "
+                          "cluster's own workers run the tasks: leave out --workers (or --scheduler)")
 
 
 def make_engine(engine: str = "local", workers: int | None = None, scheduler: str | None = None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import threading
 import time
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE = 120
 PROTOCOLS = ("fq://", "sqs://")
+LEASE_STOP_TIMEOUT = 5.0  # seconds a finished task waits for a lease renewal still in progress
 
 
 class QueueError(EngineError):
@@ -71,13 +73,18 @@ def chunkflow_block(store: str, job: str, stage: int, block: str) -> None:
     run_task(planned, spec.stage, _block_index(planned, block))
 
 
-def open_queue(url: str, progress: bool = False, **kwargs) -> TaskQueue:
+def open_queue(url: str, progress: bool = False, create: bool = False, **kwargs) -> TaskQueue:
     """A ``TaskQueue`` for ``fq://DIR`` or ``sqs://NAME``; QueueError (one line) if it cannot be used.
 
-    ``kwargs`` go to boto3 for SQS (``region_name``, ``endpoint_url``).
+    An ``fq://`` directory must be absolute; it is created only with ``create`` (``produce`` and
+    ``barrier``): workers and ``status`` refuse one that does not hold a queue, instead of making
+    an empty queue out of a typo and finding nothing to do. ``kwargs`` go to boto3 for SQS
+    (``region_name``, ``endpoint_url``).
     """
     if not isinstance(url, str) or not url.startswith(PROTOCOLS):
         raise QueueError(f"queue {url!r} is not fq:///shared/directory or sqs://NAME")
+    if url.startswith("fq://"):
+        _check_fq(url, create)
     if url.startswith("sqs://"):
         kwargs.setdefault("region_name", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
     try:
@@ -91,11 +98,30 @@ def open_queue(url: str, progress: bool = False, **kwargs) -> TaskQueue:
     return queue
 
 
+def _check_fq(url: str, create: bool) -> None:
+    path = url[len("fq://"):]
+    if not path or not os.path.isabs(os.path.expanduser(path)):
+        raise QueueError(f"queue {url!r}: an fq:// queue is an absolute directory on a shared filesystem, "
+                         "e.g. fq:///shared/queue (three slashes)")
+    if not create and not os.path.isdir(os.path.join(os.path.expanduser(path), "queue")):
+        raise QueueError(f"no queue at {url} ({path} has no queue/ folder): `chunkflow produce` or "
+                         "`chunkflow barrier` creates an fq:// queue; check the path")
+
+
+def _check_number(flag: str, value, what: str, ok) -> None:
+    """Fire passes what it cannot parse as a string: refuse it (and bools, NaN) in one line."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise QueueError(f"--{flag} {value!r} must be {what}")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and v >= 1
+
+
 def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None, force: bool = False,
             progress: bool = False, queue=None, **kwargs) -> int:
     """Insert the tasks of ``stage`` for ``blocks`` (all) not done yet (unless ``force``); returns the count."""
-    if stage not in (1, 2):
-        raise QueueError(f"stage {stage!r} is not 1 or 2")
+    _check_number("stage", stage, "1 or 2", lambda v: isinstance(v, int) and v in (1, 2))
     store = Resources(job).store
     layout = job.layout
     if stage == 2:
@@ -103,7 +129,7 @@ def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None
         if missing:
             raise QueueError(f"stage one of job {job.job_hash} is not complete ({missing} of {layout.num_blocks} "
                              "blocks not done); `chunkflow barrier` waits for it and then produces stage two")
-    queue = queue or open_queue(queue_url, progress=progress, **kwargs)
+    queue = queue or open_queue(queue_url, progress=progress, create=True, **kwargs)
     done = set() if force else done_blocks(store, stage)
     names = [layout.block_box(b).name for b in (blocks if blocks is not None else layout.block_indices())]
     tasks = [partial(chunkflow_block, store=job.store, job=job.job_hash, stage=stage, block=name)
@@ -125,7 +151,10 @@ def barrier(job: Job, queue_url: str, poll: float = 5.0, timeout: float | None =
     The done markers are the authority, not the stage-one queue: an empty queue may still
     have leased tasks in flight, and a queue may hold stray duplicates of finished tasks.
     """
-    queue = open_queue(queue_url, progress=progress, **kwargs)
+    _check_number("poll", poll, "a number of seconds above 0", lambda v: v > 0)
+    if timeout is not None:
+        _check_number("timeout", timeout, "a number of seconds, at least 0", lambda v: v >= 0)
+    queue = open_queue(queue_url, progress=progress, create=True, **kwargs)
     store, names = Resources(job).store, _all_names(job)
     started, last = time.monotonic(), -1
     while True:
@@ -164,17 +193,23 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
 
     "Empty" counts leased tasks too: a worker that finds nothing to lease while others hold
     leases keeps polling, so it picks up the task of a worker that died. With ``job_store``
-    the worker serves that job only and refuses tasks of any other.
+    the worker serves that job only and refuses tasks of any other. A task of the other stage
+    ends a worker without ``wait`` (see :func:`_other_stage`); with ``wait`` it is handed back
+    for the other stage's workers and this one keeps polling.
     """
     if stage not in (1, 2):
         raise QueueError(f"stage {stage!r} is not 1 or 2")
-    if lease < 1:
-        raise QueueError(f"--lease {lease!r} must be at least 1 second")
+    _check_number("lease", lease, "a number of seconds, at least 1", lambda v: v >= 1)
+    _check_number("poll", poll, "a number of seconds above 0", lambda v: v > 0)
+    if max_tasks is not None:
+        _check_number("max-tasks", max_tasks, "a whole number, at least 1", _whole)
+    if batch_size is not None:
+        _check_number("batch-size", batch_size, "a whole number, at least 1", _whole)
     queue = open_queue(queue_url, **kwargs)
     expected = load_job(job_store) if job_store else None
     jobs: dict[str, Job] = {}
     runtime: dict[str, Job] = {}
-    summary, started, empty = WorkerSummary(stage), time.perf_counter(), 0
+    summary, started, empty, handed_back = WorkerSummary(stage), time.perf_counter(), 0, False
     while max_tasks is None or summary.tasks + summary.skipped < max_tasks:
         try:
             task = queue.lease(seconds=int(lease), num_tasks=1, wait_sec=0)
@@ -191,9 +226,19 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
             continue
         spec = _spec(task, queue_url)
         if spec.stage != stage:
-            if _other_stage(queue, task, spec, stage, jobs):
-                continue
-            break
+            try:
+                action = _other_stage(queue, task, spec, stage, jobs, expected, wait)
+            except (QueueError, JobError) as err:
+                raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
+            if action == "stop":
+                break
+            if action == "handed back":
+                if not handed_back:
+                    log.info("%s holds %s tasks; handing them back to their workers and waiting (--wait)",
+                             queue_url, STAGE_NAMES[spec.stage])
+                    handed_back = True
+                time.sleep(poll)
+            continue
         empty = 0
         try:
             job = resolve_job(spec, expected, jobs)
@@ -250,23 +295,44 @@ def _run_leased(queue, task, job: Job, spec: TaskSpec, lease: float, force: bool
     return result
 
 
-def _other_stage(queue, task, spec: TaskSpec, stage: int, jobs: dict[str, Job]) -> bool:
-    """A task of the other stage: True to keep working, False to stop; QueueError to refuse."""
-    if spec.stage == 2 and stage == 1:
-        queue.cancel(task)
-        log.info("%s holds stage-two tasks: stage one is over", spec.label)
-        return False
-    job = resolve_job(spec, None, jobs)
+def _other_stage(queue, task, spec: TaskSpec, stage: int, jobs: dict[str, Job], expected: Job | None = None,
+                 wait: bool = False) -> str:
+    """A task of the other stage, leased by a worker of ``stage``; returns what the worker does next.
+
+    "deleted": a stray duplicate of a finished stage-one task, deleted; keep working.
+    "handed back" (``wait``): the task is left for the other stage's workers; keep polling.
+    "stop": a stage-one worker meets stage two, so stage one is over (the task is handed back).
+    Raises QueueError or JobError, the task handed back, for a task of another job than
+    ``expected`` (or of a changed manifest), or a stage-two worker meeting a stage-one task
+    that is not done.
+    """
+    try:
+        job = resolve_job(spec, expected, jobs)
+    except (QueueError, JobError):
+        _quietly(queue.cancel, task)
+        raise
     if spec.stage == 1 and Resources(job).store.exists(f"done/stage1/{spec.block}"):
         queue.delete(task)  # a stray duplicate of a finished stage-one task
-        return True
+        return "deleted"
     queue.cancel(task)
-    raise QueueError(f"the queue holds {spec.label}, which is not done: receive_and_blend workers take stage-two "
-                     "tasks, which `chunkflow barrier` produces once stage one is complete")
+    if wait:
+        return "handed back"
+    if spec.stage == 2:
+        log.info("%s holds stage-two tasks: stage one is over", spec.label)
+        return "stop"
+    raise QueueError("a stage-one task that is not done: receive_and_blend workers take stage-two tasks, which "
+                     "`chunkflow barrier` produces once stage one is complete (or give this worker --wait to "
+                     "leave stage-one tasks to inference_and_donate workers)")
 
 
 class _LeaseKeeper(threading.Thread):
-    """Renews a task's lease every ``lease / 3`` seconds until stopped."""
+    """Renews a task's lease every ``lease / 3`` seconds until stopped.
+
+    A renewal that fails is retried by python-task-queue with backoff (up to a minute or so);
+    :meth:`stop` does not wait for that longer than ``LEASE_STOP_TIMEOUT``: the worker goes on
+    (deletes or hands back the task) and the daemon thread finishes on its own. A late renewal
+    of a deleted task fails; one of a handed-back task at worst hides it for one more lease.
+    """
 
     def __init__(self, queue, task, lease: float):
         super().__init__(daemon=True, name="cf-lease")
@@ -280,9 +346,12 @@ class _LeaseKeeper(threading.Thread):
             except Exception as err:  # noqa: BLE001 (a missed renewal only risks a harmless duplicate)
                 log.warning("could not renew the lease of task %s: %s", self.task.id, _one_line(err))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         self._stop_event.set()
-        self.join()
+        self.join(LEASE_STOP_TIMEOUT if timeout is None else timeout)
+        if self.is_alive():
+            log.warning("a renewal of the lease of task %s is still retrying; going on without waiting for it",
+                        getattr(self.task, "id", "?"))
 
 
 def _spec(task, queue_url: str) -> TaskSpec:

@@ -67,7 +67,15 @@ class RunSummary:
         layout = self.job.layout
         voxels = layout.bbox.size
         total = self.seconds or self.stage1.seconds + self.stage2.seconds
-        rate = voxels / total if total > 0 else float("nan")
+        # the output voxels this run wrote (cores in stage one, bands in stage two): blocks skipped
+        # as done on a resumed run do not count
+        written = self.stage1.stats.voxels + self.stage2.stats.voxels
+        if self.stage1.tasks + self.stage2.tasks == 0:
+            rate = "n/a (no task ran)"
+        elif total > 0:
+            rate = f"{written / total:,.0f} voxels/s ({written:,} output voxels written)"
+        else:
+            rate = "n/a"
         finals = self.final_times
         first = f", first block final after {finals[0]:.2f} s" if finals else ""
         lines = [
@@ -80,7 +88,7 @@ class RunSummary:
             f"stage two: {self.stage2.tasks} tasks run, {self.stage2.skipped} already done, "
             f"{self.stage2.retries} retries, {self.stage2.stats.donations} pieces received, "
             f"{self.stage2.seconds:.2f} s",
-            f"throughput: {rate:,.0f} voxels/s, {total:.2f} s in all{first}",
+            f"throughput: {rate}, {total:.2f} s in all{first}",
         ]
         for name, stage in (("one", self.stage1), ("two", self.stage2)):
             if stage.stats.seconds:
