@@ -47,8 +47,14 @@ def user_errors(fn):
     return wrapper
 
 
+#: libraries that log their own retries and tracebacks for errors chunkflow reports in one line
+NOISY_LOGGERS = ("gcsfs", "fsspec", "google", "urllib3", "cloudfiles")
+
+
 def setup_logging(quiet: bool = False) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 FLAG_DOCS = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json as jsonlib
-import logging
 import os
 import sys
 
@@ -55,7 +54,9 @@ def inspect(store: str, block: str | None = None, piece: str | None = None, json
 
 def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: bool, headers: bool, credentials,
              workers: int) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    from chunkflow.cli import setup_logging
+
+    setup_logging(quiet=True)
     if not isinstance(url, str):
         raise ValueError(f"STORE {url!r} must be a directory or gs://bucket/prefix")
     store = open_store(url, credentials=credentials) if url.startswith("gs://") else open_store(url)
