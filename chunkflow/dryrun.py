@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from chunkflow.units import human_bytes
 from chunkflow.backends import Backend
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.geometry import AxisPlan, Layout
@@ -191,13 +192,6 @@ def report_lines(summary: PlanSummary, layout: Layout, calibration: Calibration 
                      f"({seconds / 3600 / 24:,.2f} days); divide by the number of workers")
     return lines
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 def dry_run_job(job, calibrate_batches: int = 3) -> list[str]:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from chunkflow.units import human_bytes
 from chunkflow.bbox import Bbox
 from chunkflow.geometry import GeometryError, parse_key
 from chunkflow.job import MANIFEST, Job
@@ -328,13 +329,6 @@ def check_piece(data: bytes, key: str, job: Job | None,
     except DonationError as err:
         return UNCHECKED, "bad", str(err), 0, None
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 def printable(name: str) -> str:

@@ -19,6 +19,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
+from chunkflow.units import human_bytes
 from chunkflow.bbox import Vec
 from chunkflow.engines.base import EngineError, MODES, check_options, make_engine
 from chunkflow.engines.task import STAGE_NAMES, StageTask, TaskResult
@@ -193,10 +194,3 @@ def run_with(job: Job, engine: str = "local", mode: str = "barrier", workers: in
     finally:
         running.close()
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
