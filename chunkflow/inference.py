@@ -11,7 +11,11 @@ Where the time goes, and why it is laid out this way (the model should be the on
 - *accumulate*: ``w * y`` goes into one reusable patch buffer (``np.multiply(..., out=)``) and
   is then added in place into the chunk buffer: no patch-sized temporaries per patch;
 - *normalise*: the division by ``N(x)`` runs slab by slab (:class:`chunkflow.blend.WeightSum`),
-  so ``N`` never needs a chunk-sized buffer.
+  so ``N`` never needs a chunk-sized buffer;
+- *overlap*: with ``submit`` (a backend's :meth:`~chunkflow.backends.Backend.submit`), batch
+  ``k + 1`` is started before batch ``k`` is accumulated, so on a GPU the gather and the
+  accumulation run while the device computes. Batches are still accumulated in order, so the
+  sums are the same numbers in the same order as without it.
 
 Memory of one call: the input as given + the float32 output (C x region) + one batch in and
 out + one output patch + one ``N`` slab (at most ~32 MiB).
@@ -30,6 +34,7 @@ from chunkflow.blend import WeightSum, normalise
 log = logging.getLogger(__name__)
 
 Predict = Callable[[np.ndarray], np.ndarray]
+Submit = Callable[[np.ndarray], Callable[[], np.ndarray]]
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
@@ -60,6 +65,7 @@ def blended_inference(
     batch_size: int = 1,
     progress: Callable[[int], None] | None = None,
     seconds: dict[str, float] | None = None,
+    submit: Submit | None = None,
 ) -> np.ndarray:
     """Sum of ``w * model(patch) / N`` over the given output patch origins, on ``region``.
 
@@ -76,7 +82,10 @@ def blended_inference(
         input_patch: the network's input patch size.
         channels: the number of output channels of the model.
         seconds: if given, seconds spent are added under ``gather``, ``model``, ``accumulate``
-            and ``normalise``.
+            and ``normalise`` (with ``submit``, ``model`` is the time spent waiting for it).
+        submit: used instead of ``predict`` when given: starts a batch and returns a callable
+            that waits for its output (see ``Backend.submit``), so the next batch is gathered
+            and the previous one accumulated while the model runs.
 
     A patch whose input is entirely zero is not run: its prediction is defined as zero
     (blank regions of EM volumes cost nothing), while its weight still counts in ``N``.
@@ -91,6 +100,25 @@ def blended_inference(
     acc = np.zeros((channels,) + tuple(region.shape), dtype=np.float32)
     batch = np.empty((min(batch_size, max(1, len(origins))), image.shape[0]) + tuple(input_patch), dtype=np.float32)
     product = np.empty((channels,) + tuple(output_patch), dtype=np.float32)
+    if submit is None:
+        def submit(b: np.ndarray) -> Callable[[], np.ndarray]:
+            out = predict(b)
+            return lambda: out
+
+    def accumulate(kept: list[Vec], wait: Callable[[], np.ndarray], done: int) -> None:
+        outputs = wait()
+        timer.lap("model")
+        outputs = _crop_to(outputs, output_patch)
+        if outputs.shape[1] != channels:
+            raise ValueError(f"the model returned {outputs.shape[1]} channels; the job expects {channels}")
+        for origin, out in zip(kept, outputs):
+            np.multiply(out, weights, out=product)
+            acc[(slice(None),) + Bbox(origin, origin + output_patch).slices(region)] += product
+        timer.lap("accumulate")
+        if progress is not None:
+            progress(done)
+
+    pending: tuple[list[Vec], Callable[[], np.ndarray], int] | None = None
     for first in range(0, len(origins), batch_size):
         batch_origins = origins[first:first + batch_size]
         kept = []
@@ -102,17 +130,17 @@ def blended_inference(
                 kept.append(origin)
         timer.lap("gather")
         if kept:
-            outputs = predict(batch[:len(kept)])
+            started = submit(batch[:len(kept)])
             timer.lap("model")
-            outputs = _crop_to(outputs, output_patch)
-            if outputs.shape[1] != channels:
-                raise ValueError(f"the model returned {outputs.shape[1]} channels; the job expects {channels}")
-            for origin, out in zip(kept, outputs):
-                np.multiply(out, weights, out=product)
-                acc[(slice(None),) + Bbox(origin, origin + output_patch).slices(region)] += product
-            timer.lap("accumulate")
-        if progress is not None:
+            if pending is not None:
+                accumulate(*pending)
+            pending = (kept, started, len(batch_origins))
+        elif pending is not None:
+            pending = (pending[0], pending[1], pending[2] + len(batch_origins))
+        elif progress is not None:
             progress(len(batch_origins))
+    if pending is not None:
+        accumulate(*pending)
     normalise(acc, region, normaliser)
     timer.lap("normalise")
     return acc

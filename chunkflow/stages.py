@@ -258,9 +258,15 @@ def _infer_region(job: Job, res: Resources, region: Bbox, origins: list[Vec], st
         counted[0] += len(batch)
         return res.backend.predict(batch)
 
+    def submit(batch: np.ndarray):
+        counted[0] += len(batch)
+        return res.backend.submit(batch)
+
     seconds: dict[str, float] = {}
+    overlapped = submit if callable(getattr(res.backend, "submit", None)) else None  # duck-typed plugins: predict
     out = blended_inference(image, region.grow(job.context_margin), origins, region, res.weight_sum, res.weights,
-                            predict, Vec(job.input_patch), job.out_channels, job.batch_size, progress, seconds)
+                            predict, Vec(job.input_patch), job.out_channels, job.batch_size, progress, seconds,
+                            submit=overlapped)
     stats.patches += counted[0]
     for phase, key in (("model", "model"), ("gather", "blend"), ("accumulate", "blend"), ("normalise", "normalise")):
         stats.seconds[key] = stats.seconds.get(key, 0.0) + seconds.get(phase, 0.0)

@@ -204,3 +204,43 @@ def test_local_engine_reads_each_next_input_in_the_background(tmp_path):
         receive_and_blend(job, idx, res)
     output = open_volume(job.output).read(job.layout.bbox)
     np.testing.assert_allclose(output, reference(job, Resources(job)), rtol=0, atol=1e-5)
+
+
+class DeferredConv:
+    """A real backend whose ``submit`` returns before computing, like a GPU stream: it copies the
+    batch (the caller refills its buffer at once) and runs the model only when waited on. It
+    records the order of calls, so the test sees batch k+1 started before batch k is used."""
+
+    def __init__(self, backend):
+        self.backend, self.events, self.submitted = backend, [], 0
+
+    def predict(self, batch):
+        return self.backend.predict(batch)
+
+    def submit(self, batch):
+        k, kept = self.submitted, batch.copy()
+        self.submitted += 1
+        self.events.append(("submit", k))
+
+        def wait():
+            self.events.append(("wait", k))
+            return self.backend.predict(kept)
+        return wait
+
+
+def test_overlapped_batches_give_the_same_bytes_and_run_ahead(tmp_path):
+    from chunkflow.backends import load_backend
+
+    job = _job(tmp_path, batch_size=2)
+    plain = Resources(job)
+    deferred = Resources(job, DeferredConv(load_backend(CONV3)))
+    blocks = list(job.layout.block_indices())
+    inference_and_donate(job, blocks[0], plain)
+    expected = _data(tmp_path)
+    inference_and_donate(job, blocks[0], deferred)
+    assert _data(tmp_path) == expected
+    events = deferred.backend.events
+    assert events.index(("submit", 1)) < events.index(("wait", 0))  # the next batch runs while one is summed
+    assert [k for what, k in events if what == "wait"] == list(range(deferred.backend.submitted))
+    np.testing.assert_array_equal(reference(job, Resources(job, DeferredConv(load_backend(CONV3)))),
+                                  reference(job, Resources(job)))

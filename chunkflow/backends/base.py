@@ -17,6 +17,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -94,6 +95,17 @@ class Backend(ABC):
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on float32 ``[N, C_in, z, y, x]``; return float32 ``[N, C_out, z', y', x']``."""
+
+    def submit(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start the model on ``batch``; the returned callable waits for and returns the output.
+
+        Lets the caller gather and accumulate one batch while the device computes the next.
+        Contract: ``batch`` may be overwritten as soon as this returns (copy what you keep), and
+        an output returned by the callable stays valid until the second-next ``submit``. The
+        default runs :meth:`predict` at once; the PyTorch backend overlaps on CUDA.
+        """
+        out = self.predict(batch)
+        return lambda: out
 
     def output_shape(
         self, input_patch: tuple[int, int, int], in_channels: int = 1

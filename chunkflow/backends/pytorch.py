@@ -29,7 +29,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -93,6 +93,8 @@ class TorchBackend(Backend):
         self.precision = precision
         self.name = name
         self.module = module.to(self._dev).eval()
+        self._slots: list[dict[str, Any]] = [{}, {}]  # pinned staging for submit(), used in turn
+        self._turn = 0
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "float32":
@@ -121,6 +123,52 @@ class TorchBackend(Backend):
             out = y.contiguous().numpy()
             # a net that returns its input (nn.Identity) must not hand the caller's buffer back
             return out.copy() if np.may_share_memory(out, batch) else out
+
+
+    def submit(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """On CUDA: copy ``batch`` into pinned memory, queue the upload, the forward pass and the
+        download on the device's stream, and return at once; the callable waits for that batch
+        only. Two staging slots are used in turn, which is what the contract of
+        :meth:`Backend.submit` allows (an output is valid until the second-next submit, by which
+        time its slot's event has been waited on). Elsewhere: :meth:`predict`, synchronously.
+
+        Untested on a GPU here (no GPU was available when it was written); the CPU path is.
+        """
+        if self._dev.type != "cuda":
+            return super().submit(batch)
+        batch = check_batch(batch)
+        slot = self._slots[self._turn]
+        self._turn = 1 - self._turn
+        if slot.get("event") is not None:
+            slot["event"].synchronize()  # the slot's previous batch is fully uploaded and downloaded
+        with torch.inference_mode():
+            staging = _pinned(slot, "in", batch.shape)
+            staging.copy_(torch.from_numpy(batch))
+            x = staging.to(self._dev, non_blocking=True)
+            with self._autocast():
+                y = self.module(x)
+            if not isinstance(y, torch.Tensor):
+                raise ModelError(f"model returned {type(y).__name__}; chunkflow expects a single tensor")
+            if y.ndim != 5:
+                raise ModelError(f"model returned shape {tuple(y.shape)}; expected [N, C, z, y, x]")
+            host = _pinned(slot, "out", tuple(y.shape))
+            host.copy_(y.float(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._dev))
+            slot["event"] = event
+
+        def wait() -> np.ndarray:
+            event.synchronize()
+            return host.numpy()
+        return wait
+
+
+def _pinned(slot: dict[str, Any], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The slot's pinned float32 host buffer ``name`` of ``shape`` (reallocated when it changes)."""
+    buf = slot.get(name)
+    if buf is None or tuple(buf.shape) != tuple(shape):
+        buf = slot[name] = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+    return buf
 
 
 def _import_python_file(path: Path) -> Any:
