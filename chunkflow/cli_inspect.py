@@ -59,6 +59,10 @@ def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: boo
     setup_logging(quiet=True)
     if not isinstance(url, str):
         raise ValueError(f"STORE {url!r} must be a directory or gs://bucket/prefix")
+    if z is not None:
+        _integer("z", z)
+    _integer("channel", channel, minimum=0)
+    _integer("workers", workers, minimum=1)
     store = open_store(url, credentials=credentials) if url.startswith("gs://") else open_store(url)
     if png is not None:
         _png(store, block, piece, str(png), z, channel)
@@ -74,6 +78,15 @@ def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: boo
         print("\n".join(format_block(report) if block is not None else format_table(report)))
     if not report.healthy:
         sys.exit(1)
+
+
+def _integer(flag: str, value, minimum: int | None = None) -> int:
+    """A numeric flag as Fire parsed it: an int (not a bool, a float or a word), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"--{flag} {value!r} is not an integer")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"--{flag} {value} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}")
+    return value
 
 
 def _png(store: ObjectStore, block, piece, path: str, z, channel) -> None:

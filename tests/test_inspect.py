@@ -141,7 +141,8 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("case", ["not a store", "no block", "bad z", "png without target", "png dir missing",
-                                  "junk piece", "absent piece"])
+                                  "junk piece", "absent piece", "z not a number", "z not whole",
+                                  "channel not a number", "channel negative", "workers not a number", "workers 0"])
 def test_cli_local_errors_are_one_line_and_write_nothing(local_job, tmp_path, case):
     job, keys = local_job
     block = job.layout.block_box(TARGET).name
@@ -155,6 +156,15 @@ def test_cli_local_errors_are_one_line_and_write_nothing(local_job, tmp_path, ca
                             ["cannot write PNG"]),
         "junk piece": ([job.store, "--piece", "../x"], ["is not a donation key"]),
         "absent piece": ([job.store, "--piece", keys[0]], [f"donation {keys[0]} is not in"]),
+        "z not a number": ([job.store, "--block", block, "--png", str(png), "--z", "abc"],
+                           ["--z 'abc' is not an integer"]),
+        "z not whole": ([job.store, "--block", block, "--png", str(png), "--z", "1.5"], ["--z 1.5 is not an integer"]),
+        "channel not a number": ([job.store, "--block", block, "--png", str(png), "--channel", "abc"],
+                                 ["--channel 'abc' is not an integer"]),
+        "channel negative": ([job.store, "--piece", keys[2], "--png", str(png), "--channel=-1"],
+                             ["--channel -1 must be >= 0"]),
+        "workers not a number": ([job.store, "--verify", "--workers", "abc"], ["--workers 'abc' is not an integer"]),
+        "workers 0": ([job.store, "--verify", "--workers", "0"], ["--workers 0 must be a positive integer"]),
     }[case]
     one_line_error(cli(*args), *fragments)
     assert not png.exists() and not (tmp_path / "nowhere").exists() and not (tmp_path / "no").exists()

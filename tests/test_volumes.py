@@ -164,3 +164,43 @@ def test_gcs_round_trip(gcs_bucket, kind):
         vol.write(Bbox(BOX.start + 1, BOX.stop), data[:, 1:, 1:, 1:])
     with pytest.raises(StorageError, match="no volume at"):
         open_volume(url.replace("vol", "other"))
+
+
+@pytest.mark.parametrize("kind", ["precomputed", "zarr"])
+def test_gcs_missing_bucket_is_named(gcs_server, kind):
+    import uuid
+
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    url = f"gs://{missing}/vol" if kind == "precomputed" else f"zarr://gs://{missing}/vol.zarr"
+    with pytest.raises(StorageError) as err:
+        open_volume(url)
+    assert str(err.value) == f"bucket {missing} does not exist (open {url})"
+    with pytest.raises(StorageError) as err:
+        create_volume(url, BOX, CHUNK, 1, "float32")
+    assert str(err.value) == f"bucket {missing} does not exist (create {url})"
+
+
+def test_gcs_volume_opens_where_listing_is_forbidden(gcs_server, gcs_bucket, monkeypatch):
+    """The bucket probe lists one object; a 403 on that list is no verdict (the caller may read
+    objects without listing them), so the volume still opens and reads."""
+    from tests.test_inspect import PolicyProxy
+
+    url = f"gs://{gcs_bucket}/vol"
+    data = _random((1, *BOX.shape), seed=5)
+    create_volume(url, BOX, CHUNK, 1, "float32").write(BOX, data)
+    denied = []
+
+    def deny_listing(method, path):
+        if method == "GET" and path.split("?")[0].rstrip("/").endswith(f"/b/{gcs_bucket}/o"):
+            denied.append(path)
+            return True
+        return False
+
+    proxy = PolicyProxy(gcs_server, deny_listing)
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)  # a new endpoint: probed afresh
+        monkeypatch.setenv("CHUNKFLOW_GCS_RETRY_DEADLINE", "2")
+        np.testing.assert_array_equal(open_volume(url).read(BOX), data)
+    finally:
+        proxy.close()
+    assert denied  # the probe did ask, and was refused

@@ -12,11 +12,21 @@ A :class:`Volume` is a 4D C,Z,Y,X array placed in global voxel coordinates by it
 The base class does the checks that keep Invariant 2 and 3 of the design
 (aligned, whole-chunk writes only; nothing cast silently; out-of-bounds reads
 either padded on request or refused) so the two back ends only move bytes.
+
+Opening or creating a ``gs://`` volume (either format) first probes its bucket once
+(``gcs_probe.py``): a missing bucket or a dead endpoint is one line within
+``CHUNKFLOW_GCS_RETRY_DEADLINE`` seconds instead of cloud-files' minutes of retries.
+The credentials notice cloud-files prints on stdout is kept off chunkflow's stdout.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-from typing import Sequence
+import re
+import sys
+import threading
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -188,16 +198,52 @@ def volume_format(url: str) -> str:
     return _classify(url)[0]
 
 
+#: cloud-files' notice (ANSI-coloured) when it falls back to Application Default Credentials:
+#: "Using default Google credentials. ..." and, without GOOGLE_APPLICATION_CREDENTIALS, a warning block
+_CREDENTIALS_NOTICE = re.compile(
+    r"\x1b\[[0-9;]*m(?:Using default Google credentials|\s*Warning: Environment variable "
+    r"GOOGLE_APPLICATION_CREDENTIALS).*?\x1b\[m\n?",
+    re.DOTALL,
+)
+#: redirect_stdout swaps the process-wide sys.stdout: two threads interleaving their swaps could leave
+#: it pointing at a buffer for good, so opens of gs:// volumes take turns (each is a metadata read)
+_STDOUT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _gcs_access(url: str, location: str, action: str) -> Iterator[None]:
+    """Around opening or creating a volume: probe a ``gs://`` bucket first, and keep
+    cloud-files' credentials notice off stdout (it goes to the debug log, one line)."""
+    if not location.startswith("gs://"):
+        yield
+        return
+    from chunkflow.storage.gcs_probe import probe_bucket
+
+    probe_bucket(url, location, action)
+    captured = io.StringIO()
+    try:
+        with _STDOUT_LOCK, contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        text = captured.getvalue()
+        for notice in _CREDENTIALS_NOTICE.findall(text):
+            line = re.sub(r"\x1b\[[0-9;]*m", "", notice).strip().splitlines()[0].strip()
+            log.debug("cloud-files (%s): %s", url, line)
+        rest = _CREDENTIALS_NOTICE.sub("", text)
+        if rest:  # anything else printed meanwhile (another thread) is not ours to drop
+            sys.stdout.write(rest)
+
+
 def open_volume(url: str) -> Volume:
     """Open an existing volume; :class:`StorageError` ``no volume at URL`` if there is none."""
     fmt, location = _classify(url)
     if fmt == "zarr":
-        from chunkflow.storage.zarr_volume import ZarrVolume
+        from chunkflow.storage.zarr_volume import ZarrVolume as impl
+    else:
+        from chunkflow.storage.precomputed import PrecomputedVolume as impl  # type: ignore[assignment]
 
-        return ZarrVolume.open(url, location)
-    from chunkflow.storage.precomputed import PrecomputedVolume
-
-    return PrecomputedVolume.open(url, location)
+    with _gcs_access(url, location, "open"):
+        return impl.open(url, location)
 
 
 def create_volume(
@@ -236,13 +282,14 @@ def create_volume(
     else:
         from chunkflow.storage.precomputed import PrecomputedVolume as impl  # type: ignore[assignment]
 
-    vol = impl.open_if_exists(url, location)
-    if vol is None:
-        log.info("creating volume %s bbox=%s chunk=%s", url, bbox.name, tuple(chunk_size))
-        # create() may lose a race to a concurrent creator and return its volume instead,
-        # so the geometry is compared in every case.
-        vol = impl.create(url, location, bbox, chunk_size, int(num_channels), np.dtype(dtype),
-                          tuple(float(r) for r in resolution), layer_type)
+    with _gcs_access(url, location, "create"):
+        vol = impl.open_if_exists(url, location)
+        if vol is None:
+            log.info("creating volume %s bbox=%s chunk=%s", url, bbox.name, tuple(chunk_size))
+            # create() may lose a race to a concurrent creator and return its volume instead,
+            # so the geometry is compared in every case.
+            vol = impl.create(url, location, bbox, chunk_size, int(num_channels), np.dtype(dtype),
+                              tuple(float(r) for r in resolution), layer_type)
     have = vol.geometry()
     if have != wanted:
         diff = ", ".join(f"{k} {have[k]} != {wanted[k]}" for k in wanted if have[k] != wanted[k])
