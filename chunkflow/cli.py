@@ -17,7 +17,7 @@ import fire
 from chunkflow.backends import ModelError
 from chunkflow.cli_inspect import inspect as inspect_command
 from chunkflow.cli_fleet import barrier, produce, status
-from chunkflow.cli_stages import check_command_line
+from chunkflow.cli_stages import check_command_line, report_failures
 from chunkflow.engines import check_options, run_with
 from chunkflow.geometry import GeometryError
 from chunkflow.job import JobError
@@ -144,9 +144,11 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
                    block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
                    device=device, batch_size=batch_size, donation_dtype=donation_dtype, compression=compression)
     job = job.with_runtime(device=device, batch_size=batch_size)
-    summary = run_with(job, engine, mode, workers, scheduler, force=force, progress=not quiet, cleanup=cleanup)
+    summary = run_with(job, engine, mode, workers, scheduler, force=force, progress=not quiet, cleanup=cleanup,
+                       check=False)
     for line in summary.lines():
         print(line)
+    report_failures(summary.failure_lines(), summary.exit_status)
 
 
 @user_errors

@@ -76,24 +76,42 @@ def run_command(stage: int):
             device: cpu, cuda or cuda:N (default: the job's).
             batch_size: patches per forward pass (default: the job's).
             force: rerun blocks that are already done.
-            cleanup: (stage two) delete each block's donations after it is written.
+            cleanup: (stage two) delete each block's donations after it is written, and the leftover
+                donations of blocks already done (late duplicates of their donors).
             quiet: no progress bar.
+
+        Every selected block is tried: a block that fails (e.g. its donations are missing or
+        corrupt) is reported in one line at the end and the exit status is non-zero (2, or 1 if
+        a block failed unexpectedly).
         """
         from chunkflow.engines import LocalEngine, run_stage
+        from chunkflow.engines.failures import exit_status
 
         setup_logging(quiet)
         planned = load_job(job).with_runtime(device=device, batch_size=batch_size)
         summary = run_stage(planned, stage, LocalEngine(), select_blocks(planned, blocks), force=force,
-                            progress=not quiet, cleanup=cleanup)
+                            progress=not quiet, cleanup=cleanup, check=False)
         print(f"stage {'one' if stage == 1 else 'two'}: {summary.tasks} blocks run, {summary.skipped} already done, "
-              f"{summary.stats.patches} patches, {summary.seconds:.2f} s")
+              f"{summary.stats.patches} patches, {summary.seconds:.2f} s{summary.counts()}")
+        if summary.swept:
+            print(f"cleanup: {summary.swept} leftover donations of finished blocks removed")
+        report_failures([f.line() for f in summary.failures], exit_status(summary.failures))
     return run
+
+
+def report_failures(lines: list[str], status: int) -> None:
+    """Every failed task in one line on stderr, then exit with ``status`` (2: refusals only, 1: a
+    task failed unexpectedly); nothing when no task failed."""
+    for line in lines:
+        print(f"chunkflow: error: {line}", file=sys.stderr)
+    if status:
+        sys.exit(status)
 
 
 def worker_command(stage: int):
     @user_errors
     def worker(queue: str, job: str | None = None, lease: int = 120, wait: bool = False, poll: float = 2.0,
-               force: bool = False, max_tasks: int | None = None, device: str | None = None,
+               force: bool = False, cleanup: bool = False, max_tasks: int | None = None, device: str | None = None,
                batch_size: int | None = None, quiet: bool = False) -> None:
         """Lease this stage's tasks from QUEUE and run them until the queue is empty.
 
@@ -108,6 +126,8 @@ def worker_command(stage: int):
             wait: keep polling when the queue is empty (a long-lived fleet worker).
             poll: seconds between polls of an empty queue.
             force: rerun tasks whose block is already done.
+            cleanup: (stage two) delete each block's donations after it is written, and the leftover
+                donations of a block already done when its task is leased again.
             max_tasks: stop after this many tasks.
             device: cpu, cuda or cuda:N (default: the job's; one worker per GPU).
             batch_size: patches per forward pass (default: the job's).
@@ -118,7 +138,7 @@ def worker_command(stage: int):
         setup_logging(quiet)
         signal.signal(signal.SIGTERM, _terminate)
         summary = work(queue, stage, job_store=job, lease=lease, wait=wait, poll=poll, force=force,
-                       max_tasks=max_tasks, device=device, batch_size=batch_size)
+                       max_tasks=max_tasks, device=device, batch_size=batch_size, cleanup=cleanup)
         print(summary.line())
     return worker
 

@@ -1,6 +1,7 @@
 """Engines and dependency modes: every (engine, mode) reproduces the whole-volume reference;
 duplicated concurrent tasks change nothing; an interrupted run resumes with only the remaining
-tasks; status reports progress; bad engine flags end in one line."""
+tasks; status reports progress; bad engine flags end in one line; a stage-two rerun with --cleanup
+removes what a late duplicate of a donor donated again."""
 from __future__ import annotations
 
 import json
@@ -217,3 +218,32 @@ def test_runner_output_matches_reference_bitwise_in_cores(tmp_path, dask_engine)
         if not core.is_empty():
             sl = (slice(None),) + core.slices(job.layout.bbox)
             assert np.array_equal(output[sl], expected[sl])
+
+
+def test_cleanup_rerun_removes_donations_a_late_duplicate_wrote(tmp_path, capsys):
+    """A donor's stage one run again after its receivers were blended and cleaned up re-donates;
+    stage two with --cleanup over the finished blocks removes those leftovers (in either order)."""
+    job = small_job(tmp_path)
+    store = open_store(job.store)
+    fire.Fire(COMMANDS, ["run", *run_flags(job), "--cleanup", "--quiet"])
+    assert not list(store.list("donations/"))
+    output = open_volume(job.output).read(job.layout.bbox)
+    donor = next(b for b in job.layout.block_indices() if len(job.layout.donations_from(b)) > 4)
+    late = {"donations/" + d.key for d in job.layout.donations_from(donor)}
+    for argv in (["run", job.store, "--blocks", "all", "--cleanup", "--quiet"],  # receive_and_blend run
+                 ["run", *run_flags(job), "--mode", "streaming", "--cleanup", "--quiet"]):  # chunkflow run
+        stage_main(1, ["run", job.store, "--blocks", job.layout.block_box(donor).name, "--force", "--quiet"])
+        assert set(store.list("donations/")) == late  # the late duplicate's donations
+        capsys.readouterr()
+        if argv[1] == job.store:
+            stage_main(2, argv)
+        else:
+            fire.Fire(COMMANDS, argv)
+        out = capsys.readouterr().out
+        assert "two: 0 tasks run, 8 already done" in out.replace("blocks run", "tasks run"), out
+        assert f"cleanup: {len(late)} leftover donations of finished blocks removed" in out
+        assert not list(store.list("donations/"))
+    np.testing.assert_array_equal(open_volume(job.output).read(job.layout.bbox), output)
+    stage_main(1, ["run", job.store, "--blocks", job.layout.block_box(donor).name, "--force", "--quiet"])
+    stage_main(2, ["run", job.store, "--quiet"])  # without --cleanup nothing is swept
+    assert set(store.list("donations/")) == late and "cleanup" not in capsys.readouterr().out

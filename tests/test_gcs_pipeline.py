@@ -6,7 +6,15 @@ through google-cloud-storage, as an operator or a bug would.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
+import time
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +158,22 @@ def test_cleanup_deletes_consumed_donations_and_a_rerun_skips_done_blocks(gcs_bu
     assert _objects(gcs_bucket, "job-out/") == output_objects
 
 
+def test_cleanup_rerun_sweeps_what_a_late_duplicate_donated(gcs_bucket):
+    """A donor run again after its receivers were blended and cleaned up writes its donations
+    again; stage two with cleanup over the finished blocks removes them (one listing per block)."""
+    job = gcs_job(gcs_bucket)
+    run_job(job, LocalEngine(), progress=False, cleanup=True)
+    output_objects = _objects(gcs_bucket, "job-out/")
+    donor = next(b for b in job.layout.block_indices() if len(job.layout.donations_from(b)) > 4)
+    inference_and_donate(job, donor)  # the late duplicate
+    late = {f"job/{DONATIONS}{d.key}" for d in job.layout.donations_from(donor)}
+    assert set(_objects(gcs_bucket, "job/" + DONATIONS)) == late
+    rerun = run_stage(job, 2, LocalEngine(), progress=False, cleanup=True)
+    assert rerun.skipped == job.layout.num_blocks and rerun.tasks == 0 and rerun.swept == len(late)
+    assert _objects(gcs_bucket, "job/" + DONATIONS) == {}
+    assert set(_objects(gcs_bucket, "job-out/")) == set(output_objects)
+
+
 def test_manifest_is_never_overwritten_on_gcs(gcs_bucket):
     job = gcs_job(gcs_bucket)
     generation = _objects(gcs_bucket, f"job/{MANIFEST}")
@@ -224,3 +248,72 @@ def test_donation_of_another_job_is_refused_by_name(gcs_bucket):
     assert row.errors == [f"donation {key} belongs to job {other.job_hash}, not {job.job_hash}"]
     with pytest.raises(MissingDonations, match=f"{key} belongs to job {other.job_hash}"):
         receive_and_blend(job, target)
+
+
+# -- the command line on gs:// volumes: one line and exit 2 when the bucket or endpoint is bad ---------------------
+
+CHUNKFLOW = shutil.which("chunkflow", path=str(Path(sys.executable).parent)) or "chunkflow"
+PLAN_FLAGS = ["identity", "8,32,32", "--block", "8,32,32"]
+
+
+def chunkflow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CHUNKFLOW, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def refused_endpoint() -> str:
+    """``http://127.0.0.1:PORT`` where nothing listens (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"chunkflow: error: {expected}"], result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["precomputed", "zarr"])
+def test_plan_names_a_missing_input_or_output_bucket(gcs_bucket, tmp_path, fmt):
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    prefix = "zarr://" if fmt == "zarr" else ""
+    suffix = ".zarr" if fmt == "zarr" else ""
+    source = f"{prefix}gs://{missing}/in{suffix}"
+    result = chunkflow("plan", source, f"gs://{gcs_bucket}/out", f"gs://{gcs_bucket}/job", *PLAN_FLAGS, "--quiet")
+    assert_one_line(result, f"bucket {missing} does not exist (open {source})")
+
+    gcs_job(gcs_bucket, fmt, name="ok")  # an input that exists, an output bucket that does not
+    target = f"{prefix}gs://{missing}/out{suffix}"
+    result = chunkflow("plan", f"{prefix}gs://{gcs_bucket}/ok-in{suffix}", target, str(tmp_path / "job"), *PLAN_FLAGS,
+                       "--quiet")
+    assert_one_line(result, f"bucket {missing} does not exist (create {target})")
+    assert sorted(_objects(gcs_bucket, "")) == sorted(_objects(gcs_bucket, "ok"))  # nothing written beside
+    assert not (tmp_path / "job").exists()
+
+
+@pytest.mark.parametrize("source", ["gs://lab/in", "zarr://gs://lab/in.zarr"])
+def test_plan_on_a_refused_endpoint_fails_fast_in_one_line(tmp_path, source):
+    endpoint = refused_endpoint()
+    env = {"STORAGE_EMULATOR_HOST": endpoint, "CHUNKFLOW_GCS_RETRY_DEADLINE": "2"}
+    started = time.monotonic()
+    result = chunkflow("plan", source, str(tmp_path / "out.zarr"), str(tmp_path / "job"), *PLAN_FLAGS, "--quiet",
+                       env=env)
+    elapsed = time.monotonic() - started
+    host = endpoint[len("http://"):]
+    assert_one_line(result, f"connection refused: GCS endpoint {host} (open {source})")
+    assert elapsed < 30, f"took {elapsed:.0f} s"  # the retry deadline, not cloud-files' minutes of retries
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_on_gcs_keeps_the_credentials_notice_off_stdout(gcs_bucket):
+    gcs_job(gcs_bucket, name="src")
+    env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+    result = subprocess.run([CHUNKFLOW, "plan", f"gs://{gcs_bucket}/src-in", f"gs://{gcs_bucket}/out",
+                             f"gs://{gcs_bucket}/job", *PLAN_FLAGS], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("job ") and lines[0].endswith(f"planned in gs://{gcs_bucket}/job")
+    assert "credentials" not in result.stdout.lower() and "\x1b" not in result.stdout
+    assert "credentials" not in result.stderr.lower()  # not moved to stderr either: one debug log line

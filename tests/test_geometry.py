@@ -182,7 +182,19 @@ def test_invariant_1_in_memory(layout, mode, context, batch_size, seed):
         return
     output, reference = simulate(layout, image, mode, context, batch_size)
     assert not np.isnan(output).any(), "some voxel was written by neither stage"
-    np.testing.assert_allclose(output, reference, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(output, reference, rtol=0, atol=float32_sum_tolerance(layout))
+
+
+def float32_sum_tolerance(layout: Layout) -> float:
+    """The two stages add a voxel's normalised contributions (each at most 1 in size for these
+    nets, summing to at most ~1) grouped by donor, the reference patch by patch: two orders of a
+    float32 sum of ``n`` terms differ by up to ~``n`` units of 2^-24. ``n`` is at most 8 for
+    overlaps below half the patch, so 1e-5 holds there; hypothesis also draws overlaps of
+    ``patch - 1`` (stride 1: hundreds of patches on one voxel), where the bound grows with ``n``."""
+    n = 1
+    for a in range(3):
+        n *= -(-layout.patch[a] // layout.stride[a])
+    return max(1e-5, 2 * n * 2.0 ** -24)
 
 
 @pytest.mark.parametrize("name", ["032-64_0-8_0-8", "0-8_0-8_0-8\n", "\uff132-64_0-8_0-8", "-0-8_0-8_0-8", " 0-8_0-8_0-8"])

@@ -46,14 +46,22 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={k: v for k, v in merged.items() if v is not None})
 
 
-def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str, stdout: str = "") -> str:
+    """Exit 2, one error line on stderr; stdout is empty, or (a stage run) only its summary."""
     err = result.stderr.strip()
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert len(err.splitlines()) == 1 and err.startswith("chunkflow: error: "), err
-    assert result.stdout == ""
+    assert result.stdout.strip() == stdout
     for fragment in fragments:
         assert fragment in err, err
     return err
+
+
+def _stage_summary(stdout: str) -> str:
+    """A stage run prints its one-line summary even when its only block was refused."""
+    line = stdout.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("stage two: 0 blocks run") and line.endswith("1 failed")
+    return line
 
 
 @pytest.fixture
@@ -306,7 +314,8 @@ def test_cli_gcs_errors_are_one_line_exit_2(gcs_damaged, proxy, tmp_path, case):
         result = subprocess.run([sys.executable, script, job.store, "--blocks", job.layout.block_box(TARGET).name,
                                  "--quiet"], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
         one_line_error(result, f"{keys[0]}", f"donation {keys[1]} is truncated",
-                       f"donation {keys[2]} belongs to job 0123456789abcdef, not {job.job_hash}", "nothing was written")
+                       f"donation {keys[2]} belongs to job 0123456789abcdef, not {job.job_hash}", "nothing was written",
+                       stdout=_stage_summary(result.stdout))
     assert not png.exists()
 
 

@@ -1,6 +1,6 @@
 """Task-queue fleets: sqs:// against a real moto server, fq:// duplicates, and the refusals
 (a queue of another job, a manifest changed after planning, a stage-one queue given to a
-stage-two worker, stage two produced early)."""
+stage-two worker, stage two produced early), and --cleanup on stage-two workers."""
 from __future__ import annotations
 
 import json
@@ -15,12 +15,15 @@ import uuid
 from pathlib import Path
 
 import fire
+import numpy as np
 import pytest
 
 from chunkflow.cli import COMMANDS
 from chunkflow.cli_stages import main as stage_main
 from chunkflow.engines.queue import barrier, open_queue, produce
 from chunkflow.job import MANIFEST, Job
+from chunkflow.stages import Resources, reference
+from chunkflow.storage import open_store, open_volume
 from tests.test_engines_support import assert_complete_and_exact, fleet_env, run_fleet, small_job, worker
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -293,3 +296,36 @@ def test_lease_keeper_stop_does_not_wait_for_a_renewal_that_retries(tmp_path):
         holder.wait()
     keeper.join(90)  # the lock is free again: the renewal goes through or gives up
     assert not keeper.is_alive()
+
+
+# ---- --cleanup on stage-two workers ------------------------------------------------------------
+
+def test_stage_two_worker_cleanup_removes_consumed_and_leftover_donations(tmp_path, capsys):
+    """`receive_and_blend worker --cleanup` deletes each block's donations once it is written, and
+    those a late duplicate of a donor wrote again when a finished block's task is leased again."""
+    job = small_job(tmp_path)
+    store = open_store(job.store)
+    _stage_one_done(job, capsys)
+    queue = f"fq://{tmp_path / 'q'}"
+    produce(job, queue, stage=2)
+    assert "--cleanup deletes the donations stage two consumed" in _refused(
+        capsys, 1, ["worker", queue, "--cleanup", "--quiet"])
+    assert open_queue(queue).enqueued == job.layout.num_blocks and open_queue(queue).leased == 0
+    stage_main(2, ["worker", queue, "--cleanup", "--poll", "0.1", "--quiet"])
+    assert "receive-and-blend worker: 8 tasks run" in capsys.readouterr().out
+    assert not list(store.list("donations/")) and len(list(store.list("done/stage2/"))) == 8
+    output = open_volume(job.output).read(job.layout.bbox)
+    np.testing.assert_allclose(output, reference(job, Resources(job)), rtol=0, atol=1e-5)
+
+    donor = next(b for b in job.layout.block_indices() if len(job.layout.donations_from(b)) > 4)
+    stage_main(1, ["run", job.store, "--blocks", job.layout.block_box(donor).name, "--force", "--quiet"])
+    late = len(job.layout.donations_from(donor))
+    assert len(list(store.list("donations/"))) == late
+    assert produce(job, queue, stage=2, force=True) == job.layout.num_blocks  # duplicates of finished tasks
+    capsys.readouterr()
+    stage_main(2, ["worker", queue, "--cleanup", "--poll", "0.1", "--quiet"])
+    out = capsys.readouterr().out
+    assert "0 tasks run, 8 skipped (already done)" in out
+    assert out.rstrip().endswith(f", {late} leftover donations of finished blocks removed"), out
+    assert not list(store.list("donations/")) and open_queue(queue).enqueued == 0
+    np.testing.assert_array_equal(open_volume(job.output).read(job.layout.bbox), output)

@@ -9,6 +9,10 @@ An engine hands stage tasks to workers and knows nothing of blending::
     engine.prepare(job) -> job              runtime settings the engine imposes (e.g. device)
     engine.close()
 
+A task that raises does not end the others: its result is a ``Failed``, and in streaming
+order a second task whose dependency failed is not run and yields ``NotRun``
+(:mod:`chunkflow.engines.failures`; ``CHUNKFLOW_DEBUG`` re-raises instead).
+
 ``fn``, ``first`` and ``second`` are picklable callables of one task (a block index). The
 queue engine is different in kind (independent worker processes that lease tasks), so it
 is driven by ``chunkflow produce``, the workers and ``chunkflow barrier`` instead of ``run``.

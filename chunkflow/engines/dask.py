@@ -1,9 +1,12 @@
 """The Dask distributed engine: a LocalCluster on this machine, or an existing cluster.
 
-Fault tolerance is Dask's own: a task whose worker dies (SIGKILL, preemption, OOM) is
-rescheduled on another worker, up to ``distributed.scheduler.allowed-failures`` deaths
-(default 3) before it is declared a ``KilledWorker``; a task that *raises* is retried
-``retries`` times. Both are safe because every chunkflow task may run again (Invariant 2).
+Fault tolerance: a task whose worker dies (SIGKILL, preemption, OOM) is rescheduled by Dask
+on another worker, up to ``distributed.scheduler.allowed-failures`` deaths (default 3) before
+it is declared a ``KilledWorker``; a task that *raises* unexpectedly is run again ``retries``
+times on its worker, a refusal (missing or corrupt donations, any ``chunkflow.cli.USER_ERRORS``)
+is not. Both are safe because every chunkflow task may run again (Invariant 2). A task that
+still fails comes back as :class:`~chunkflow.engines.failures.Failed` and the others go on; in
+``stream``, a second task whose dependency failed is not run (:class:`~chunkflow.engines.failures.NotRun`).
 
 GPUs are a worker resource: stage-one tasks of a CUDA job ask for ``{"GPU": 1}``. On a real
 cluster start one worker per GPU::
@@ -26,6 +29,7 @@ from distributed import Client, KilledWorker, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from chunkflow.engines.base import EngineError
+from chunkflow.engines.failures import Failed, NotRun, debugging, one_line
 from chunkflow.job import Job
 
 log = logging.getLogger(__name__)
@@ -37,9 +41,25 @@ CONNECT_TIMEOUT = 10
 GPU_WORKER_WAIT = float(os.environ.get("CHUNKFLOW_GPU_WORKER_WAIT", "300"))
 
 
-def _after(fn: Callable[[T], R], task: T, *dependencies) -> R:
-    """Run ``fn(task)`` once Dask has finished ``dependencies`` (their results are not needed)."""
-    return fn(task)
+def _guarded(fn: Callable[[T], R], task: T, retries: int, after: tuple = (), *dependencies) -> R | Failed | NotRun:
+    """Run ``fn(task)`` on a worker, once Dask has finished ``dependencies`` (the results of the
+    tasks ``after``): not at all if one of them failed, ``retries`` more times if it raises
+    unexpectedly, and a :class:`Failed` instead of raising (``CHUNKFLOW_DEBUG``: it raises)."""
+    failed = [t for t, result in zip(after, dependencies) if isinstance(result, (Failed, NotRun))]
+    if failed:
+        return NotRun(failed)
+    for attempt in range(retries + 1):
+        try:
+            return fn(task)
+        except Exception as err:  # noqa: BLE001 - reported with the task, the others go on
+            if debugging():
+                raise
+            outcome = Failed.of(err)
+            if outcome.refusal or attempt == retries:
+                return outcome
+            log.warning("%s %s raised %s: %s; running it again", getattr(fn, "label", "task"), _task_name(task),
+                        outcome.kind, outcome.message)
+    raise AssertionError("unreachable")
 
 
 class DaskEngine:
@@ -49,7 +69,8 @@ class DaskEngine:
         workers: LocalCluster size (default: one per core, or one per GPU for a CUDA job).
         scheduler: ``tcp://host:8786`` of a running scheduler; no LocalCluster then.
         gpu: the tasks of stage one need a GPU (the job's device is CUDA).
-        retries: Dask retries of a task that raised (worker deaths are counted separately).
+        retries: runs again of a task that raised unexpectedly (refusals are not run again;
+            worker deaths are counted separately, by Dask).
         gpu_wait: seconds to wait for a GPU worker to join an existing cluster (workers of a
             freshly scaled SLURM or Kubernetes cluster join minutes after the scheduler is up);
             ``CHUNKFLOW_GPU_WORKER_WAIT`` sets the default, 300.
@@ -94,10 +115,12 @@ class DaskEngine:
     def _submit(self, token: str, fn, task, label: str, index: int, *dependencies, gpu: bool = False,
                 priority: int = 0):
         """``token`` is new for every map/stream call: Dask would hand back the cached result of a
-        finished task with the same key instead of running it again."""
+        finished task with the same key instead of running it again. ``dependencies``: pairs
+        (task, future) that must finish first."""
+        after = tuple(t for t, _ in dependencies)
         return self.client.submit(
-            fn if not dependencies else _after, *((task,) if not dependencies else (fn, task, *dependencies)),
-            key=f"{label}-{_task_name(task)}-{token}-{index}", retries=self.retries, pure=False,
+            _guarded, fn, task, self.retries, after, *(f for _, f in dependencies),
+            key=f"{label}-{_task_name(task)}-{token}-{index}", pure=False,
             resources={"GPU": 1} if gpu and self.gpu else None, priority=priority)
 
     def map(self, fn: Callable[[T], R], tasks: Iterable[T], gpu: bool = False) -> Iterator[tuple[T, R]]:
@@ -117,20 +140,32 @@ class DaskEngine:
         owner = {future: (1, task) for task, future in stage1.items()}
         label = getattr(second, "label", "second")
         for i, (task, deps) in enumerate(dependencies.items()):
-            inputs = [stage1[d] for d in deps if d in stage1]
+            inputs = [(d, stage1[d]) for d in deps if d in stage1]
             future = self._submit(token, second, task, label, i, *inputs, priority=1)
             owner[future] = (2, task)
-        for future, result in self._completed(owner):
+        by_key = {future.key: task for task, future in stage1.items()}
+        for future, result in self._completed(owner, by_key):
             stage, task = owner[future]
             yield stage, task, result
 
-    def _completed(self, futures) -> Iterator[tuple[object, object]]:
+    def _completed(self, futures, by_key: Mapping | None = None) -> Iterator[tuple[object, object]]:
+        """``(future, result)`` as they finish; a task Dask gave up on (its workers died) comes back
+        as ``Failed``, or as ``NotRun`` if the task it gave up on is a dependency (``by_key``)."""
         try:
             for future in as_completed(list(futures)):
                 try:
                     result = future.result()
                 except KilledWorker as err:
-                    raise EngineError(f"Dask gave up on {future.key}: {err}") from None
+                    if debugging():
+                        raise EngineError(f"Dask gave up on {future.key}: {err}") from None
+                    if by_key and err.task != future.key and err.task in by_key:
+                        result = NotRun([by_key[err.task]])
+                    else:
+                        result = Failed("KilledWorker", f"Dask gave up on it: {one_line(err)}", refusal=False)
+                except Exception as err:  # noqa: BLE001 - e.g. a result that cannot be unpickled here
+                    if debugging():
+                        raise
+                    result = Failed.of(err)
                 yield future, result
                 future.release()
         finally:

@@ -26,7 +26,6 @@ import io
 import logging
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +34,7 @@ from taskqueue import QueueEmptyError, TaskQueue, queueable
 
 from chunkflow.bbox import Bbox
 from chunkflow.engines.base import EngineError
+from chunkflow.engines.lease import LEASE_STOP_TIMEOUT, LeaseKeeper as _LeaseKeeper  # noqa: F401 (tests)
 from chunkflow.engines.runner import done_blocks
 from chunkflow.engines.task import STAGE_NAMES, TaskResult, run_task
 from chunkflow.job import Job, JobError
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE = 120
 PROTOCOLS = ("fq://", "sqs://")
-LEASE_STOP_TIMEOUT = 5.0  # seconds a finished task waits for a lease renewal still in progress
 
 
 class QueueError(EngineError):
@@ -179,26 +178,33 @@ class WorkerSummary:
     retries: int = 0
     seconds: float = 0.0
     stats: Stats = field(default_factory=Stats)
+    swept: int = 0  # leftover donations of finished blocks removed (--cleanup)
 
     def line(self) -> str:
+        swept = f", {self.swept} leftover donations of finished blocks removed" if self.swept else ""
         return (f"{STAGE_NAMES[self.stage]} worker: {self.tasks} tasks run, {self.skipped} skipped (already done), "
                 f"{self.retries} retries of tasks a dead worker left, {self.stats.patches} patches, "
-                f"{self.seconds:.1f} s")
+                f"{self.seconds:.1f} s{swept}")
 
 
 def work(queue_url: str, stage: int, job_store: str | None = None, lease: float = DEFAULT_LEASE,
          wait: bool = False, poll: float = 2.0, force: bool = False, max_tasks: int | None = None,
-         device: str | None = None, batch_size: int | None = None, **kwargs) -> WorkerSummary:
+         device: str | None = None, batch_size: int | None = None, cleanup: bool = False,
+         **kwargs) -> WorkerSummary:
     """Lease and run ``stage`` tasks until the queue is empty (or forever with ``wait``).
 
     "Empty" counts leased tasks too: a worker that finds nothing to lease while others hold
     leases keeps polling, so it picks up the task of a worker that died. With ``job_store``
     the worker serves that job only and refuses tasks of any other. A task of the other stage
     ends a worker without ``wait`` (see :func:`_other_stage`); with ``wait`` it is handed back
-    for the other stage's workers and this one keeps polling.
+    for the other stage's workers and this one keeps polling. ``cleanup`` (stage two): delete a
+    block's donations once it is written, and the leftovers of a block already done.
     """
     if stage not in (1, 2):
         raise QueueError(f"stage {stage!r} is not 1 or 2")
+    if cleanup and stage != 2:
+        raise QueueError("--cleanup deletes the donations stage two consumed: give it to `receive_and_blend "
+                         "worker`, not to inference_and_donate")
     _check_number("lease", lease, "a number of seconds, at least 1", lambda v: v >= 1)
     _check_number("poll", poll, "a number of seconds above 0", lambda v: v > 0)
     if max_tasks is not None:
@@ -248,7 +254,8 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
         if job.job_hash not in runtime:
             runtime[job.job_hash] = job.with_runtime(device=device, batch_size=batch_size)
         job = runtime[job.job_hash]
-        result = _run_leased(queue, task, job, spec, lease, force)
+        result = _run_leased(queue, task, job, spec, lease, force, cleanup)
+        summary.swept += result.swept
         if result.skipped:
             summary.skipped += 1
         else:
@@ -274,12 +281,13 @@ def resolve_job(spec: TaskSpec, expected: Job | None, jobs: dict[str, Job]) -> J
     return job
 
 
-def _run_leased(queue, task, job: Job, spec: TaskSpec, lease: float, force: bool) -> TaskResult:
+def _run_leased(queue, task, job: Job, spec: TaskSpec, lease: float, force: bool,
+                cleanup: bool = False) -> TaskResult:
     keeper = _LeaseKeeper(queue, task, lease)
     keeper.start()
     t = time.perf_counter()
     try:
-        result = run_task(job, spec.stage, _block_index(job, spec.block), force=force)
+        result = run_task(job, spec.stage, _block_index(job, spec.block), force=force, cleanup=cleanup)
     except BaseException as err:
         keeper.stop()
         if not isinstance(err, Exception):  # interrupted (SIGTERM, Ctrl-C): hand the task back now
@@ -323,35 +331,6 @@ def _other_stage(queue, task, spec: TaskSpec, stage: int, jobs: dict[str, Job], 
     raise QueueError("a stage-one task that is not done: receive_and_blend workers take stage-two tasks, which "
                      "`chunkflow barrier` produces once stage one is complete (or give this worker --wait to "
                      "leave stage-one tasks to inference_and_donate workers)")
-
-
-class _LeaseKeeper(threading.Thread):
-    """Renews a task's lease every ``lease / 3`` seconds until stopped.
-
-    A renewal that fails is retried by python-task-queue with backoff (up to a minute or so);
-    :meth:`stop` does not wait for that longer than ``LEASE_STOP_TIMEOUT``: the worker goes on
-    (deletes or hands back the task) and the daemon thread finishes on its own. A late renewal
-    of a deleted task fails; one of a handed-back task at worst hides it for one more lease.
-    """
-
-    def __init__(self, queue, task, lease: float):
-        super().__init__(daemon=True, name="cf-lease")
-        self.queue, self.task, self.lease = queue, task, lease
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.lease / 3):
-            try:
-                self.queue.renew(self.task, int(self.lease))
-            except Exception as err:  # noqa: BLE001 (a missed renewal only risks a harmless duplicate)
-                log.warning("could not renew the lease of task %s: %s", self.task.id, _one_line(err))
-
-    def stop(self, timeout: float | None = None) -> None:
-        self._stop_event.set()
-        self.join(LEASE_STOP_TIMEOUT if timeout is None else timeout)
-        if self.is_alive():
-            log.warning("a renewal of the lease of task %s is still retrying; going on without waiting for it",
-                        getattr(self.task, "id", "?"))
 
 
 def _spec(task, queue_url: str) -> TaskSpec:

@@ -8,12 +8,21 @@ nothing of blending. Two orders:
   (``Layout.dependencies``: its donors and itself) is done, so blocks become final while
   inference still runs elsewhere.
 
-A block whose done marker exists is skipped unless ``force`` (so a rerun resumes).
+A block whose done marker exists is skipped unless ``force`` (so a rerun resumes); with
+``cleanup``, stage two removes the leftover donations of such blocks (late duplicates of a donor).
+
+A task that fails does not stop the others: its block, stage and one-line error are collected
+in the summary (``failures``; see :mod:`chunkflow.engines.failures`). In barrier order stage two
+does not start if any stage-one task failed; in streaming order a block's stage two is not run if
+stage one of a block it depends on failed. With ``check`` (the default of the functions here) the
+first failure is raised once everything that could run has run; ``chunkflow run`` and the stage
+scripts pass ``check=False`` and report every failure in one line each.
 """
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -22,7 +31,8 @@ from tqdm.auto import tqdm
 from chunkflow.units import human_bytes
 from chunkflow.bbox import Vec
 from chunkflow.engines.base import EngineError, MODES, check_options, make_engine
-from chunkflow.engines.task import STAGE_NAMES, StageTask, TaskResult
+from chunkflow.engines.failures import Failed, NotRun, TaskFailure, debugging, exit_status
+from chunkflow.engines.task import STAGE_NAMES, StageTask, TaskResult, sweep_leftovers
 from chunkflow.job import Job
 from chunkflow.stages import Resources, Stats
 from chunkflow.storage import ObjectStore
@@ -38,8 +48,11 @@ class StageSummary:
     seconds: float = 0.0
     stats: Stats = field(default_factory=Stats)
     finished_at: list[float] = field(default_factory=list)
+    failures: list[TaskFailure] = field(default_factory=list)
+    swept: int = 0  # leftover donations of finished blocks removed (stage two with cleanup)
 
     def add(self, result: TaskResult) -> None:
+        self.swept += result.swept
         if result.skipped:
             self.skipped += 1
             return
@@ -47,6 +60,27 @@ class StageSummary:
         self.retries += result.attempt - 1
         self.stats.add(result.stats)
         self.finished_at.append(time.perf_counter())
+
+    def record(self, job: Job, stage: int, block: Vec, result) -> None:
+        """A task's outcome: its result, or a failure (``Failed``, ``NotRun``) kept for the report."""
+        if isinstance(result, (Failed, NotRun)):
+            names = [job.layout.block_box(Vec(d)).name for d in result.blocked_by] if isinstance(result, NotRun) \
+                else None
+            failure = TaskFailure.of(stage, job.layout.block_box(Vec(block)).name, result, names)
+            if failure.detail and not failure.refusal:
+                log.debug("%s", failure.detail)
+            self.failures.append(failure)
+        else:
+            self.add(result)
+
+    @property
+    def not_run(self) -> int:
+        return sum(1 for f in self.failures if f.blocked_by)
+
+    def counts(self) -> str:
+        """``, N failed, M not run`` (what is not zero), for the summary lines."""
+        failed = len(self.failures) - self.not_run
+        return (f", {failed} failed" if failed else "") + (f", {self.not_run} not run" if self.not_run else "")
 
 
 @dataclass
@@ -58,6 +92,24 @@ class RunSummary:
     engine: str = "local"
     seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    stage2_held: bool = False  # barrier order: stage two not started because stage one failed
+
+    @property
+    def failures(self) -> list[TaskFailure]:
+        return self.stage1.failures + self.stage2.failures
+
+    @property
+    def exit_status(self) -> int:
+        """0, or 2 if every failure is a refusal (missing donations and the like), 1 otherwise."""
+        return exit_status(self.failures)
+
+    def failure_lines(self) -> list[str]:
+        """One line per failed or not-run task, and one if stage two was not started."""
+        lines = [f.line() for f in self.failures]
+        if self.stage2_held:
+            lines.append(f"{STAGE_NAMES[2]} not started: stage one failed for {len(self.stage1.failures)} blocks; "
+                         "run again once they are fixed (finished blocks are skipped)")
+        return lines
 
     @property
     def final_times(self) -> list[float]:
@@ -85,12 +137,15 @@ class RunSummary:
             f"stage one: {self.stage1.tasks} tasks run, {self.stage1.skipped} already done, "
             f"{self.stage1.retries} retries, {self.stage1.stats.patches} patches computed, "
             f"{human_bytes(self.stage1.stats.donated_bytes)} donated in {self.stage1.stats.donations} pieces, "
-            f"{self.stage1.seconds:.2f} s",
+            f"{self.stage1.seconds:.2f} s{self.stage1.counts()}",
+            f"stage two: not started, stage one failed for {len(self.stage1.failures)} blocks" if self.stage2_held else
             f"stage two: {self.stage2.tasks} tasks run, {self.stage2.skipped} already done, "
             f"{self.stage2.retries} retries, {self.stage2.stats.donations} pieces received, "
-            f"{self.stage2.seconds:.2f} s",
+            f"{self.stage2.seconds:.2f} s{self.stage2.counts()}",
             f"throughput: {rate}, {total:.2f} s in all{first}",
         ]
+        if self.stage2.swept:
+            lines.append(f"cleanup: {self.stage2.swept} leftover donations of finished blocks removed")
         for name, stage in (("one", self.stage1), ("two", self.stage2)):
             if stage.stats.seconds:
                 phases = sorted(stage.stats.seconds.items(), key=lambda kv: -kv[1])
@@ -115,38 +170,78 @@ def _gpu(job: Job) -> bool:
 
 
 def run_stage(job: Job, stage: int, engine, blocks: Iterable[Vec] | None = None, force: bool = False,
-              progress: bool = True, cleanup: bool = False) -> StageSummary:
-    """Run one stage over ``blocks`` (all blocks by default), skipping finished ones unless ``force``."""
+              progress: bool = True, cleanup: bool = False, check: bool = True) -> StageSummary:
+    """Run one stage over ``blocks`` (all blocks by default), skipping finished ones unless ``force``.
+
+    Every block is tried; failures are collected in the summary (``check``: the first is raised
+    at the end)."""
     job = _prepare(job, engine)
     summary = StageSummary()
     started = time.perf_counter()
     done = set() if force else done_blocks(Resources(job).store, stage)
-    todo = []
+    todo, finished = [], []
     for block in (blocks if blocks is not None else job.layout.block_indices()):
-        if job.layout.block_box(block).name in done:
-            summary.skipped += 1
-        else:
-            todo.append(block)
+        (finished if job.layout.block_box(block).name in done else todo).append(block)
+    if stage == 2 and cleanup:
+        _sweep(job, finished, summary)
+    else:
+        summary.skipped += len(finished)
     with tqdm(total=len(todo), desc=STAGE_NAMES[stage], unit="block", disable=not progress, leave=True) as bar:
-        for _, result in engine.map(StageTask(job, stage, force, cleanup), todo, gpu=stage == 1 and _gpu(job)):
-            summary.add(result)
+        for block, result in engine.map(StageTask(job, stage, force, cleanup), todo, gpu=stage == 1 and _gpu(job)):
+            summary.record(job, stage, block, result)
             bar.update(1)
     summary.seconds = time.perf_counter() - started
+    if check:
+        _check(summary.failures)
     return summary
 
 
+def _sweep(job: Job, blocks: list[Vec], summary: StageSummary, threads: int = 16) -> None:
+    """Blocks whose stage two is done, skipped: remove their leftover donations (a few at a time)."""
+    store = Resources(job).store
+
+    def sweep(block: Vec):
+        try:
+            return TaskResult(2, job.layout.block_box(block).name, skipped=True,
+                              swept=sweep_leftovers(job, block, store))
+        except Exception as err:  # noqa: BLE001 - reported with the block, like a failed task
+            if debugging():
+                raise
+            return Failed.of(err)
+
+    if not blocks:
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(blocks)), thread_name_prefix="cf-sweep") as pool:
+        for block, result in zip(blocks, pool.map(sweep, blocks)):
+            summary.record(job, 2, block, result)
+
+
+def _check(failures: list[TaskFailure]) -> None:
+    """Raise the first failure (the original exception where it is at hand)."""
+    for failure in failures:
+        if not failure.blocked_by:
+            raise failure.exception()
+
+
 def run_job(job: Job, engine, blocks: list[Vec] | None = None, force: bool = False, progress: bool = True,
-            cleanup: bool = False, mode: str = "barrier") -> RunSummary:
-    """Both stages over ``blocks`` (all by default) in ``mode`` (barrier or streaming)."""
+            cleanup: bool = False, mode: str = "barrier", check: bool = True) -> RunSummary:
+    """Both stages over ``blocks`` (all by default) in ``mode`` (barrier or streaming).
+
+    Failures are collected in the summary; with ``check`` the first one is raised at the end."""
     if mode not in MODES:
         raise EngineError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     summary = RunSummary(job, mode=mode, engine=getattr(engine, "name", type(engine).__name__))
     if mode == "barrier":
-        summary.stage1 = run_stage(job, 1, engine, blocks, force, progress)
-        summary.stage2 = run_stage(job, 2, engine, blocks, force, progress, cleanup)
+        summary.stage1 = run_stage(job, 1, engine, blocks, force, progress, check=False)
+        if summary.stage1.failures:
+            summary.stage2_held = True
+        else:
+            summary.stage2 = run_stage(job, 2, engine, blocks, force, progress, cleanup, check=False)
     else:
         _stream(_prepare(job, engine), engine, summary, blocks, force, progress, cleanup)
     summary.seconds = time.perf_counter() - summary.started
+    if check:
+        _check(summary.failures)
     return summary
 
 
@@ -158,7 +253,12 @@ def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress
     done2 = set() if force else done_blocks(store, 2)
     firsts = [b for b in blocks if layout.block_box(b).name not in done1]
     seconds = [b for b in blocks if layout.block_box(b).name not in done2]
-    summary.stage1.skipped, summary.stage2.skipped = len(blocks) - len(firsts), len(blocks) - len(seconds)
+    summary.stage1.skipped = len(blocks) - len(firsts)
+    finished = [b for b in blocks if layout.block_box(b).name in done2]
+    if cleanup:
+        _sweep(job, finished, summary.stage2)
+    else:
+        summary.stage2.skipped = len(finished)
     scheduled = set(firsts)
     dependencies = {}
     for b in seconds:
@@ -173,9 +273,9 @@ def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress
             for s, n in ((1, len(firsts)), (2, len(seconds)))}
     stage_summary = {1: summary.stage1, 2: summary.stage2}
     try:
-        for stage, _, result in engine.stream(StageTask(job, 1, force), StageTask(job, 2, force, cleanup), firsts,
-                                              dependencies, gpu=_gpu(job)):
-            stage_summary[stage].add(result)
+        for stage, block, result in engine.stream(StageTask(job, 1, force), StageTask(job, 2, force, cleanup),
+                                                  firsts, dependencies, gpu=_gpu(job)):
+            stage_summary[stage].record(job, stage, block, result)
             stage_summary[stage].seconds = time.perf_counter() - summary.started
             bars[stage].update(1)
     finally:
@@ -185,12 +285,12 @@ def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress
 
 def run_with(job: Job, engine: str = "local", mode: str = "barrier", workers: int | None = None,
              scheduler: str | None = None, force: bool = False, progress: bool = True,
-             cleanup: bool = False) -> RunSummary:
+             cleanup: bool = False, check: bool = True) -> RunSummary:
     """Start the engine by name, run the job, stop the engine (what ``chunkflow run`` does)."""
     check_options(engine, mode, workers, scheduler)
     running = make_engine(engine, workers=workers, scheduler=scheduler, gpu=_gpu(job))
     try:
-        return run_job(job, running, force=force, progress=progress, cleanup=cleanup, mode=mode)
+        return run_job(job, running, force=force, progress=progress, cleanup=cleanup, mode=mode, check=check)
     finally:
         running.close()
 

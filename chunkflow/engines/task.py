@@ -11,6 +11,10 @@ the same markers in the job's store (small JSON objects beside ``manifest.json``
 
 The attempt number comes from the markers a previous attempt left behind, which is how a
 retry after a killed worker is counted without asking the engine.
+
+A stage-two task with ``cleanup`` whose block is already done removes the block's donations
+that are still there (:func:`sweep_leftovers`): a late duplicate of a donor's stage one (a
+``--force`` rerun, a queue retry) writes them again after the block was blended and cleaned up.
 """
 from __future__ import annotations
 
@@ -24,24 +28,25 @@ from dataclasses import dataclass, field
 from chunkflow.backends import Backend, load_backend
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import faults
+from chunkflow.engines.failures import STAGE_NAMES
 from chunkflow.job import Job
-from chunkflow.stages import Resources, Stats, inference_and_donate, is_done, receive_and_blend
+from chunkflow.stages import DONATIONS, Resources, Stats, inference_and_donate, is_done, receive_and_blend
 from chunkflow.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-STAGE_NAMES = {1: "inference-and-donate", 2: "receive-and-blend"}
-
 
 @dataclass
 class TaskResult:
-    """What one task did; ``skipped`` when its done marker already existed."""
+    """What one task did; ``skipped`` when its done marker already existed; ``swept``: leftover
+    donations of the (done) block it removed."""
 
     stage: int
     block: str
     stats: Stats = field(default_factory=Stats)
     attempt: int = 1
     skipped: bool = False
+    swept: int = 0
 
 
 def marker(kind: str, stage: int, block: Bbox) -> str:
@@ -92,7 +97,8 @@ def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: boo
     store = res.store
     box = job.layout.block_box(block)
     if not force and is_done(store, stage, box):
-        return TaskResult(stage, box.name, skipped=True)
+        swept = sweep_leftovers(job, block, store) if stage == 2 and cleanup else 0
+        return TaskResult(stage, box.name, skipped=True, swept=swept)
     attempt = _last_attempt(store, stage, box) + 1
     running = marker("running", stage, box)
     store.put(running, _record(job, box, attempt=attempt, host=socket.gethostname(), pid=os.getpid(),
@@ -133,6 +139,20 @@ class StageTask:
         call this): stage one starts reading the upcoming block's input once its own is read."""
         ahead = Vec(upcoming) if self.stage == 1 else None
         return run_task(self.job, self.stage, Vec(block), self.force, self.cleanup, prefetch_next=ahead)
+
+
+def sweep_leftovers(job: Job, block: Vec, store: ObjectStore) -> int:
+    """Delete the donations to ``block`` (a block whose stage two is done) that are still in
+    ``store``: one listing of its ``donations/{block}%`` prefix, then a delete per expected key
+    found (anything else under the prefix is left to ``inspect``). Returns how many."""
+    prefix = f"{DONATIONS}{job.layout.block_box(block).name}%"
+    present = set(store.list(prefix))
+    leftovers = [DONATIONS + d.key for d in job.layout.donations_to(block) if DONATIONS + d.key in present]
+    for name in leftovers:
+        store.delete(name)
+    if leftovers:
+        log.info("removed %d leftover donations of finished block %s", len(leftovers), prefix[len(DONATIONS):-1])
+    return len(leftovers)
 
 
 def _last_attempt(store: ObjectStore, stage: int, box: Bbox) -> int:
