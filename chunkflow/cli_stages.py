@@ -87,6 +87,9 @@ def run_command(stage: int):
         from chunkflow.engines import LocalEngine, run_stage
         from chunkflow.engines.failures import exit_status
 
+        if cleanup and stage == 1:
+            usage_error("--cleanup is a stage-two flag (receive_and_blend deletes what it consumed); "
+                        "inference_and_donate has nothing to clean up")
         setup_logging(quiet)
         planned = load_job(job).with_runtime(device=device, batch_size=batch_size)
         summary = run_stage(planned, stage, LocalEngine(), select_blocks(planned, blocks), force=force,

@@ -123,6 +123,9 @@ def test_stage_scripts_run_a_planned_job_and_skip_done_blocks(tmp_path, volume):
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not a box name" in result.stderr
+    result = subprocess.run([sys.executable, "inference_and_donate.py", "run", str(job), "--cleanup", "--force"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--cleanup is a stage-two flag" in result.stderr and not result.stdout
 
 
 def test_console_script_help_explains_flags():
