@@ -78,21 +78,16 @@ def gcs_server() -> Iterator[str]:
             proc.kill()
             pytest.fail("fake-gcs-server did not become ready within 20 s")
         time.sleep(0.05)
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
-    os.environ["STORAGE_EMULATOR_HOST"] = url
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-    try:
-        yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.kill()
-        proc.wait(timeout=10)
-        if proc.stderr:
-            proc.stderr.close()
+    with pytest.MonkeyPatch.context() as patch:  # restores the environment afterwards
+        patch.setenv("STORAGE_EMULATOR_HOST", url)
+        patch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        try:
+            yield url
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stderr:
+                proc.stderr.close()
 
 
 @pytest.fixture

@@ -49,19 +49,14 @@ def sqs_endpoint():
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.1)
-    env = dict(AWS, AWS_ENDPOINT_URL_SQS=url)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.kill()
-        proc.wait()
+    with pytest.MonkeyPatch.context() as patch:  # restores the environment afterwards
+        for key, value in dict(AWS, AWS_ENDPOINT_URL_SQS=url).items():
+            patch.setenv(key, value)
+        try:
+            yield url
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def _sqs_queue(name: str) -> str:

@@ -101,6 +101,16 @@ class TorchBackend(Backend):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self._dev.type, dtype=_DTYPES[self.precision])
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module on ``x`` (autocast as asked), its output checked to be one 5-D tensor."""
+        with self._autocast():
+            y = self.module(x)
+        if not isinstance(y, torch.Tensor):
+            raise ModelError(f"model returned {type(y).__name__}; chunkflow expects a single tensor")
+        if y.ndim != 5:
+            raise ModelError(f"model returned shape {tuple(y.shape)}; expected [N, C, z, y, x]")
+        return y
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         batch = check_batch(batch)
         cuda = self._dev.type == "cuda"
@@ -108,12 +118,7 @@ class TorchBackend(Backend):
             x = torch.from_numpy(batch)
             if cuda:
                 x = x.pin_memory().to(self._dev, non_blocking=True)
-            with self._autocast():
-                y = self.module(x)
-            if not isinstance(y, torch.Tensor):
-                raise ModelError(f"model returned {type(y).__name__}; chunkflow expects a single tensor")
-            if y.ndim != 5:
-                raise ModelError(f"model returned shape {tuple(y.shape)}; expected [N, C, z, y, x]")
+            y = self._forward(x)
             y = y.float()
             if cuda:
                 host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
@@ -145,12 +150,7 @@ class TorchBackend(Backend):
             staging = _pinned(slot, "in", batch.shape)
             staging.copy_(torch.from_numpy(batch))
             x = staging.to(self._dev, non_blocking=True)
-            with self._autocast():
-                y = self.module(x)
-            if not isinstance(y, torch.Tensor):
-                raise ModelError(f"model returned {type(y).__name__}; chunkflow expects a single tensor")
-            if y.ndim != 5:
-                raise ModelError(f"model returned shape {tuple(y.shape)}; expected [N, C, z, y, x]")
+            y = self._forward(x)
             host = _pinned(slot, "out", tuple(y.shape))
             host.copy_(y.float(), non_blocking=True)
             event = torch.cuda.Event()

@@ -209,27 +209,20 @@ class GCSStore(ObjectStore):
         return True
 
     def get(self, name: str) -> bytes:
-        from google.api_core.exceptions import NotFound
-
-        blob = self._blob(name)
-        try:
-            return blob.download_as_bytes(retry=self._retry, timeout=self.timeout)
-        except NotFound as exc:
-            if "bucket" in str(exc).lower() and "not exist" in str(exc).lower():
-                raise self._error(exc, "read", name) from exc
-            raise KeyError(name) from None
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, "read", name) from exc
+        return self._download(name)
 
     def get_head(self, name: str, nbytes: int) -> bytes:
         """One ranged GET (``Range: bytes=0-N``): a donation's header without its payload."""
+        return self._download(name, int(nbytes)) if nbytes > 0 else b""
+
+    def _download(self, name: str, nbytes: int | None = None) -> bytes:
+        """The object (or its first ``nbytes``); KeyError when it does not exist."""
         from google.api_core.exceptions import NotFound, RequestRangeNotSatisfiable
 
-        if nbytes <= 0:
-            return b""
         blob = self._blob(name)
+        ranged = {} if nbytes is None else {"start": 0, "end": nbytes - 1}
         try:
-            return blob.download_as_bytes(start=0, end=int(nbytes) - 1, retry=self._retry, timeout=self.timeout)
+            return blob.download_as_bytes(retry=self._retry, timeout=self.timeout, **ranged)
         except RequestRangeNotSatisfiable:
             return b""  # GCS answers 416 for a range of an empty object
         except NotFound as exc:
