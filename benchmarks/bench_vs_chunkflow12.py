@@ -37,7 +37,7 @@ from common import BENCH_NET, HERE, ROOT, Timed, choice, make_input, run_two_sta
 from chunkflow.backends import load_backend
 from chunkflow.bbox import Vec
 from chunkflow.planning import plan
-from chunkflow.stages import Resources, reference
+from chunkflow.stages import Resources, reference as whole_volume_reference
 from chunkflow.storage import open_volume
 
 VENV_STEPS = (["-m", "venv"], ["pip", "install", "torch==2.13.0"],
@@ -158,7 +158,7 @@ def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", o
 
     if reference_run:
         with Timed() as tref:
-            ref = reference(job, Resources(job, backend))
+            ref = whole_volume_reference(job, Resources(job, backend))
         print(f"  reference: {tref.wall:.2f} s", flush=True)
     else:
         ref = ours.output

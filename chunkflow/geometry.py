@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Iterator
 
 from chunkflow.bbox import Bbox, Vec

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from chunkflow.backends import check_device, load_backend, model_checksum
-from chunkflow.bbox import Bbox, Vec
+from chunkflow.bbox import Vec
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobError, default_storage_chunk,
                            validate_parameters)

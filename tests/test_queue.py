@@ -267,7 +267,7 @@ def test_other_stage_task_of_another_job_is_refused(tmp_path, capsys):
 def test_lease_keeper_stop_does_not_wait_for_a_renewal_that_retries(tmp_path):
     """A renewal that cannot get the task's lock is retried with backoff by python-task-queue
     (tens of seconds); stopping the keeper gives up on it after LEASE_STOP_TIMEOUT."""
-    from chunkflow.engines.queue import LEASE_STOP_TIMEOUT, _LeaseKeeper
+    from chunkflow.engines.lease import LEASE_STOP_TIMEOUT, LeaseKeeper as _LeaseKeeper
 
     job = small_job(tmp_path)
     queue_url = f"fq://{tmp_path / 'q'}"

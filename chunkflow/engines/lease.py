@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from taskqueue import QueueEmptyError
+
 from chunkflow.engines.failures import one_line
 
 log = logging.getLogger(__name__)
@@ -12,7 +14,8 @@ LEASE_STOP_TIMEOUT = 5.0  # seconds a finished task waits for a lease renewal st
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews a task's lease every ``lease / 3`` seconds until stopped.
+    """Renews a task's lease (and those of the tasks in ``also``: a task leased ahead, see
+    :mod:`chunkflow.engines.queue`) every ``lease / 3`` seconds until stopped.
 
     A renewal that fails is retried by python-task-queue with backoff (up to a minute or so);
     :meth:`stop` does not wait for that longer than ``LEASE_STOP_TIMEOUT``: the worker goes on
@@ -20,17 +23,19 @@ class LeaseKeeper(threading.Thread):
     of a deleted task fails; one of a handed-back task at worst hides it for one more lease.
     """
 
-    def __init__(self, queue, task, lease: float):
+    def __init__(self, queue, task, lease: float, also=()):
         super().__init__(daemon=True, name="cf-lease")
         self.queue, self.task, self.lease = queue, task, lease
+        self.tasks = [task, *also]
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.lease / 3):
-            try:
-                self.queue.renew(self.task, int(self.lease))
-            except Exception as err:  # noqa: BLE001 (a missed renewal only risks a harmless duplicate)
-                log.warning("could not renew the lease of task %s: %s", self.task.id, one_line(err))
+            for task in self.tasks:
+                try:
+                    self.queue.renew(task, int(self.lease))
+                except Exception as err:  # noqa: BLE001 (a missed renewal only risks a harmless duplicate)
+                    log.warning("could not renew the lease of task %s: %s", getattr(task, "id", "?"), one_line(err))
 
     def stop(self, timeout: float | None = None) -> None:
         self._stop_event.set()
@@ -39,3 +44,22 @@ class LeaseKeeper(threading.Thread):
             log.warning("a renewal of the lease of task %s is still retrying; going on without waiting for it",
                         getattr(self.task, "id", "?"))
 
+
+def lease_ahead(queue, lease: float, accept):
+    """Lease one more task (no waiting) while the current one is about to run, so stage one can
+    read its input in the background: ``(task, accept(task))``, the second None where ``accept``
+    refuses or fails (the worker takes the task up after the current one, as if it had leased it
+    then); ``(None, None)`` where nothing could be leased. The caller keeps the task's lease
+    renewed (``LeaseKeeper(..., also=...)``) and hands it back if it stops before running it."""
+    try:
+        task = queue.lease(seconds=int(lease), num_tasks=1, wait_sec=0)
+    except QueueEmptyError:
+        return None, None
+    except Exception as err:  # noqa: BLE001 (a half-written task file, a queue hiccup: no lookahead)
+        log.warning("could not lease the next task (%s); going on without", one_line(err))
+        return None, None
+    try:
+        return task, accept(task)
+    except Exception as err:  # noqa: BLE001 (a task the worker loop refuses, after the current one)
+        log.debug("task leased ahead not prefetched: %s", one_line(err))
+        return task, None

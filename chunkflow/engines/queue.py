@@ -17,7 +17,10 @@ Leases: a worker leases a task for ``lease`` seconds and a background thread ren
 lease every ``lease / 3`` seconds while the task runs, so ``lease`` only bounds how long a
 *dead* worker's task stays invisible, never how long a chunk may take. A task is deleted
 only after its done marker is written; a worker killed at any instant leaves its task to
-reappear when the lease runs out, and running it again is safe (Invariant 2).
+reappear when the lease runs out, and running it again is safe (Invariant 2). A stage-one
+worker also holds the lease of the task it runs next, leased ahead so that its input is read
+while the current task computes (:func:`work`, ``lookahead``); it is handed back, never deleted
+unrun, if the worker stops first.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from taskqueue import QueueEmptyError, TaskQueue, queueable
 
 from chunkflow.bbox import Bbox
 from chunkflow.engines.base import EngineError
-from chunkflow.engines.lease import LEASE_STOP_TIMEOUT, LeaseKeeper as _LeaseKeeper  # noqa: F401 (tests)
+from chunkflow.engines.lease import LeaseKeeper as _LeaseKeeper, lease_ahead
 from chunkflow.engines.runner import done_blocks
 from chunkflow.engines.task import STAGE_NAMES, TaskResult, run_task
 from chunkflow.job import Job, JobError
@@ -190,7 +193,7 @@ class WorkerSummary:
 def work(queue_url: str, stage: int, job_store: str | None = None, lease: float = DEFAULT_LEASE,
          wait: bool = False, poll: float = 2.0, force: bool = False, max_tasks: int | None = None,
          device: str | None = None, batch_size: int | None = None, cleanup: bool = False,
-         **kwargs) -> WorkerSummary:
+         lookahead: bool = True, **kwargs) -> WorkerSummary:
     """Lease and run ``stage`` tasks until the queue is empty (or forever with ``wait``).
 
     "Empty" counts leased tasks too: a worker that finds nothing to lease while others hold
@@ -199,6 +202,10 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
     ends a worker without ``wait`` (see :func:`_other_stage`); with ``wait`` it is handed back
     for the other stage's workers and this one keeps polling. ``cleanup`` (stage two): delete a
     block's donations once it is written, and the leftovers of a block already done.
+
+    ``lookahead`` (stage one): lease the next task before running this one, so its input is read
+    while this one computes (:func:`~chunkflow.engines.lease.lease_ahead`); at most ``max_tasks``
+    leases in all.
     """
     if stage not in (1, 2):
         raise QueueError(f"stage {stage!r} is not 1 or 2")
@@ -216,52 +223,64 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
     jobs: dict[str, Job] = {}
     runtime: dict[str, Job] = {}
     summary, started, empty, handed_back = WorkerSummary(stage), time.perf_counter(), 0, False
-    while max_tasks is None or summary.tasks + summary.skipped < max_tasks:
-        try:
-            task = queue.lease(seconds=int(lease), num_tasks=1, wait_sec=0)
-        except QueueEmptyError:
-            # SQS counts are approximate: believe "empty" only twice in a row, a poll apart
-            empty = empty + 1 if queue.is_empty() else 0
-            if not wait and empty >= 2:
-                break
-            time.sleep(poll)
-            continue
-        except ValueError as err:  # a task file caught half-written by its producer: it comes back later
-            log.warning("unreadable task in %s (%s); retrying", queue_url, _one_line(err))
-            time.sleep(poll)
-            continue
-        spec = _spec(task, queue_url)
-        if spec.stage != stage:
+    ahead = None  # the task leased ahead of the current one: the next one this loop takes up
+    try:
+        while max_tasks is None or summary.tasks + summary.skipped < max_tasks:
+            if ahead is not None:
+                task, ahead = ahead, None
+            else:
+                try:
+                    task = queue.lease(seconds=int(lease), num_tasks=1, wait_sec=0)
+                except QueueEmptyError:
+                    # SQS counts are approximate: believe "empty" only twice in a row, a poll apart
+                    empty = empty + 1 if queue.is_empty() else 0
+                    if not wait and empty >= 2:
+                        break
+                    time.sleep(poll)
+                    continue
+                except ValueError as err:  # a task file caught half-written by its producer: it comes back later
+                    log.warning("unreadable task in %s (%s); retrying", queue_url, _one_line(err))
+                    time.sleep(poll)
+                    continue
+            spec = _spec(task, queue_url)
+            if spec.stage != stage:
+                try:
+                    action = _other_stage(queue, task, spec, stage, jobs, expected, wait)
+                except (QueueError, JobError) as err:
+                    raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
+                if action == "stop":
+                    break
+                if action == "handed back":
+                    if not handed_back:
+                        log.info("%s holds %s tasks; handing them back to their workers and waiting (--wait)",
+                                 queue_url, STAGE_NAMES[spec.stage])
+                        handed_back = True
+                    time.sleep(poll)
+                continue
+            empty = 0
             try:
-                action = _other_stage(queue, task, spec, stage, jobs, expected, wait)
+                job = resolve_job(spec, expected, jobs)
             except (QueueError, JobError) as err:
+                queue.cancel(task)
                 raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
-            if action == "stop":
-                break
-            if action == "handed back":
-                if not handed_back:
-                    log.info("%s holds %s tasks; handing them back to their workers and waiting (--wait)",
-                             queue_url, STAGE_NAMES[spec.stage])
-                    handed_back = True
-                time.sleep(poll)
-            continue
-        empty = 0
-        try:
-            job = resolve_job(spec, expected, jobs)
-        except (QueueError, JobError) as err:
-            queue.cancel(task)
-            raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
-        if job.job_hash not in runtime:
-            runtime[job.job_hash] = job.with_runtime(device=device, batch_size=batch_size)
-        job = runtime[job.job_hash]
-        result = _run_leased(queue, task, job, spec, lease, force, cleanup)
-        summary.swept += result.swept
-        if result.skipped:
-            summary.skipped += 1
-        else:
-            summary.tasks += 1
-            summary.retries += result.attempt - 1
-            summary.stats.add(result.stats)
+            if job.job_hash not in runtime:
+                runtime[job.job_hash] = job.with_runtime(device=device, batch_size=batch_size)
+            job = runtime[job.job_hash]
+            upcoming = None
+            if lookahead and stage == 1 and (max_tasks is None or summary.tasks + summary.skipped + 2 <= max_tasks):
+                ahead, upcoming = lease_ahead(queue, lease, partial(_prefetchable, spec, expected, jobs, queue_url))
+            result = _run_leased(queue, task, job, spec, lease, force, cleanup, ahead, upcoming)
+            summary.swept += result.swept
+            if result.skipped:
+                summary.skipped += 1
+            else:
+                summary.tasks += 1
+                summary.retries += result.attempt - 1
+                summary.stats.add(result.stats)
+    except BaseException:
+        if ahead is not None:  # not run: hand it back at once (the current task is handled by _run_leased)
+            _quietly(queue.cancel, ahead)
+        raise
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -281,13 +300,26 @@ def resolve_job(spec: TaskSpec, expected: Job | None, jobs: dict[str, Job]) -> J
     return job
 
 
+def _prefetchable(current: TaskSpec, expected: Job | None, jobs: dict[str, Job], queue_url: str, task):
+    """The block of ``task`` (leased ahead) to prefetch while ``current`` runs: a stage-one task of
+    the same job that :func:`resolve_job` accepts; else None, and the worker loop takes it up
+    after the current task as if it had leased it then (hands it back, refuses it, stops)."""
+    spec = _spec(task, queue_url)
+    if spec.stage != current.stage or (spec.store, spec.job) != (current.store, current.job):
+        return None
+    return _block_index(resolve_job(spec, expected, jobs), spec.block)
+
+
 def _run_leased(queue, task, job: Job, spec: TaskSpec, lease: float, force: bool,
-                cleanup: bool = False) -> TaskResult:
-    keeper = _LeaseKeeper(queue, task, lease)
+                cleanup: bool = False, ahead=None, upcoming=None) -> TaskResult:
+    """Run a leased task, delete it once done; ``ahead``: a task leased ahead whose lease is kept
+    too, ``upcoming`` its block, whose input is read while this one computes."""
+    keeper = _LeaseKeeper(queue, task, lease, also=() if ahead is None else (ahead,))
     keeper.start()
     t = time.perf_counter()
     try:
-        result = run_task(job, spec.stage, _block_index(job, spec.block), force=force, cleanup=cleanup)
+        result = run_task(job, spec.stage, _block_index(job, spec.block), force=force, cleanup=cleanup,
+                          prefetch_next=upcoming)
     except BaseException as err:
         keeper.stop()
         if not isinstance(err, Exception):  # interrupted (SIGTERM, Ctrl-C): hand the task back now
