@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 _INT = r"(0|-?[1-9][0-9]*)"  # ASCII, no leading zeros: one spelling per number
 _NAME_RE = re.compile(rf"{_INT}-{_INT}_{_INT}-{_INT}_{_INT}-{_INT}", re.ASCII)
@@ -132,6 +132,12 @@ class Bbox:
 
     def is_empty(self) -> bool:
         return any(b <= a for a, b in zip(self.start, self.stop))
+
+    def z_slabs(self, step: int) -> Iterator["Bbox"]:
+        """This box cut along z into slabs ``step`` planes thick (the last may be thinner)."""
+        step = max(1, int(step))
+        for z in range(self.start[0], self.stop[0], step):
+            yield Bbox(Vec(z, self.start[1], self.start[2]), Vec(min(z + step, self.stop[0]), self.stop[1], self.stop[2]))
 
     def intersect(self, other: "Bbox") -> "Bbox":
         start = Vec(max(a, b) for a, b in zip(self.start, other.start))

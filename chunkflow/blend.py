@@ -144,10 +144,7 @@ class WeightSum:
         """``region`` cut along z into slabs of at most ``max_voxels`` (default :data:`SLAB_VOXELS`;
         at least one plane each)."""
         plane = max(1, region.shape[1] * region.shape[2])
-        step = max(1, (max_voxels or SLAB_VOXELS) // plane)
-        for z in range(region.start[0], region.stop[0], step):
-            yield Bbox(Vec(z, region.start[1], region.start[2]),
-                       Vec(min(z + step, region.stop[0]), region.stop[1], region.stop[2]))
+        return region.z_slabs(max(1, (max_voxels or SLAB_VOXELS) // plane))
 
 
 def normalise(acc: np.ndarray, region: Bbox, normaliser: np.ndarray | WeightSum) -> None:

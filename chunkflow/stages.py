@@ -227,9 +227,7 @@ def _write_slabs(core: Bbox, chunk_z: int, voxel_bytes: int) -> Iterator[Bbox]:
     storage chunk thick): writing it whole would copy the whole core (the writer needs contiguous
     data, the core is a strided view of the chunk), which would add a chunk to a task's peak."""
     plane = core.shape[1] * core.shape[2] * voxel_bytes
-    step = chunk_z * max(1, WRITE_SLAB_BYTES // (plane * chunk_z))
-    for z in range(core.start[0], core.stop[0], step):
-        yield Bbox(Vec(z, core.start[1], core.start[2]), Vec(min(z + step, core.stop[0]), core.stop[1], core.stop[2]))
+    return core.z_slabs(chunk_z * max(1, WRITE_SLAB_BYTES // (plane * chunk_z)))
 
 
 def inference_and_donate_many(job: Job, blocks: Iterable[Vec], res: Resources | None = None,

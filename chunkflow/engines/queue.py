@@ -37,6 +37,7 @@ from taskqueue import QueueEmptyError, TaskQueue, queueable
 
 from chunkflow.bbox import Bbox
 from chunkflow.engines.base import EngineError
+from chunkflow.engines.failures import one_line
 from chunkflow.engines.lease import LeaseKeeper as _LeaseKeeper, lease_ahead
 from chunkflow.engines.runner import done_blocks
 from chunkflow.engines.task import STAGE_NAMES, TaskResult, run_task
@@ -96,7 +97,7 @@ def open_queue(url: str, progress: bool = False, create: bool = False, **kwargs)
     except BaseException as err:  # noqa: BLE001 (task-queue raises BaseException subclasses)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        raise QueueError(f"cannot use queue {url}: {type(err).__name__}: {_one_line(err)}") from None
+        raise QueueError(f"cannot use queue {url}: {type(err).__name__}: {one_line(err)}") from None
     return queue
 
 
@@ -140,7 +141,7 @@ def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None
         try:
             queue.insert(tasks, total=len(tasks))
         except Exception as err:  # noqa: BLE001
-            raise QueueError(f"cannot insert into {queue_url}: {_one_line(err)}") from None
+            raise QueueError(f"cannot insert into {queue_url}: {one_line(err)}") from None
     log.info("%d %s tasks of job %s into %s (%d already done)", len(tasks), STAGE_NAMES[stage], job.job_hash,
              queue_url, len(names) - len(tasks))
     return len(tasks)
@@ -239,7 +240,7 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
                     time.sleep(poll)
                     continue
                 except ValueError as err:  # a task file caught half-written by its producer: it comes back later
-                    log.warning("unreadable task in %s (%s); retrying", queue_url, _one_line(err))
+                    log.warning("unreadable task in %s (%s); retrying", queue_url, one_line(err))
                     time.sleep(poll)
                     continue
             spec = _spec(task, queue_url)
@@ -325,7 +326,7 @@ def _run_leased(queue, task, job: Job, spec: TaskSpec, lease: float, force: bool
         if not isinstance(err, Exception):  # interrupted (SIGTERM, Ctrl-C): hand the task back now
             _quietly(queue.cancel, task)
         else:  # a failing task is not deleted: it comes back when its lease runs out
-            log.error("%s failed: %s", spec.label, _one_line(err))
+            log.error("%s failed: %s", spec.label, one_line(err))
         raise
     keeper.stop()
     queue.delete(task, tally=True)
@@ -388,9 +389,4 @@ def _quietly(fn, *args) -> None:
     try:
         fn(*args)
     except Exception as err:  # noqa: BLE001
-        log.warning("%s", _one_line(err))
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
+        log.warning("%s", one_line(err))
