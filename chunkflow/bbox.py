@@ -6,9 +6,12 @@ shape and array in memory is ZYX.
 """
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
+
+from chunkflow.errors import GeometryError
 
 _INT = r"(0|-?[1-9][0-9]*)"  # ASCII, no leading zeros: one spelling per number
 _NAME_RE = re.compile(rf"{_INT}-{_INT}_{_INT}-{_INT}_{_INT}-{_INT}", re.ASCII)
@@ -22,12 +25,15 @@ class Vec(tuple):
             values = tuple(values[0])
         items = tuple(int(v) for v in values)
         if len(items) != 3:
-            raise ValueError(f"a Vec has 3 components (z, y, x), got {len(items)}: {items}")
+            raise GeometryError(f"a Vec has 3 components (z, y, x), got {len(items)}: {items}")
         return super().__new__(cls, items)
 
     @classmethod
     def parse(cls, text: str | Sequence[int] | int, what: str = "size") -> "Vec":
         """Parse ``"16,128,128"`` (ZYX), a sequence or a single int (isotropic)."""
+        if isinstance(text, bool) or (not isinstance(text, (str, int)) and hasattr(text, "__iter__")
+                                      and any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in text)):
+            raise GeometryError(f"{what} {_shown(text)} is not three integers z,y,x such as 16,128,128")
         if isinstance(text, int):
             return cls(text, text, text)
         if isinstance(text, str):
@@ -35,11 +41,11 @@ class Vec(tuple):
             try:
                 return cls(int(p) for p in parts)
             except ValueError:
-                raise ValueError(f"{what} {text!r} is not three integers z,y,x such as 16,128,128") from None
+                raise GeometryError(f"{what} {text!r} is not three integers z,y,x such as 16,128,128") from None
         try:
             return cls(text)
         except (TypeError, ValueError):
-            raise ValueError(f"{what} {text!r} is not three integers z,y,x such as 16,128,128") from None
+            raise GeometryError(f"{what} {text!r} is not three integers z,y,x such as 16,128,128") from None
 
     def __add__(self, other) -> "Vec":  # type: ignore[override]
         o = _as3(other)
@@ -82,6 +88,13 @@ class Vec(tuple):
         return f"Vec({self[0]}, {self[1]}, {self[2]})"
 
 
+def _shown(value) -> str:
+    """A parsed command-line value as the user typed it (Fire turns ``8.5,64,64`` into a tuple)."""
+    if isinstance(value, (tuple, list)):
+        return repr(",".join(str(v) for v in value))
+    return repr(value)
+
+
 def _as3(value) -> tuple[int, int, int]:
     if isinstance(value, int):
         return (value, value, value)
@@ -110,11 +123,11 @@ class Bbox:
         has one spelling and names of the same box are equal strings), start < stop."""
         m = _NAME_RE.fullmatch(name) if isinstance(name, str) else None
         if m is None:
-            raise ValueError(f"{name!r} is not a box name of the form x0-x1_y0-y1_z0-z1 (integers)")
+            raise GeometryError(f"{name!r} is not a box name of the form x0-x1_y0-y1_z0-z1 (integers)")
         x0, x1, y0, y1, z0, z1 = (int(g) for g in m.groups())
         box = cls(Vec(z0, y0, x0), Vec(z1, y1, x1))
         if box.is_empty():
-            raise ValueError(f"box name {name!r} is empty: each start must be below its stop")
+            raise GeometryError(f"box name {name!r} is empty: each start must be below its stop")
         return box
 
     @property

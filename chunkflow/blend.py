@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.errors import GeometryError
 
 BLEND_MODES = ("constant", "gaussian", "bump")
 
@@ -35,7 +36,7 @@ BLEND_MODES = ("constant", "gaussian", "bump")
 def weight_map(mode: str, patch: tuple[int, int, int]) -> np.ndarray:
     """The float32 weight map of one output patch (read-only, cached)."""
     if mode not in BLEND_MODES:
-        raise ValueError(f"blend mode {mode!r} is not one of {', '.join(BLEND_MODES)}")
+        raise GeometryError(f"blend mode {mode!r} is not one of {', '.join(BLEND_MODES)}")
     return _weight_map(mode, tuple(int(p) for p in patch))
 
 

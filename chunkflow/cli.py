@@ -5,57 +5,25 @@ the traceback.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import fire
 
-from chunkflow.backends import ModelError
+from chunkflow.cli_common import raise_on_sigterm, setup_logging, user_errors
 from chunkflow.cli_inspect import inspect as inspect_command
 from chunkflow.cli_fleet import barrier, produce, status
 from chunkflow.cli_stages import check_command_line, report_failures
 from chunkflow.engines import check_options, run_with
-from chunkflow.geometry import GeometryError
 from chunkflow.job import JobError
 from chunkflow.planning import load_job, make_job, plan as plan_job
-from chunkflow.stages import MissingDonations, Resources, cast_output, reference as reference_output
+from chunkflow.stages import Resources, cast_output, reference as reference_output
 from chunkflow.storage import StorageError, create_volume, open_volume
-from chunkflow.storage.donation_codec import DonationError
+from chunkflow.storage.volumes import volume_location
 
 log = logging.getLogger("chunkflow")
-
-USER_ERRORS = (JobError, GeometryError, StorageError, ModelError, MissingDonations, DonationError, ValueError,
-               KeyError, FileNotFoundError)
-
-
-def user_errors(fn):
-    """Turn a user mistake into one line on stderr and exit status 2 (no traceback)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as err:
-            if os.environ.get("CHUNKFLOW_DEBUG"):
-                raise
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            print(f"chunkflow: error: {message}", file=sys.stderr)
-            sys.exit(2)
-    return wrapper
-
-
-#: libraries that log their own retries and tracebacks for errors chunkflow reports in one line
-NOISY_LOGGERS = ("gcsfs", "fsspec", "google", "urllib3", "cloudfiles")
-
-
-def setup_logging(quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-
 
 FLAG_DOCS = {
     "input": "input volume: file:///path, gs://bucket/path, s3://... (Neuroglancer precomputed) or PATH.zarr.",
@@ -77,6 +45,7 @@ FLAG_DOCS = {
     "donation_dtype": "float32 (exact) or float16 (half the bytes; error <= 2^-11 relative per piece).",
     "compression": "donation compression: none, zstd or blosc.",
     "force": "rerun blocks that are already done.",
+    "fill_missing": "read input chunks that do not exist as zeros (default: refuse the block, naming the chunk).",
     "cleanup": "delete each block's donations once its output is written.",
     "quiet": "no progress bars or log lines.",
     "dry_run": "validate and print tasks, patches, donations, bytes and a calibrated time estimate; write nothing.",
@@ -103,21 +72,19 @@ def plan(input: str, output: str, donations: str, model: str, input_patch: str, 
          overlap: str = "0,0,0", block: str | None = None, weights: str | None = None, blend: str = "gaussian",
          dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu",
          batch_size: int = 1, storage_chunk: str | None = None, donation_dtype: str = "float32",
-         compression: str = "none", dry_run: bool = False, quiet: bool = False) -> None:
+         compression: str = "none", fill_missing: bool = False, dry_run: bool = False, quiet: bool = False) -> None:
     setup_logging(quiet)
+    options = dict(output_patch=output_patch, overlap=overlap, block=block, weights=weights, blend=blend, dtype=dtype,
+                   pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
+                   storage_chunk=storage_chunk, donation_dtype=donation_dtype, compression=compression,
+                   fill_missing=fill_missing)
     if dry_run:
         from chunkflow.dryrun import dry_run_job
-        job, _, _ = make_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
-                             block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode,
-                             precision=precision, device=device, batch_size=batch_size, storage_chunk=storage_chunk,
-                             donation_dtype=donation_dtype, compression=compression)
+        job, _, _ = make_job(input, output, donations, model, input_patch, **options)
         for line in dry_run_job(job):
             print(line)
         return
-    job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
-                   block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
-                   device=device, batch_size=batch_size, storage_chunk=storage_chunk, donation_dtype=donation_dtype,
-                   compression=compression)
+    job = plan_job(input, output, donations, model, input_patch, **options)
     layout = job.layout
     print(f"job {job.job_hash} planned in {job.store}")
     print(f"  {layout.num_blocks} blocks of {_zyx(job.block)} ({_zyx(layout.grid_shape)} z,y,x), "
@@ -135,14 +102,16 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
         overlap: str = "0,0,0", block: str | None = None, donations: str | None = None, weights: str | None = None,
         blend: str = "gaussian", dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32",
         device: str = "cpu", batch_size: int = 1, force: bool = False, cleanup: bool = False,
-        donation_dtype: str = "float32", compression: str = "none", engine: str = "local", mode: str = "barrier",
-        workers: int | None = None, scheduler: str | None = None, quiet: bool = False) -> None:
+        donation_dtype: str = "float32", compression: str = "none", fill_missing: bool = False,
+        engine: str = "local", mode: str = "barrier", workers: int | None = None, scheduler: str | None = None,
+        quiet: bool = False) -> None:
     setup_logging(quiet)
     check_options(engine, mode, workers, scheduler)
     donations = donations or _default_store(output)
     job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
                    block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
-                   device=device, batch_size=batch_size, donation_dtype=donation_dtype, compression=compression)
+                   device=device, batch_size=batch_size, donation_dtype=donation_dtype, compression=compression,
+                   fill_missing=fill_missing, device_here=scheduler is None)
     job = job.with_runtime(device=device, batch_size=batch_size)
     summary = run_with(job, engine, mode, workers, scheduler, force=force, progress=not quiet, cleanup=cleanup,
                        check=False)
@@ -158,9 +127,9 @@ Takes the model/patch/overlap/blend flags of `run`; use it on a small volume to 
 def reference(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
               overlap: str = "0,0,0", weights: str | None = None, blend: str = "gaussian", dtype: str = "float32",
               pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu", batch_size: int = 1,
-              quiet: bool = False) -> None:
+              fill_missing: bool = False, quiet: bool = False) -> None:
     setup_logging(quiet)
-    source = open_volume(input)
+    source = open_volume(input, fill_missing=fill_missing)
     try:
         chunk = open_volume(output).chunk_size
     except StorageError:
@@ -168,7 +137,8 @@ def reference(input: str, output: str, model: str, input_patch: str, output_patc
     whole = tuple(-(-s // c) * c for s, c in zip(source.bbox.shape, chunk))
     job, existing, _ = make_job(input, output, "", model, input_patch, output_patch=output_patch, overlap=overlap,
                                 block=whole, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode,
-                                precision=precision, device=device, batch_size=batch_size, storage_chunk=None)
+                                precision=precision, device=device, batch_size=batch_size, storage_chunk=None,
+                                fill_missing=fill_missing)
     result = reference_output(job, Resources(job))
     target = existing or create_volume(output, source.bbox, job.storage_chunk, job.out_channels, dtype,
                                        resolution=source.resolution)
@@ -197,7 +167,7 @@ def show(donations: str) -> None:
 
 
 def _default_store(output: str) -> str:
-    local = output[len("file://"):] if output.startswith("file://") else output
+    local = volume_location(output)
     if "://" in local:
         raise JobError(f"give --donations for a remote output such as {output} (a local directory or gs://bucket/prefix)")
     return local.rstrip("/") + ".donations"
@@ -214,6 +184,7 @@ COMMANDS = {"plan": plan, "run": run, "reference": reference, "demo": demo, "sho
 def main(argv: list[str] | None = None) -> None:
     """The console script: the command line is checked (unknown flags, extra arguments) before
     Fire runs anything, since Fire would report them only after the command ran."""
+    raise_on_sigterm()
     argv = list(sys.argv[1:] if argv is None else argv)
     fire.Fire(COMMANDS, command=check_command_line(COMMANDS, argv, "chunkflow"), name="chunkflow")
 

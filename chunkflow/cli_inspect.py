@@ -18,6 +18,7 @@ from chunkflow.planning import load_job
 from chunkflow.stages import DONATIONS
 from chunkflow.storage import ObjectStore, open_store
 from chunkflow.storage.donation_codec import DonationError, read_header
+from chunkflow.errors import UsageError
 
 
 
@@ -42,7 +43,7 @@ def inspect(store: str, block: str | None = None, piece: str | None = None, json
         credentials: a service-account JSON file for gs:// (default: Application Default Credentials).
         workers: concurrent reads for --verify/--headers.
     """
-    from chunkflow.cli import user_errors
+    from chunkflow.cli_common import user_errors
 
     try:
         user_errors(_inspect)(store, block, piece, json, png, z, channel, verify, headers, credentials, workers)
@@ -54,11 +55,11 @@ def inspect(store: str, block: str | None = None, piece: str | None = None, json
 
 def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: bool, headers: bool, credentials,
              workers: int) -> None:
-    from chunkflow.cli import setup_logging
+    from chunkflow.cli_common import setup_logging
 
     setup_logging(quiet=True)
     if not isinstance(url, str):
-        raise ValueError(f"STORE {url!r} must be a directory or gs://bucket/prefix")
+        raise UsageError(f"STORE {url!r} must be a directory or gs://bucket/prefix")
     if z is not None:
         _integer("z", z)
     _integer("channel", channel, minimum=0)
@@ -83,9 +84,9 @@ def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: boo
 def _integer(flag: str, value, minimum: int | None = None) -> int:
     """A numeric flag as Fire parsed it: an int (not a bool, a float or a word), at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"--{flag} {value!r} is not an integer")
+        raise UsageError(f"--{flag} {value!r} is not an integer")
     if minimum is not None and value < minimum:
-        raise ValueError(f"--{flag} {value} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}")
+        raise UsageError(f"--{flag} {value} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}")
     return value
 
 
@@ -93,7 +94,7 @@ def _png(store: ObjectStore, block, piece, path: str, z, channel) -> None:
     from chunkflow.inspect_png import check_png_path, render_block, render_piece, save_png
 
     if piece is None and block is None:
-        raise ValueError("--png needs --block NAME or --piece KEY")
+        raise UsageError("--png needs --block NAME or --piece KEY")
     check_png_path(path)
     job = load_job(store) if store.exists(MANIFEST) else None
     refused: list[str] = []
@@ -104,7 +105,7 @@ def _png(store: ObjectStore, block, piece, path: str, z, channel) -> None:
             what = f"piece {piece}"
         else:
             if job is None:
-                raise ValueError(f"--png of a block needs the job manifest, and {store.url} has none; use --piece")
+                raise UsageError(f"--png of a block needs the job manifest, and {store.url} has none; use --piece")
             image, refused = render_block(store, job, str(block), z, channel)
             what = f"block {block}"
     save_png(image, path)
@@ -117,12 +118,12 @@ def _piece(store: ObjectStore, key: str, as_json: bool) -> None:
     try:
         parse_key(key)
     except ValueError as err:
-        raise ValueError(f"--piece: {err}") from None
+        raise UsageError(f"--piece: {err}") from None
     job = load_job(store) if store.exists(MANIFEST) else None
     try:
         data = store.get(DONATIONS + key)
     except KeyError:
-        raise KeyError(f"donation {key} is not in {store.url}") from None
+        raise UsageError(f"donation {key} is not in {store.url}") from None
     status, checksum, error, _, _ = check_piece(data, key, job)
     info: dict = {"key": key, "stored_bytes": len(data), "job_match": status, "checksum_status": checksum}
     if error is not None:

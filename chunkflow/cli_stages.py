@@ -12,16 +12,18 @@ Each has two commands::
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 import logging
 import re
 import signal
 import sys
+import weakref
+from collections.abc import Callable
 
 import fire
 
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.cli_common import setup_logging, usage_error, user_errors
 from chunkflow.job import Job, JobError
 from chunkflow.planning import load_job
 
@@ -30,30 +32,19 @@ log = logging.getLogger(__name__)
 SCRIPTS = {1: "inference_and_donate.py", 2: "receive_and_blend.py"}
 
 
-def user_errors(fn):
-    """``chunkflow.cli.user_errors``, looked up when called (chunkflow.cli imports this module's users)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from chunkflow.cli import user_errors as wrap
-
-        return wrap(fn)(*args, **kwargs)
-    return wrapper
-
-
-def setup_logging(quiet: bool = False) -> None:
-    from chunkflow.cli import setup_logging as setup
-
-    setup(quiet)
-
-
 def select_blocks(job: Job, blocks) -> list[Vec] | None:
     """``all`` -> None (every block); otherwise block names ``x0-x1_y0-y1_z0-z1`` (comma or list)."""
     if blocks in (None, "all"):
         return None
+    example = job.layout.block_box(Vec(0, 0, 0)).name
     if isinstance(blocks, str):
-        names = [b for b in blocks.replace(";", ",").split(",") if b]
-    else:
+        names = [b for b in blocks.replace(";", ",").split(",") if b.strip()]
+    elif isinstance(blocks, (list, tuple)):
         names = [str(b) for b in blocks]
+    else:
+        raise JobError(f"--blocks {blocks!r} is not 'all' or a list of block names like {example}")
+    if not names:
+        raise JobError(f"--blocks {blocks!r} selects no block; give 'all' or block names like {example}")
     selected = []
     for name in names:
         try:
@@ -64,42 +55,65 @@ def select_blocks(job: Job, blocks) -> list[Vec] | None:
     return selected
 
 
-def run_command(stage: int):
-    @user_errors
-    def run(job: str, blocks: str = "all", device: str | None = None, batch_size: int | None = None,
-            force: bool = False, cleanup: bool = False, quiet: bool = False) -> None:
-        """Run this stage for blocks of a planned job, in this process.
+RUN_ARGS = {
+    "job": "the job's store (the --donations location given to `chunkflow plan`).",
+    "blocks": "'all' or block names x0-x1_y0-y1_z0-z1 separated by commas.",
+    "device": "cpu, cuda or cuda:N (default: the job's).",
+    "batch_size": "patches per forward pass (default: the job's).",
+    "force": "rerun blocks that are already done.",
+    "cleanup": "delete each block's donations after it is written, and the leftover donations of blocks "
+               "already done (late duplicates of their donors).",
+    "quiet": "no progress bar.",
+}
+RUN_NOTE = """Every selected block is tried: a block that fails (e.g. its donations are missing or
+corrupt) is reported in one line at the end and the exit status is non-zero (2, or 1 if
+a block failed unexpectedly)."""
 
-        Args:
-            job: the job's store (the --donations location given to `chunkflow plan`).
-            blocks: 'all' or block names x0-x1_y0-y1_z0-z1 separated by commas.
-            device: cpu, cuda or cuda:N (default: the job's).
-            batch_size: patches per forward pass (default: the job's).
-            force: rerun blocks that are already done.
-            cleanup: (stage two) delete each block's donations after it is written, and the leftover
-                donations of blocks already done (late duplicates of their donors).
-            quiet: no progress bar.
+#: per stage, the flags of the other stage's ``run`` and why this stage refuses them
+OTHER_STAGE_FLAGS: dict[int, dict[str, str]] = {
+    1: {"cleanup": "--cleanup is a stage-two flag (receive_and_blend deletes the donations it consumed)"},
+    2: {name: f"--{name.replace('_', '-')} is a stage-one flag (inference_and_donate runs the network)"
+        for name in ("device", "batch_size")},
+}
 
-        Every selected block is tried: a block that fails (e.g. its donations are missing or
-        corrupt) is reported in one line at the end and the exit status is non-zero (2, or 1 if
-        a block failed unexpectedly).
-        """
-        from chunkflow.engines import LocalEngine, run_stage
-        from chunkflow.engines.failures import exit_status
+#: command -> {flag it does not take: why}, for :func:`check_command_line` (not an attribute of the
+#: command: Fire would list it in the help as a member)
+FOREIGN_FLAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-        if cleanup and stage == 1:
-            usage_error("--cleanup is a stage-two flag (receive_and_blend deletes what it consumed); "
-                        "inference_and_donate has nothing to clean up")
-        setup_logging(quiet)
-        planned = load_job(job).with_runtime(device=device, batch_size=batch_size)
-        summary = run_stage(planned, stage, LocalEngine(), select_blocks(planned, blocks), force=force,
-                            progress=not quiet, cleanup=cleanup, check=False)
-        print(f"stage {'one' if stage == 1 else 'two'}: {summary.tasks} blocks run, {summary.skipped} already done, "
-              f"{summary.stats.patches} patches, {summary.seconds:.2f} s{summary.counts()}")
-        if summary.swept:
-            print(f"cleanup: {summary.swept} leftover donations of finished blocks removed")
-        report_failures([f.line() for f in summary.failures], exit_status(summary.failures))
-    return run
+
+def run_command(stage: int) -> Callable[..., None]:
+    """The ``run`` command of a stage script: stage one takes --device/--batch-size, stage two
+    --cleanup; a flag of the other stage is refused in one line by :func:`check_command_line`."""
+    if stage == 1:
+        def run(job: str, blocks: str = "all", device: str | None = None, batch_size: int | None = None,
+                force: bool = False, quiet: bool = False) -> None:
+            _run_blocks(1, job, blocks, device=device, batch_size=batch_size, force=force, quiet=quiet)
+    else:
+        def run(job: str, blocks: str = "all", force: bool = False, cleanup: bool = False,
+                quiet: bool = False) -> None:
+            _run_blocks(2, job, blocks, force=force, cleanup=cleanup, quiet=quiet)
+    names = inspect.signature(run).parameters
+    run.__doc__ = (f"Run stage {'one' if stage == 1 else 'two'} for blocks of a planned job, in this process.\n\n"
+                   "Args:\n" + "".join(f"    {n}: {RUN_ARGS[n]}\n" for n in names) + "\n" + RUN_NOTE)
+    command = user_errors(run)
+    FOREIGN_FLAGS[command] = OTHER_STAGE_FLAGS[stage]
+    return command
+
+
+def _run_blocks(stage: int, job: str, blocks: str, device: str | None = None, batch_size: int | None = None,
+                force: bool = False, cleanup: bool = False, quiet: bool = False) -> None:
+    from chunkflow.engines import LocalEngine, run_stage
+    from chunkflow.engines.failures import exit_status
+
+    setup_logging(quiet)
+    planned = load_job(job).with_runtime(device=device, batch_size=batch_size)
+    summary = run_stage(planned, stage, LocalEngine(), select_blocks(planned, blocks), force=force,
+                        progress=not quiet, cleanup=cleanup, check=False)
+    print(f"stage {'one' if stage == 1 else 'two'}: {summary.tasks} blocks run, {summary.skipped} already done, "
+          f"{summary.stats.patches} patches, {summary.seconds:.2f} s{summary.counts()}")
+    if summary.swept:
+        print(f"cleanup: {summary.swept} leftover donations of finished blocks removed")
+    report_failures([f.line() for f in summary.failures], exit_status(summary.failures))
 
 
 def report_failures(lines: list[str], status: int) -> None:
@@ -115,11 +129,15 @@ def worker_command(stage: int):
     @user_errors
     def worker(queue: str, job: str | None = None, lease: int = 120, wait: bool = False, poll: float = 2.0,
                force: bool = False, cleanup: bool = False, max_tasks: int | None = None, device: str | None = None,
-               batch_size: int | None = None, quiet: bool = False) -> None:
+               batch_size: int | None = None, max_attempts: int = 3, quiet: bool = False) -> None:
         """Lease this stage's tasks from QUEUE and run them until the queue is empty.
 
         A task that was leased by a worker that died comes back when its lease runs out; this
-        worker waits for it while others hold leases. Exits 2 on a task of another job.
+        worker waits for it while others hold leases. A task that fails is handed back for another
+        attempt and the worker goes on; after --max-attempts it is given up (deleted from the
+        queue, its failed marker kept), and this worker exits 2 at the end (1 if the last error of
+        a task given up was a bug), one line per task given up. Exits 2 at once on a task of
+        another job.
 
         Args:
             queue: fq:///shared/dir or sqs://NAME (region AWS_DEFAULT_REGION, endpoint AWS_ENDPOINT_URL_SQS).
@@ -131,18 +149,21 @@ def worker_command(stage: int):
             force: rerun tasks whose block is already done.
             cleanup: (stage two) delete each block's donations after it is written, and the leftover
                 donations of a block already done when its task is leased again.
-            max_tasks: stop after this many tasks.
+            max_tasks: stop after this many tasks (attempts that failed included).
             device: cpu, cuda or cuda:N (default: the job's; one worker per GPU).
             batch_size: patches per forward pass (default: the job's).
+            max_attempts: attempts of a task (counted across workers, killed ones included) before it is given up.
             quiet: log warnings only.
         """
-        from chunkflow.engines.queue import work
+        from chunkflow.engines.queue_worker import work
 
         setup_logging(quiet)
         signal.signal(signal.SIGTERM, _terminate)
         summary = work(queue, stage, job_store=job, lease=lease, wait=wait, poll=poll, force=force,
-                       max_tasks=max_tasks, device=device, batch_size=batch_size, cleanup=cleanup)
+                       max_tasks=max_tasks, device=device, batch_size=batch_size, cleanup=cleanup,
+                       max_attempts=max_attempts)
         print(summary.line())
+        report_failures(summary.given_up, summary.exit_status())
     return worker
 
 
@@ -166,15 +187,50 @@ def main(stage: int, argv: list[str] | None = None) -> None:
 # flag would only be reported after the command ran (tasks enqueued, a whole job computed). The
 # command line is therefore parsed here first, the way Fire parses it (``--flag value``,
 # ``--flag=value``, ``--flag`` before another flag or at the end for True, ``--noflag`` for False,
-# ``-x`` for the one parameter starting with x, ``-`` and ``_`` alike), and refused in one line.
+# ``-x`` as listed by --help (:func:`short_flags`), ``-`` and ``_`` alike), and refused in one line.
+# ``--help`` is rendered here too, from Fire's help text, so that it lists exactly the short flags
+# accepted here: Fire's help offers ``-x`` for the one parameter *with a default* starting with x,
+# while its parser wants the one parameter of all (``-q`` of `produce JOB QUEUE ... --quiet` is
+# ambiguous to the parser), and ``-h`` always means help.
 
 HELP_FLAGS = ("-h", "--help")
+FIRE_VERBOSE = ("-v", "--verbose")
 
 
-def usage_error(message: str) -> None:
-    """One line on stderr and exit status 2: the CLIs' answer to a user mistake."""
-    print(f"chunkflow: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def short_flags(fn: Callable[..., object]) -> dict[str, str]:
+    """``{letter: parameter}``: the single-letter flags a command takes, and its help lists.
+
+    ``-x`` names the one parameter starting with x, if that parameter is optional (or keyword-only);
+    ``-h`` is always help.
+    """
+    params = inspect.signature(fn).parameters
+    letters = [n[0] for n in params]
+    return {n[0]: n for n, p in params.items()
+            if letters.count(n[0]) == 1 and n[0] != "h" and (p.default is not p.empty or p.kind == p.KEYWORD_ONLY)}
+
+
+def help_text(fn: Callable[..., object], name: str, prog: str, verbose: bool = False) -> str:
+    """Fire's help screen of command ``name``, with a short flag only where :func:`short_flags` has it."""
+    from fire import helptext, trace
+
+    fire_trace = trace.FireTrace(fn, name=prog)
+    fire_trace.AddAccessedProperty(fn, name, [name], None, None)
+    shorts = short_flags(fn)
+
+    def keep(match: re.Match) -> str:
+        letter, flag = match.group(2), match.group(3)
+        return match.group(0) if shorts.get(letter) == flag else match.group(1) + "--" + flag
+
+    text = helptext.HelpText(fn, trace=fire_trace, verbose=verbose)
+    return re.sub(r"^(\s*(?:\x1b\[[\d;]*m)*)-([A-Za-z]), --(\w+)", keep, text, flags=re.MULTILINE)
+
+
+def _show_help(fn, name: str, prog: str, fire_flags: list[str]) -> None:
+    """Print the help of command ``name`` the way Fire does (stderr, paged on a terminal), exit 0."""
+    from fire.core import Display
+
+    Display([help_text(fn, name, prog, verbose=any(f in FIRE_VERBOSE for f in fire_flags))], out=sys.stderr)
+    sys.exit(0)
 
 
 def _is_flag(arg: str) -> bool:
@@ -190,10 +246,11 @@ def _closest(word: str, choices: list[str]) -> str:
 def check_command_line(commands: dict, argv: list[str], prog: str) -> list[str]:
     """The arguments to give Fire for ``argv``, checked against the selected command's signature.
 
-    An unknown command or flag, an ambiguous short flag, too many or too few positional
-    arguments end the process with one line (exit 2) before anything runs. ``--help``/``-h``
-    anywhere shows the command's help and runs nothing; Fire's own flags go after a ``--``.
-    ``--no-flag`` is rewritten to Fire's ``--noflag``.
+    An unknown command or flag, a flag of the other stage, a single-letter flag that
+    :func:`short_flags` does not list, too many or too few positional arguments end the process
+    with one line (exit 2) before anything runs. ``--help``/``-h`` anywhere shows the command's
+    help (:func:`help_text`) and runs nothing; Fire's own flags go after a ``--``. ``--no-flag``
+    is rewritten to Fire's ``--noflag``, ``-x`` to the long flag it stands for.
     """
     if "--" in argv:
         cut = len(argv) - 1 - argv[::-1].index("--")
@@ -210,19 +267,21 @@ def check_command_line(commands: dict, argv: list[str], prog: str) -> list[str]:
         usage_error(f"unknown command {name!r} for `{prog}`{_closest(name, list(commands))}; "
                     f"valid: {', '.join(commands)}")
     if any(f in HELP_FLAGS for f in fire_flags):
-        return [name, *fire_flags]  # help only: Fire calls nothing without arguments
+        _show_help(fn, name, prog, fire_flags)
     command = f"{prog} {name}"
     params = inspect.signature(fn).parameters
     if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values()):
         return list(argv)
     names = list(params)
     valid = ", ".join("--" + n.replace("_", "-") for n in names)
+    shorts = short_flags(fn)
+    foreign = FOREIGN_FLAGS.get(fn, {})
     given, positional, out = set(), [], [name]
     rest, i = args[1:], 0
     while i < len(rest):
         arg = rest[i]
         if arg in HELP_FLAGS:
-            return [name, "--", "--help", *fire_flags[1:]]
+            _show_help(fn, name, prog, fire_flags)
         if arg == "-":
             usage_error(f"unexpected argument '-' for `{command}` (commands cannot be chained)")
         if not _is_flag(arg):
@@ -239,14 +298,19 @@ def check_command_line(commands: dict, argv: list[str], prog: str) -> list[str]:
             keyword = key[2:]
         elif boolean and key.startswith("no_") and key[3:] in params:
             keyword, arg = key[3:], "--no" + key[3:]  # --no-force: Fire only knows --noforce
+        elif len(key) == 1 and key in shorts:
+            keyword = shorts[key]
+            arg = f"--{keyword}" + ("=" + arg.split("=", 1)[1] if equals else "")
         elif len(key) == 1 and [n for n in names if n[0] == key]:
-            matches = [n for n in names if n[0] == key]
-            if len(matches) > 1:
-                usage_error(f"flag {arg} for `{command}` is ambiguous: "
-                            + " or ".join("--" + m.replace("_", "-") for m in matches))
-            keyword = matches[0]
+            matches = " or ".join("--" + n.replace("_", "-") for n in names if n[0] == key)
+            if " or " in matches:
+                usage_error(f"flag {arg} for `{command}` is ambiguous: {matches}")
+            usage_error(f"flag {arg.split('=', 1)[0]} for `{command}` is not a short flag; use {matches}")
         else:
             shown = arg.split("=", 1)[0]
+            other = [foreign[k] for k in (key, key[2:].lstrip("_") if key.startswith("no") else "") if k in foreign]
+            if other:
+                usage_error(f"{other[0]}; `{command}` does not take it")
             usage_error(f"unknown flag {shown} for `{command}`"
                         f"{_closest('--' + key.replace('_', '-'), valid.split(', '))}; valid: {valid}")
         given.add(keyword)

@@ -243,6 +243,6 @@ def _zyx(v) -> str:
 if __name__ == "__main__":
     import fire
 
-    from chunkflow.cli import user_errors
+    from chunkflow.cli_common import user_errors
 
     fire.Fire(user_errors(hypothetical), name="python -m chunkflow.dryrun")

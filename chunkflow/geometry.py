@@ -27,12 +27,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.errors import GeometryError
 
 KEY_SEPARATOR = "%"
-
-
-class GeometryError(ValueError):
-    """A parameter combination that cannot be planned; the message names the bad value."""
 
 
 def axis_origins(start: int, length: int, patch: int, overlap: int) -> tuple[int, ...]:
@@ -138,14 +135,14 @@ def make_key(block: Bbox, piece: Bbox) -> str:
 def parse_key(key: str) -> tuple[Bbox, Bbox]:
     """Parse ``{block}%{piece}`` strictly: no path separators, integers only, piece inside block."""
     if not isinstance(key, str) or key.count(KEY_SEPARATOR) != 1 or "/" in key or "\\" in key or ".." in key:
-        raise ValueError(f"{key!r} is not a donation key of the form x0-x1_y0-y1_z0-z1%x0-x1_y0-y1_z0-z1")
+        raise GeometryError(f"{key!r} is not a donation key of the form x0-x1_y0-y1_z0-z1%x0-x1_y0-y1_z0-z1")
     block_name, piece_name = key.split(KEY_SEPARATOR)
     try:
         block, piece = Bbox.from_name(block_name), Bbox.from_name(piece_name)
     except ValueError as err:
-        raise ValueError(f"{key!r} is not a valid donation key: {err}") from None
+        raise GeometryError(f"{key!r} is not a valid donation key: {err}") from None
     if not block.contains(piece):
-        raise ValueError(f"donation key {key!r}: the piece does not lie inside the block")
+        raise GeometryError(f"donation key {key!r}: the piece does not lie inside the block")
     return block, piece
 
 

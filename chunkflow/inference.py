@@ -30,6 +30,7 @@ import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, normalise
+from chunkflow.errors import ModelError, NonFiniteOutput
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ def blended_inference(
             that waits for its output (see ``Backend.submit``), so the next batch is gathered
             and the previous one accumulated while the model runs.
 
+    A batch whose output holds NaN or Inf raises :class:`~chunkflow.errors.NonFiniteOutput`
+    naming the first such patch (nothing is returned, so nothing of the region is written).
+
     A patch whose input is entirely zero is not run: its prediction is defined as zero
     (blank regions of EM volumes cost nothing), while its weight still counts in ``N``.
 
@@ -110,7 +114,12 @@ def blended_inference(
         timer.lap("model")
         outputs = _crop_to(outputs, output_patch)
         if outputs.shape[1] != channels:
-            raise ValueError(f"the model returned {outputs.shape[1]} channels; the job expects {channels}")
+            raise ModelError(f"the model returned {outputs.shape[1]} channels; the job expects {channels}")
+        if not np.isfinite(outputs).all():
+            bad = next(o for o, out in zip(kept, outputs) if not np.isfinite(out).all())
+            raise NonFiniteOutput(f"the model returned NaN or Inf for the output patch "
+                                  f"{Bbox(bad, bad + output_patch).name}; nothing of this block was written "
+                                  "(check the model and its input there)")
         for origin, out in zip(kept, outputs):
             np.multiply(out, weights, out=product)
             acc[(slice(None),) + Bbox(origin, origin + output_patch).slices(region)] += product
@@ -167,7 +176,7 @@ def _crop_to(outputs: np.ndarray, output_patch: Vec) -> np.ndarray:
         return outputs
     extra = spatial - output_patch
     if any(e < 0 or e % 2 for e in extra):
-        raise ValueError(f"the model returned patches of {','.join(map(str, spatial))}; expected the output patch "
+        raise ModelError(f"the model returned patches of {','.join(map(str, spatial))}; expected the output patch "
                          f"{','.join(map(str, output_patch))} or a centred larger patch")
     lo = extra // 2
     return outputs[(slice(None), slice(None)) + tuple(slice(a, a + p) for a, p in zip(lo, output_patch))]

@@ -30,6 +30,7 @@ from chunkflow.planning import load_job
 from chunkflow.stages import DONATIONS
 from chunkflow.storage import ObjectStore, StorageError
 from chunkflow.storage.donation_codec import DonationError, decode_donation, header_end, read_header
+from chunkflow.errors import UsageError
 
 
 DONE = "done/"
@@ -178,12 +179,12 @@ def _block_name(block: str, job: Job | None) -> str:
     try:
         box = Bbox.from_name(str(block))
     except ValueError as err:
-        raise ValueError(f"--block {block!r}: {err}") from None
+        raise UsageError(f"--block {block!r}: {err}") from None
     if job is not None:
         try:
             job.layout.block_index_of(box)
         except GeometryError as err:
-            raise ValueError(f"--block {block!r}: {err}") from None
+            raise UsageError(f"--block {block!r}: {err}") from None
     return box.name
 
 

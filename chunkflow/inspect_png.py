@@ -25,6 +25,7 @@ from chunkflow.job import Job
 from chunkflow.stages import DONATIONS, done_marker
 from chunkflow.storage import ObjectStore, StorageError, open_volume
 from chunkflow.storage.donation_codec import DonationError, decode_donation, read_header
+from chunkflow.errors import UsageError
 
 
 CORE, OK, CONSUMED, MISSING, REFUSED = 0, 1, 2, 3, 4
@@ -38,11 +39,11 @@ def render_piece(store: ObjectStore, key: str, job: Job | None = None, z: int | 
     try:
         _, piece = parse_key(key)
     except ValueError as err:
-        raise ValueError(f"--piece: {err}") from None
+        raise UsageError(f"--piece: {err}") from None
     try:
         data = store.get(DONATIONS + key)
     except KeyError:
-        raise KeyError(f"donation {key} is not in {store.url}") from None
+        raise UsageError(f"donation {key} is not in {store.url}") from None
     job_hash = job.job_hash if job is not None else read_header(data, key).job_hash
     _, array = decode_donation(data, key, job_hash)
     z = _pick_z(piece, z)
@@ -129,13 +130,13 @@ def _pick_z(box: Bbox, z: int | None) -> int:
     if z is None:
         return (box.start[0] + box.stop[0] - 1) // 2
     if not isinstance(z, int) or not box.start[0] <= z < box.stop[0]:
-        raise ValueError(f"--z {z!r} is outside {box.name} (z from {box.start[0]} to {box.stop[0] - 1})")
+        raise UsageError(f"--z {z!r} is outside {box.name} (z from {box.start[0]} to {box.stop[0] - 1})")
     return z
 
 
 def _pick_channel(channels: int, channel: int) -> int:
     if not isinstance(channel, int) or not 0 <= channel < channels:
-        raise ValueError(f"--channel {channel!r} is not one of 0..{channels - 1}")
+        raise UsageError(f"--channel {channel!r} is not one of 0..{channels - 1}")
     return channel
 
 

@@ -22,6 +22,7 @@ from functools import cached_property
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import BLEND_MODES
+from chunkflow.errors import JobError
 from chunkflow.geometry import GeometryError, Layout
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ DONATION_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "zstd", "blosc")
 SCHEMA_VERSION = 1
 _UNHASHED = {"store", "device", "batch_size", "job_hash", "created_by", "donation_compression"}
-
-
-class JobError(ValueError):
-    """A job that cannot be planned or loaded; the message is one line naming the problem."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +61,7 @@ class Job:
     donation_compression: str = "none"
     device: str = "cpu"
     batch_size: int = 1
+    fill_missing: bool = False
     version: int = SCHEMA_VERSION
     created_by: str = field(default="chunkflow")
     job_hash: str = ""
@@ -77,6 +75,8 @@ class Job:
     # ---- identity ---------------------------------------------------------------------------
     def compute_hash(self) -> str:
         payload = {k: v for k, v in asdict(self).items() if k not in _UNHASHED}
+        if not payload["fill_missing"]:
+            del payload["fill_missing"]  # the default: hashes of jobs planned before the flag existed still hold
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:

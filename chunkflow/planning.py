@@ -6,14 +6,17 @@ output volume behind.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
-from chunkflow.backends import check_device, load_backend, model_checksum
+from chunkflow.backends import check_device, load_backend, model_checksum, require_device
 from chunkflow.bbox import Vec
+from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobError, default_storage_chunk,
                            validate_parameters)
-from chunkflow.storage import ObjectStore, StorageError, create_volume, open_store, open_volume
-from chunkflow.storage.volumes import volume_format
+from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
+from chunkflow.storage.volumes import same_or_nested, volume_format, volume_location
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ def plan(input: str, output: str, donations: str, model: str, input_patch, **opt
     (it would mix two jobs' donations).
     """
     store = open_store(donations)
+    check_store(store)
     job, existing_output, source = make_job(input, output, store.url, model, input_patch, **options)
     previous = _existing_job(store)
     if previous is not None and previous.job_hash != job.job_hash:
@@ -62,10 +66,14 @@ def make_job(
     storage_chunk: str | tuple | None = None,
     donation_dtype: str = "float32",
     compression: str = "none",
+    fill_missing: bool = False,
+    device_here: bool = True,
 ):
     """Validate everything and build the Job, writing nothing.
 
-    Returns ``(job, existing output volume or None, input volume)``.
+    ``device_here``: the model is also loaded on ``device`` on this machine (False when the
+    workers are elsewhere, e.g. a Dask scheduler's). Returns ``(job, existing output volume or
+    None, input volume)``.
     """
     in_patch = Vec.parse(input_patch, "input patch")
     out_patch = Vec.parse(output_patch, "output patch") if output_patch is not None else in_patch
@@ -75,17 +83,23 @@ def make_job(
         raise JobError(f"donation dtype {donation_dtype!r} is not one of {', '.join(DONATION_DTYPES)}")
     if compression not in COMPRESSIONS:
         raise JobError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise JobError(f"batch size {batch_size!r} must be a positive integer")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise JobError(f"--batch-size {batch_size!r} must be a positive integer")
+    if not isinstance(fill_missing, bool):
+        raise JobError(f"--fill-missing takes no value (got {fill_missing!r})")
+    check_locations(input, output, store)
 
     if dtype == "float16" and volume_format(output) == "precomputed":
         raise JobError(f"output dtype float16 is not supported by Neuroglancer precomputed ({output}); use float32 "
                        "or uint8, or a zarr output")
-    source = open_volume(input)
+    source = open_volume(input, fill_missing=fill_missing)
     bbox = source.bbox
     block_v = Vec.parse(block, "block") if block is not None else Vec(min(s, 128) for s in bbox.shape)
-    backend = load_backend(model, weights, device="cpu", precision="float32")
     check_device(device)
+    backend = load_backend(model, weights, device="cpu", precision="float32")
+    if device_here and device != "cpu":
+        require_device(device)
+        load_backend(model, weights, device=device, precision=precision)
     out_channels, produced = backend.output_shape(tuple(in_patch), source.num_channels)
     if Vec(produced) not in (out_patch, in_patch):
         raise JobError(f"model {model} turns an input patch of {_zyx(in_patch)} into {_zyx(produced)}; give "
@@ -98,6 +112,10 @@ def make_job(
         if existing.num_channels != out_channels or str(existing.dtype) != dtype:
             raise JobError(f"output {output} has {existing.num_channels} channels of {existing.dtype}; the job "
                            f"makes {out_channels} channels of {dtype}")
+        if existing.sharded:
+            raise JobError(f"output {output} is a sharded precomputed layer, which chunkflow cannot write yet (a "
+                           "write covering part of a shard would replace the whole shard file); give a new, "
+                           "unsharded output")
         chunk = existing.chunk_size
     else:
         chunk = Vec.parse(storage_chunk, "storage chunk") if storage_chunk is not None else default_storage_chunk(block_v)
@@ -105,13 +123,50 @@ def make_job(
         Layout(bbox, out_patch, overlap_v, block_v, chunk)
     except GeometryError as err:
         raise JobError(str(err)) from None
+    if not fill_missing and not source.has_data():
+        raise MissingInput(f"input {input} holds no chunks at all (its info file promises {bbox.name}); plan with "
+                           "--fill-missing if it is meant to be zeros")
     job = Job(input=input, output=output, store=store, bbox=bbox.name, input_patch=in_patch,
               output_patch=out_patch, overlap=overlap_v, block=block_v, storage_chunk=chunk, blend=blend,
               model=model, weights=weights, model_checksum=model_checksum(model, weights),
               in_channels=source.num_channels, out_channels=out_channels, output_dtype=dtype, pad_mode=pad_mode,
               precision=precision, donation_dtype=donation_dtype, donation_compression=compression,
-              device=device, batch_size=batch_size)
+              device=device, batch_size=batch_size, fill_missing=fill_missing)
     return job, existing, source
+
+
+def check_locations(input: str, output: str, store: str | None) -> None:
+    """Refuse an output that is (or holds, or lies inside) the input, and a job store that is
+    either volume: the first write would destroy data that this job reads or writes."""
+    source, target = volume_location(input), volume_location(output)
+    if same_or_nested(source, target):
+        raise JobError(f"output {output} is the input {input} (or inside it, or holds it): the job would overwrite "
+                       "its own input; give another output location")
+    if store:
+        where = store[len("file://"):] if store.startswith("file://") else store
+        where = os.path.realpath(where) if "://" not in where else where.rstrip("/")
+        for flag, url, location in (("input", input, source), ("output", output, target)):
+            if same_or_nested(where, location):
+                raise JobError(f"--donations {store} is the {flag} volume {url} (or inside it, or holds it); give "
+                               "the job store a location of its own")
+
+
+def check_store(store: ObjectStore) -> None:
+    """Refuse a job store that cannot be written, before anything is created: a local path that
+    is a file, or lies under a file, or under a directory this user may not write."""
+    if not isinstance(store, DirectoryStore):
+        return
+    root = Path(store.root)
+    if root.exists() and not root.is_dir():
+        raise StorageError(f"--donations {root} is a file, not a directory; give a directory path (it is created "
+                           "if absent)")
+    parent = root
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StorageError(f"--donations {root}: {parent} is a file, so the job store cannot be created there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StorageError(f"--donations {root}: {parent} is not writable by this user")
 
 
 def load_job(store: str | ObjectStore) -> Job:

@@ -25,10 +25,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from chunkflow.backends import Backend, load_backend
+from chunkflow.backends import Backend, load_backend, require_device
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, weight_map
 from chunkflow.inference import blended_inference
+from chunkflow.errors import MissingDonations
 from chunkflow.job import Job
 from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
 from chunkflow.storage.donation_codec import DonationError, decode_donation, encode_donation
@@ -37,19 +38,6 @@ log = logging.getLogger(__name__)
 
 DONATIONS = "donations/"
 WRITE_SLAB_BYTES = 8 << 20
-
-
-class MissingDonations(RuntimeError):
-    """Stage two found pieces missing or refused; nothing was written."""
-
-    def __init__(self, block: Bbox, missing: list[str], corrupt: list[str]):
-        self.block, self.missing, self.corrupt = block, missing, corrupt
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {', '.join(missing)}")
-        if corrupt:
-            parts.append(f"{len(corrupt)} refused: {'; '.join(corrupt)}")
-        super().__init__(f"block {block.name} cannot be blended, donations {' and '.join(parts)}; nothing was written")
 
 
 @dataclass
@@ -66,6 +54,7 @@ class Stats:
     voxels: int = 0
     donated_bytes: int = 0
     donations: int = 0
+    filled_chunks: int = 0  # missing input chunks read as zeros (a job planned with --fill-missing)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def time(self, phase: str, since: float) -> float:
@@ -78,6 +67,7 @@ class Stats:
         self.voxels += other.voxels
         self.donated_bytes += other.donated_bytes
         self.donations += other.donations
+        self.filled_chunks += other.filled_chunks
         for k, v in other.seconds.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
 
@@ -147,7 +137,7 @@ class Resources:
 
     @cached_property
     def input(self) -> Volume:
-        return open_volume(self.job.input)
+        return open_volume(self.job.input, fill_missing=self.job.fill_missing)
 
     @cached_property
     def output(self) -> Volume:
@@ -160,6 +150,7 @@ class Resources:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
+            require_device(self.job.device)
             self._backend = load_backend(self.job.model, self.job.weights, self.job.device, self.job.precision)
         return self._backend
 
@@ -199,7 +190,9 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
     chunk = layout.chunk_box(block)
     t = time.perf_counter()
     if chunk is not None:
+        filled = res.input.filled_chunks
         out = _infer_region(job, res, chunk, layout.own_origins(block), stats, progress, prefetch_next)
+        stats.filled_chunks += res.input.filled_chunks - filled
         t = time.perf_counter()
         core = layout.core_box(block)
         if not core.is_empty():

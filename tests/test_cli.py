@@ -64,7 +64,7 @@ BAD = [
     ({"model": "nosuchdir/net.onnx"}, "does not exist"),
     ({"model": "no-such-backend"}, "no-such-backend"),
     ({"device": "tpu"}, "'tpu'"),
-    ({"batch-size": "0"}, "batch size"),
+    ({"batch-size": "0"}, "--batch-size 0"),
     ({"input": "file:///nonexistent/volume"}, "no volume at"),
     ({"input": "ftp://x/y"}, "unsupported volume URL"),
 ]

@@ -39,6 +39,7 @@ from chunkflow.backends.base import (
     check_device,
     check_precision,
     model_checksum,
+    require_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "load_backend",
     "model_checksum",
+    "require_device",
     "resolve_backend_name",
 ]
 

@@ -21,11 +21,14 @@ from typing import Callable
 
 import numpy as np
 
+from chunkflow.errors import ModelError
+
 __all__ = [
     "Backend",
     "ModelError",
     "PRECISIONS",
     "check_device",
+    "require_device",
     "check_precision",
     "check_file",
     "cuda_unavailable",
@@ -36,10 +39,6 @@ PRECISIONS = ("float32", "float16", "bfloat16")
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(:(\d+))?$")
 _BACKEND_PREFIXES = ("pytorch", "torchscript", "onnx")  # "onnx:/path/net.onnx" names the backend explicitly
 CUDA_UNAVAILABLE = "CUDA is not available on this machine; use --device cpu"
-
-
-class ModelError(ValueError):
-    """A model, weights file, device or precision that cannot be used. The message is one line."""
 
 
 def cuda_unavailable(device: str) -> ModelError:
@@ -54,6 +53,30 @@ def check_device(device: str) -> str:
     if not m or (m.group(1) == "cpu" and m.group(2)):
         raise ModelError(f"unknown device {device!r}; valid: 'cpu', 'cuda' or 'cuda:N'")
     return text
+
+
+def require_device(device: str) -> None:
+    """Refuse a CUDA device that this machine does not have (whatever the backend: even one that
+    would run anywhere must not hide that the workers asked for a GPU they lack)."""
+    device = check_device(device)
+    if device == "cpu":
+        return
+    try:
+        import torch
+    except ImportError:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise cuda_unavailable(device) from None
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise cuda_unavailable(device) from None
+        return
+    if not torch.cuda.is_available():
+        raise cuda_unavailable(device)
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ModelError(f"device {device!r}: this machine has {torch.cuda.device_count()} visible GPUs "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
 def check_precision(precision: str) -> str:

@@ -19,14 +19,13 @@ is driven by ``chunkflow produce``, the workers and ``chunkflow barrier`` instea
 """
 from __future__ import annotations
 
+import importlib
 from typing import Protocol
+
+from chunkflow.errors import EngineError
 
 ENGINES = ("local", "dask")
 MODES = ("barrier", "streaming")
-
-
-class EngineError(ValueError):
-    """An engine that cannot be started or used; the message is one line."""
 
 
 class Engine(Protocol):
@@ -56,6 +55,11 @@ def check_options(engine: str, mode: str, workers: int | None = None, scheduler:
         raise EngineError("--workers and --scheduler need --engine dask")
     if scheduler is not None and (not isinstance(scheduler, str) or "://" not in scheduler):
         raise EngineError(f"--scheduler {scheduler!r} is not a scheduler address such as tcp://host:8786")
+    if engine == "dask":
+        try:
+            importlib.import_module("distributed")
+        except ImportError:
+            raise EngineError("--engine dask needs dask[distributed]: pip install 'chunkflow[dask]'") from None
     if scheduler is not None and workers is not None:
         raise EngineError(f"--workers {workers} sizes the LocalCluster chunkflow starts; with --scheduler the "
                           "cluster's own workers run the tasks: leave out --workers (or --scheduler)")

@@ -98,10 +98,16 @@ class DaskEngine:
             raise EngineError(f"--workers {workers} must be a positive integer")
         quiet = logging.getLogger("distributed")  # Dask's start-up chatter; its warnings (a worker died) stay
         quiet.setLevel(max(quiet.level, logging.WARNING))
-        self.cluster = LocalCluster(n_workers=count, processes=True, threads_per_worker=1, dashboard_address=":0",
-                                    silence_logs=logging.WARNING, resources={"GPU": 1} if gpu else None,
-                                    env={"DASK_LOGGING__DISTRIBUTED": "warning"})
-        self.client = Client(self.cluster)
+        try:
+            self.cluster = LocalCluster(n_workers=count, processes=True, threads_per_worker=1,
+                                        dashboard_address=":0", silence_logs=logging.WARNING,
+                                        resources={"GPU": 1} if gpu else None,
+                                        env={"DASK_LOGGING__DISTRIBUTED": "warning"})
+            self.client = Client(self.cluster)
+        except (RuntimeError, OSError, TimeoutError) as err:  # "Nanny failed to start", no free port, ...
+            raise EngineError(f"the Dask LocalCluster could not start its {count} worker processes "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); check memory "
+                              "and the process limit, or try fewer --workers") from None
         if gpu:
             self.client.register_plugin(PinGPU(_visible_gpus(gpus)), name="chunkflow-pin-gpu")
         log.info("Dask LocalCluster with %d worker processes, dashboard %s", count, self.client.dashboard_link)

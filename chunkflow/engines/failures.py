@@ -4,7 +4,7 @@ One task's exception never ends the others. An engine yields, in place of a task
 
 - :class:`Failed` for a task that raised (after the engine's own retries, if any): the
   exception's type and message on one line, and whether it is a *refusal* (a user or data
-  problem: ``chunkflow.cli.USER_ERRORS``, e.g. missing or corrupt donations) or unexpected;
+  problem: a :class:`chunkflow.errors.Refusal`, e.g. missing or corrupt donations) or unexpected;
 - :class:`NotRun` (streaming order) for a stage-two task that was not started because stage
   one of a block it depends on failed.
 
@@ -19,28 +19,14 @@ import pickle
 import traceback
 from dataclasses import dataclass, field
 
+from chunkflow.errors import is_refusal, one_line
+
 STAGE_NAMES = {1: "inference-and-donate", 2: "receive-and-blend"}
-MAX_MESSAGE = 4000
 
 
 def debugging() -> bool:
     """``CHUNKFLOW_DEBUG`` is set: let a task's exception end the run with its traceback."""
     return bool(os.environ.get("CHUNKFLOW_DEBUG"))
-
-
-def one_line(err: BaseException) -> str:
-    """The exception's message on one line (every line of it, joined), or its type if it has none."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    return text[:MAX_MESSAGE] if text else type(err).__name__
-
-
-def is_refusal(err: BaseException) -> bool:
-    """A user or data problem (the CLI's one-line errors), as opposed to a bug."""
-    try:
-        from chunkflow.cli import USER_ERRORS
-    except ImportError:  # pragma: no cover - the CLI's dependencies missing on a bare worker
-        return False
-    return isinstance(err, USER_ERRORS)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from chunkflow.units import human_bytes
 from chunkflow.bbox import Vec
 from chunkflow.engines.base import EngineError, MODES, check_options, make_engine
+from chunkflow.errors import Interrupted
 from chunkflow.engines.failures import Failed, NotRun, TaskFailure, debugging, exit_status
 from chunkflow.engines.task import STAGE_NAMES, StageTask, TaskResult, sweep_leftovers
 from chunkflow.job import Job
@@ -144,6 +145,8 @@ class RunSummary:
             f"{self.stage2.seconds:.2f} s{self.stage2.counts()}",
             f"throughput: {rate}, {total:.2f} s in all{first}",
         ]
+        if self.stage1.stats.filled_chunks:
+            lines.append(f"input: {self.stage1.stats.filled_chunks} missing chunks read as zeros (--fill-missing)")
         if self.stage2.swept:
             lines.append(f"cleanup: {self.stage2.swept} leftover donations of finished blocks removed")
         for name, stage in (("one", self.stage1), ("two", self.stage2)):
@@ -186,10 +189,14 @@ def run_stage(job: Job, stage: int, engine, blocks: Iterable[Vec] | None = None,
         _sweep(job, finished, summary)
     else:
         summary.skipped += len(finished)
-    with tqdm(total=len(todo), desc=STAGE_NAMES[stage], unit="block", disable=not progress, leave=True) as bar:
-        for block, result in engine.map(StageTask(job, stage, force, cleanup), todo, gpu=stage == 1 and _gpu(job)):
-            summary.record(job, stage, block, result)
-            bar.update(1)
+    try:
+        with tqdm(total=len(todo), desc=STAGE_NAMES[stage], unit="block", disable=not progress, leave=True) as bar:
+            for block, result in engine.map(StageTask(job, stage, force, cleanup), todo,
+                                            gpu=stage == 1 and _gpu(job)):
+                summary.record(job, stage, block, result)
+                bar.update(1)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM raised as Terminated by the CLI
+        raise Interrupted.of(interrupt, f"{STAGE_NAMES[stage]}: {summary.tasks} blocks done") from None
     summary.seconds = time.perf_counter() - started
     if check:
         _check(summary.failures)
@@ -278,6 +285,9 @@ def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress
             stage_summary[stage].record(job, stage, block, result)
             stage_summary[stage].seconds = time.perf_counter() - summary.started
             bars[stage].update(1)
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted.of(interrupt, f"{STAGE_NAMES[1]}: {summary.stage1.tasks} blocks done, {STAGE_NAMES[2]}: "
+                                        f"{summary.stage2.tasks} blocks done") from None
     finally:
         for bar in bars.values():
             bar.close()

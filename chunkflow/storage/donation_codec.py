@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from chunkflow.bbox import Bbox
+from chunkflow.errors import DonationError
 
 MAGIC = b"CFDON1\n"
 _LEN = struct.Struct("<I")
@@ -34,15 +35,6 @@ _PREFIX = len(MAGIC) + _LEN.size
 MAX_HEADER = 1 << 20
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "zstd", "blosc")
-
-
-class DonationError(ValueError):
-    """A donation was refused. ``str()`` is one line: ``donation KEY is/belongs ... REASON``."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        self.key = key
-        self.reason = reason
-        super().__init__(f"donation {key} {reason}")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,10 @@
 """Neuroglancer precomputed volumes through CloudVolume (mip 0, raw encoding).
 
+A chunk that the info file's bounds promise but the layer does not hold (a hole, a layer whose
+data was never written, a sub-box copied with the full bounds) is refused by default with
+:class:`~chunkflow.errors.MissingInput` naming it; ``fill_missing=True`` reads such chunks as
+zeros on purpose and counts them (:attr:`PrecomputedVolume.filled_chunks`).
+
 CloudVolume arrays are X,Y,Z,C (Fortran order); chunkflow's are C,Z,Y,X (C order).
 ``arr.transpose(3, 2, 1, 0)`` maps one onto the other without a copy: a C-contiguous
 C,Z,Y,X array viewed as X,Y,Z,C is exactly the Fortran-contiguous layout CloudVolume
@@ -12,17 +17,20 @@ once per bucket when no ``~/.cloudvolume/secrets/google-secret.json`` exists.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 from typing import Sequence
 
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.errors import MissingInput
 from chunkflow.storage.volumes import StorageError, Volume
 
 log = logging.getLogger(__name__)
 
-_CV_OPTIONS = dict(mip=0, fill_missing=True, non_aligned_writes=False, progress=False, parallel=1)
+_CV_OPTIONS = dict(mip=0, non_aligned_writes=False, progress=False, parallel=1)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -33,9 +41,16 @@ def _one_line(exc: BaseException) -> str:
 class PrecomputedVolume(Volume):
     """A precomputed layer at mip 0. ``location`` is the CloudVolume cloudpath."""
 
-    def __init__(self, url: str, cv) -> None:  # cv: cloudvolume.CloudVolume
+    def __init__(self, url: str, cv, fill_missing: bool = True) -> None:  # cv: cloudvolume.CloudVolume
         self._cv = cv
+        self._location = cv.cloudpath
+        self.fill_missing = bool(fill_missing)
+        self.filled_chunks = 0
+        self._filling_cv = None
+        self._lock = threading.Lock()
         scale = cv.info["scales"][0]
+        #: sharded layers store many chunks per file: a partial write would replace the whole file
+        self.sharded = bool(scale.get("sharding"))
         offset_xyz = scale["voxel_offset"]
         size_xyz = scale["size"]
         start = Vec(offset_xyz[2], offset_xyz[1], offset_xyz[0])
@@ -52,7 +67,7 @@ class PrecomputedVolume(Volume):
         )
 
     @staticmethod
-    def _cloudvolume(location: str, **kwargs):
+    def _cloudvolume(location: str, fill_missing: bool = False, **kwargs):
         from cloudvolume import CloudVolume
 
         # The explicit format stops CloudVolume from probing for a zarr when the info
@@ -60,10 +75,11 @@ class PrecomputedVolume(Volume):
         # Local files are written uncompressed (gzip would cost ~10x the write time);
         # cloud objects keep CloudVolume's gzip default, which browsers decode natively.
         compress = False if location.startswith("file://") else None
-        return CloudVolume("precomputed://" + location, compress=compress, **_CV_OPTIONS, **kwargs)
+        return CloudVolume("precomputed://" + location, compress=compress, fill_missing=fill_missing, **_CV_OPTIONS,
+                           **kwargs)
 
     @classmethod
-    def open_if_exists(cls, url: str, location: str) -> "PrecomputedVolume | None":
+    def open_if_exists(cls, url: str, location: str, fill_missing: bool = True) -> "PrecomputedVolume | None":
         from cloudvolume.exceptions import InfoUnavailableError
 
         try:
@@ -72,11 +88,11 @@ class PrecomputedVolume(Volume):
             return None
         except Exception as exc:  # noqa: BLE001 - cloud-files raises many kinds; report one line
             raise StorageError(f"cannot open volume {url}: {_one_line(exc)}") from exc
-        return cls(url, cv)
+        return cls(url, cv, fill_missing)
 
     @classmethod
-    def open(cls, url: str, location: str) -> "PrecomputedVolume":
-        vol = cls.open_if_exists(url, location)
+    def open(cls, url: str, location: str, fill_missing: bool = True) -> "PrecomputedVolume":
+        vol = cls.open_if_exists(url, location, fill_missing)
         if vol is None:
             raise StorageError(f"no volume at {url} (no precomputed info file)")
         return vol
@@ -118,13 +134,43 @@ class PrecomputedVolume(Volume):
         (z0, y0, x0), (z1, y1, x1) = bbox.start, bbox.stop
         return slice(x0, x1), slice(y0, y1), slice(z0, z1)
 
+    def has_data(self) -> bool:
+        """Whether the layer holds at least one chunk at mip 0 (one listing request)."""
+        from cloudfiles import CloudFiles
+
+        try:
+            listing = CloudFiles(self._cv.cloudpath).list(prefix=self._cv.meta.key(0) + "/")
+            return next(iter(itertools.islice(listing, 1)), None) is not None
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot list the chunks of {self.url}: {_one_line(exc)}") from exc
+
     def _read(self, bbox: Bbox) -> np.ndarray:
+        from cloudvolume.exceptions import EmptyVolumeException
+
         try:
             cutout = self._cv[self._slices_xyz(bbox)]
+        except EmptyVolumeException as exc:
+            if not self.fill_missing:
+                raise MissingInput(
+                    f"chunk {str(exc).strip() or '?'} of {self.url} is missing (box {bbox.name} needs it; the "
+                    f"layer's info promises {self.bbox.name}); plan with --fill-missing if missing chunks are "
+                    "meant to be zeros") from None
+            cutout = self._read_filling(bbox)
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"read of box {bbox.name} from {self.url} failed: {_one_line(exc)}") from exc
         # X,Y,Z,C -> C,Z,Y,X; make it C-contiguous so callers get ordinary arrays.
         return np.ascontiguousarray(np.asarray(cutout).transpose(3, 2, 1, 0))
+
+    def _read_filling(self, bbox: Bbox):
+        """Read with missing chunks as zeros, on request, counting the chunks filled."""
+        slices = self._slices_xyz(bbox)
+        missing = sum(1 for present in self._cv.exists(slices).values() if not present)
+        with self._lock:
+            self.filled_chunks += missing
+            if self._filling_cv is None:
+                self._filling_cv = self._cloudvolume(self._location, fill_missing=True)
+        log.debug("%s: %d missing chunks in %s read as zeros", self.url, missing, bbox.name)
+        return self._filling_cv[slices]
 
     def _write(self, bbox: Bbox, data: np.ndarray) -> None:
         xyzc = np.ascontiguousarray(data).transpose(3, 2, 1, 0)  # Fortran-ordered view, no copy

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import sys
 import threading
@@ -31,6 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,6 @@ SUPPORTED_URLS = (
 PAD_MODES = (None, "reflect", "constant")
 
 
-class StorageError(RuntimeError):
-    """A storage operation failed; the message is one line that names what and where."""
-
-
 class Volume:
     """A C,Z,Y,X array in global voxel coordinates. Subclasses implement ``_read``/``_write``."""
 
@@ -55,6 +53,10 @@ class Volume:
     num_channels: int
     dtype: np.dtype
     resolution: tuple[float, float, float]
+    #: stored in shards of several chunks (precomputed sharding): chunk-aligned writes are not enough
+    sharded: bool = False
+    #: chunks that did not exist and were read as zeros because the volume was opened with fill_missing
+    filled_chunks: int = 0
 
     def __init__(
         self,
@@ -153,6 +155,10 @@ class Volume:
                     f"(chunk size {tuple(self.chunk_size)} ZYX from {tuple(self.bbox.start)})"
                 )
 
+    def has_data(self) -> bool:
+        """Whether any data was ever written (formats that can tell cheaply; others say True)."""
+        return True
+
     def geometry(self) -> dict:
         """The parameters that :func:`create_volume` compares against an existing volume."""
         return {
@@ -191,6 +197,22 @@ def _classify(url: str) -> tuple[str, str]:
     if "://" not in url and url.rstrip("/").endswith(".zarr"):
         return "zarr", url
     raise StorageError(f"unsupported volume URL {url!r}; {SUPPORTED_URLS}")
+
+
+def volume_location(url: str) -> str:
+    """Where a volume's bytes live, one spelling per place: local paths absolute with symlinks
+    resolved, no trailing slash, no format prefix (so two URLs of one volume compare equal)."""
+    fmt, location = _classify(url)
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    if "://" not in location:
+        return os.path.realpath(os.path.abspath(location))
+    return location.rstrip("/")
+
+
+def same_or_nested(a: str, b: str) -> bool:
+    """Whether two locations from :func:`volume_location` are one place or one holds the other."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
 def volume_format(url: str) -> str:
@@ -234,16 +256,23 @@ def _gcs_access(url: str, location: str, action: str) -> Iterator[None]:
             sys.stdout.write(rest)
 
 
-def open_volume(url: str) -> Volume:
-    """Open an existing volume; :class:`StorageError` ``no volume at URL`` if there is none."""
-    fmt, location = _classify(url)
-    if fmt == "zarr":
-        from chunkflow.storage.zarr_volume import ZarrVolume as impl
-    else:
-        from chunkflow.storage.precomputed import PrecomputedVolume as impl  # type: ignore[assignment]
+def open_volume(url: str, fill_missing: bool = True) -> Volume:
+    """Open an existing volume; :class:`StorageError` ``no volume at URL`` if there is none.
 
+    ``fill_missing``: read precomputed chunks that do not exist as zeros (counted in
+    ``filled_chunks``); False refuses them with :class:`~chunkflow.errors.MissingInput`, which
+    is how a job reads its input unless planned with ``--fill-missing``. A zarr array defines a
+    missing chunk as its fill value, so zarr reads are the same either way.
+    """
+    fmt, location = _classify(url)
     with _gcs_access(url, location, "open"):
-        return impl.open(url, location)
+        if fmt == "zarr":
+            from chunkflow.storage.zarr_volume import ZarrVolume
+
+            return ZarrVolume.open(url, location)
+        from chunkflow.storage.precomputed import PrecomputedVolume
+
+        return PrecomputedVolume.open(url, location, fill_missing)
 
 
 def create_volume(

@@ -78,6 +78,8 @@ class ZarrVolume(Volume):
         import zarr
         from zarr.errors import NodeNotFoundError
 
+        if "://" not in location and not os.path.exists(location):
+            return None  # zarr's LocalStore would create the directory while looking
         try:
             array = zarr.open_array(store=_store(location), mode="r+", zarr_format=None)
         except (NodeNotFoundError, FileNotFoundError):
