@@ -31,8 +31,8 @@ class Vec(tuple):
     @classmethod
     def parse(cls, text: str | Sequence[int] | int, what: str = "size") -> "Vec":
         """Parse ``"16,128,128"`` (ZYX), a sequence or a single int (isotropic)."""
-        if isinstance(text, bool) or (not isinstance(text, (str, int)) and hasattr(text, "__iter__")
-                                      and any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in text)):
+        if isinstance(text, bool) or (not isinstance(text, (str, int)) and hasattr(text, "__iter__") and any(
+                isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in text)):
             raise GeometryError(f"{what} {_shown(text)} is not three integers z,y,x such as 16,128,128")
         if isinstance(text, int):
             return cls(text, text, text)
@@ -45,7 +45,7 @@ class Vec(tuple):
         try:
             return cls(text)
         except (TypeError, ValueError):
-            raise GeometryError(f"{what} {text!r} is not three integers z,y,x such as 16,128,128") from None
+            raise GeometryError(f"{what} {_shown(text)} is not three integers z,y,x such as 16,128,128") from None
 
     def __add__(self, other) -> "Vec":  # type: ignore[override]
         o = _as3(other)

@@ -21,7 +21,7 @@ from chunkflow.job import JobError
 from chunkflow.planning import load_job, make_job, plan as plan_job
 from chunkflow.stages import Resources, cast_output, reference as reference_output
 from chunkflow.storage import StorageError, create_volume, open_volume
-from chunkflow.storage.volumes import volume_location
+from chunkflow.storage.volumes import input_missing, volume_location
 
 log = logging.getLogger("chunkflow")
 
@@ -129,7 +129,7 @@ def reference(input: str, output: str, model: str, input_patch: str, output_patc
               pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu", batch_size: int = 1,
               fill_missing: bool = False, quiet: bool = False) -> None:
     setup_logging(quiet)
-    source = open_volume(input, fill_missing=fill_missing)
+    source = open_volume(input, missing=input_missing(fill_missing))
     try:
         chunk = open_volume(output).chunk_size
     except StorageError:

@@ -107,12 +107,19 @@ def _run_blocks(stage: int, job: str, blocks: str, device: str | None = None, ba
 
     setup_logging(quiet)
     planned = load_job(job).with_runtime(device=device, batch_size=batch_size)
-    summary = run_stage(planned, stage, LocalEngine(), select_blocks(planned, blocks), force=force,
+    selected = select_blocks(planned, blocks)
+    if stage == 1:
+        from chunkflow.backends import require_device
+
+        require_device(planned.device)  # before any block's markers are written
+    summary = run_stage(planned, stage, LocalEngine(), selected, force=force,
                         progress=not quiet, cleanup=cleanup, check=False)
     print(f"stage {'one' if stage == 1 else 'two'}: {summary.tasks} blocks run, {summary.skipped} already done, "
           f"{summary.stats.patches} patches, {summary.seconds:.2f} s{summary.counts()}")
     if summary.swept:
         print(f"cleanup: {summary.swept} leftover donations of finished blocks removed")
+    if summary.stats.filled_chunks:
+        print(f"input: {summary.stats.filled_chunks} missing chunks read as zeros (--fill-missing)")
     report_failures([f.line() for f in summary.failures], exit_status(summary.failures))
 
 

@@ -111,9 +111,9 @@ class Job:
         if device is not None:
             values["device"] = device
         if batch_size is not None:
-            if int(batch_size) < 1:
-                raise JobError(f"batch size {batch_size} must be a positive integer")
-            values["batch_size"] = int(batch_size)
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise JobError(f"--batch-size {batch_size!r} must be a positive integer")
+            values["batch_size"] = batch_size
         return Job(**values)
 
     # ---- derived geometry -------------------------------------------------------------------

@@ -16,7 +16,7 @@ from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobError, default_storage_chunk,
                            validate_parameters)
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
-from chunkflow.storage.volumes import same_or_nested, volume_format, volume_location
+from chunkflow.storage.volumes import input_missing, same_or_nested, volume_format, volume_location
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def make_job(
     if dtype == "float16" and volume_format(output) == "precomputed":
         raise JobError(f"output dtype float16 is not supported by Neuroglancer precomputed ({output}); use float32 "
                        "or uint8, or a zarr output")
-    source = open_volume(input, fill_missing=fill_missing)
+    source = open_volume(input, missing=input_missing(fill_missing))
     bbox = source.bbox
     block_v = Vec.parse(block, "block") if block is not None else Vec(min(s, 128) for s in bbox.shape)
     check_device(device)

@@ -32,6 +32,7 @@ from chunkflow.inference import blended_inference
 from chunkflow.errors import MissingDonations
 from chunkflow.job import Job
 from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
+from chunkflow.storage.volumes import input_missing
 from chunkflow.storage.donation_codec import DonationError, decode_donation, encode_donation
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class Resources:
 
     @cached_property
     def input(self) -> Volume:
-        return open_volume(self.job.input, fill_missing=self.job.fill_missing)
+        return open_volume(self.job.input, missing=input_missing(self.job.fill_missing))
 
     @cached_property
     def output(self) -> Volume:

@@ -142,5 +142,5 @@ def load_backend(
     backend = factory(model, weights, device, precision)
     if not isinstance(backend, Backend):
         raise ModelError(f"backend {name!r} returned {type(backend).__name__}, not a chunkflow Backend")
-    logger.info("loaded model %s with the %s backend on %s (%s)", model, backend.name, device, precision)
+    logger.debug("loaded model %s with the %s backend on %s (%s)", model, backend.name, device, precision)
     return backend

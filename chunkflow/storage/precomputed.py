@@ -1,9 +1,10 @@
 """Neuroglancer precomputed volumes through CloudVolume (mip 0, raw encoding).
 
 A chunk that the info file's bounds promise but the layer does not hold (a hole, a layer whose
-data was never written, a sub-box copied with the full bounds) is refused by default with
-:class:`~chunkflow.errors.MissingInput` naming it; ``fill_missing=True`` reads such chunks as
-zeros on purpose and counts them (:attr:`PrecomputedVolume.filled_chunks`).
+data was never written, a sub-box copied with the full bounds) is read according to ``missing``:
+``"zeros"`` (CloudVolume's ``fill_missing``, for reading outputs), ``"count"`` (zeros, counted in
+:attr:`PrecomputedVolume.filled_chunks`: a job's input planned with ``--fill-missing``) or
+``"refuse"`` (:class:`~chunkflow.errors.MissingInput` naming the chunk: a job's input by default).
 
 CloudVolume arrays are X,Y,Z,C (Fortran order); chunkflow's are C,Z,Y,X (C order).
 ``arr.transpose(3, 2, 1, 0)`` maps one onto the other without a copy: a C-contiguous
@@ -41,10 +42,10 @@ def _one_line(exc: BaseException) -> str:
 class PrecomputedVolume(Volume):
     """A precomputed layer at mip 0. ``location`` is the CloudVolume cloudpath."""
 
-    def __init__(self, url: str, cv, fill_missing: bool = True) -> None:  # cv: cloudvolume.CloudVolume
+    def __init__(self, url: str, cv, missing: str = "zeros") -> None:  # cv: cloudvolume.CloudVolume
         self._cv = cv
         self._location = cv.cloudpath
-        self.fill_missing = bool(fill_missing)
+        self.missing = missing
         self.filled_chunks = 0
         self._filling_cv = None
         self._lock = threading.Lock()
@@ -79,20 +80,20 @@ class PrecomputedVolume(Volume):
                            **kwargs)
 
     @classmethod
-    def open_if_exists(cls, url: str, location: str, fill_missing: bool = True) -> "PrecomputedVolume | None":
+    def open_if_exists(cls, url: str, location: str, missing: str = "zeros") -> "PrecomputedVolume | None":
         from cloudvolume.exceptions import InfoUnavailableError
 
         try:
-            cv = cls._cloudvolume(location)
+            cv = cls._cloudvolume(location, fill_missing=missing == "zeros")
         except InfoUnavailableError:
             return None
         except Exception as exc:  # noqa: BLE001 - cloud-files raises many kinds; report one line
             raise StorageError(f"cannot open volume {url}: {_one_line(exc)}") from exc
-        return cls(url, cv, fill_missing)
+        return cls(url, cv, missing)
 
     @classmethod
-    def open(cls, url: str, location: str, fill_missing: bool = True) -> "PrecomputedVolume":
-        vol = cls.open_if_exists(url, location, fill_missing)
+    def open(cls, url: str, location: str, missing: str = "zeros") -> "PrecomputedVolume":
+        vol = cls.open_if_exists(url, location, missing)
         if vol is None:
             raise StorageError(f"no volume at {url} (no precomputed info file)")
         return vol
@@ -123,7 +124,7 @@ class PrecomputedVolume(Volume):
                 volume_size=list(bbox.shape.xyz()),
                 chunk_size=list(chunk_size.xyz()),
             )
-            cv = cls._cloudvolume(location, info=info)
+            cv = cls._cloudvolume(location, info=info, fill_missing=True)
             cv.commit_info()
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot create volume {url}: {_one_line(exc)}") from exc
@@ -150,7 +151,7 @@ class PrecomputedVolume(Volume):
         try:
             cutout = self._cv[self._slices_xyz(bbox)]
         except EmptyVolumeException as exc:
-            if not self.fill_missing:
+            if self.missing == "refuse":
                 raise MissingInput(
                     f"chunk {str(exc).strip() or '?'} of {self.url} is missing (box {bbox.name} needs it; the "
                     f"layer's info promises {self.bbox.name}); plan with --fill-missing if missing chunks are "
@@ -162,9 +163,10 @@ class PrecomputedVolume(Volume):
         return np.ascontiguousarray(np.asarray(cutout).transpose(3, 2, 1, 0))
 
     def _read_filling(self, bbox: Bbox):
-        """Read with missing chunks as zeros, on request, counting the chunks filled."""
+        """Read with missing chunks as zeros (counting them if the volume was opened to count)."""
         slices = self._slices_xyz(bbox)
-        missing = sum(1 for present in self._cv.exists(slices).values() if not present)
+        missing = sum(1 for present in self._cv.exists(slices).values() if not present) \
+            if self.missing == "count" else 0
         with self._lock:
             self.filled_chunks += missing
             if self._filling_cv is None:

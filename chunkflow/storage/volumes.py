@@ -42,6 +42,12 @@ SUPPORTED_URLS = (
 )
 
 PAD_MODES = (None, "reflect", "constant")
+MISSING = ("zeros", "count", "refuse")
+
+
+def input_missing(fill_missing: bool) -> str:
+    """How a job reads missing input chunks: counted zeros with ``--fill-missing``, else refused."""
+    return "count" if fill_missing else "refuse"
 
 
 class Volume:
@@ -256,14 +262,17 @@ def _gcs_access(url: str, location: str, action: str) -> Iterator[None]:
             sys.stdout.write(rest)
 
 
-def open_volume(url: str, fill_missing: bool = True) -> Volume:
+def open_volume(url: str, missing: str = "zeros") -> Volume:
     """Open an existing volume; :class:`StorageError` ``no volume at URL`` if there is none.
 
-    ``fill_missing``: read precomputed chunks that do not exist as zeros (counted in
-    ``filled_chunks``); False refuses them with :class:`~chunkflow.errors.MissingInput`, which
-    is how a job reads its input unless planned with ``--fill-missing``. A zarr array defines a
-    missing chunk as its fill value, so zarr reads are the same either way.
+    ``missing``: how precomputed chunks that do not exist are read: ``"zeros"``, ``"count"``
+    (zeros, counted in ``filled_chunks``: a job's input planned with ``--fill-missing``) or
+    ``"refuse"`` (:class:`~chunkflow.errors.MissingInput` naming the chunk: a job's input by
+    default). A zarr array defines a missing chunk as its fill value, so zarr reads are the same
+    whatever ``missing`` says.
     """
+    if missing not in MISSING:
+        raise ValueError(f"missing={missing!r} is not one of {MISSING}")
     fmt, location = _classify(url)
     with _gcs_access(url, location, "open"):
         if fmt == "zarr":
@@ -272,7 +281,7 @@ def open_volume(url: str, fill_missing: bool = True) -> Volume:
             return ZarrVolume.open(url, location)
         from chunkflow.storage.precomputed import PrecomputedVolume
 
-        return PrecomputedVolume.open(url, location, fill_missing)
+        return PrecomputedVolume.open(url, location, missing)
 
 
 def create_volume(
