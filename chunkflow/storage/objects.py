@@ -14,26 +14,31 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
-from chunkflow.storage.volumes import StorageError
+from chunkflow.errors import StorageError
 
 log = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".cftmp-"
 
 
+class InvalidName(StorageError, ValueError):
+    """An object name or store prefix that could escape the store root (a refusal, one line)."""
+
+
 def validate_name(name: str, what: str = "object name") -> str:
-    """Return ``name`` if it is a safe relative ``a/b/c`` name, else raise ValueError."""
+    """Return ``name`` if it is a safe relative ``a/b/c`` name, else raise :class:`InvalidName`
+    (a :class:`ValueError` too)."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} {name!r} must be a non-empty string")
+        raise InvalidName(f"{what} {name!r} must be a non-empty string")
     if "\\" in name or "\x00" in name:
-        raise ValueError(f"{what} {name!r} contains a backslash or NUL")
+        raise InvalidName(f"{what} {name!r} contains a backslash or NUL")
     if name.startswith("/"):
-        raise ValueError(f"{what} {name!r} is absolute; names are relative like a/b/c")
+        raise InvalidName(f"{what} {name!r} is absolute; names are relative like a/b/c")
     for segment in name.split("/"):
         if segment == "":
-            raise ValueError(f"{what} {name!r} has an empty path segment")
+            raise InvalidName(f"{what} {name!r} has an empty path segment")
         if segment in (".", ".."):
-            raise ValueError(f"{what} {name!r} contains {segment!r}")
+            raise InvalidName(f"{what} {name!r} contains {segment!r}")
     return name
 
 
