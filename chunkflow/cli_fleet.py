@@ -46,13 +46,15 @@ def barrier(job: str, queue: str, poll: float = 5.0, timeout: float | None = Non
     """Wait until stage one of every block is done, then produce the stage-two tasks into QUEUE.
 
     Done means the block's done marker exists: an empty stage-one queue is not enough (its last
-    tasks may still be leased by workers, or be about to come back from a dead one).
+    tasks may still be leased by workers, or be about to come back from a dead one). Failed
+    blocks are reported while it waits (one line each when first seen, one more when the workers
+    give the block up); once every block not done is given up, it exits 2 naming them.
 
     Args:
         job: the job's store.
         queue: where the stage-two tasks go (may be the stage-one queue, or another one).
         poll: seconds between checks.
-        timeout: give up (exit 2) after this many seconds.
+        timeout: give up (exit 2, naming the failed blocks) after this many seconds; default: no limit.
         force: also produce tasks of blocks whose stage two is done.
         quiet: less output.
     """
@@ -65,6 +67,9 @@ def barrier(job: str, queue: str, poll: float = 5.0, timeout: float | None = Non
 @user_errors
 def status(job: str, queue: str | None = None, json: bool = False) -> None:
     """Per stage: blocks total, done, running, failed, and an ETA; with --queue, the queue's counters.
+
+    Also one line per failed block (which attempt, the error, whether the workers gave it up) and
+    the running blocks whose worker stopped renewing its lease: "stale (worker probably dead)".
 
     Args:
         job: the job's store.

@@ -5,8 +5,11 @@ keeps, and optionally from a task queue's counters:
 
 - done: ``done/stage{n}/{block}`` exists;
 - running: a ``running/`` marker and no done marker. A worker killed mid-task leaves its
-  running marker until a retry finishes, so ``oldest_running_s`` helps to spot the dead;
-- failed: the last attempt raised (``failed/``) and no attempt is running or succeeded;
+  running marker until a retry finishes, so ``oldest_running_s`` helps to spot the dead, and a
+  queue worker's marker whose heartbeat (refreshed at every lease renewal) is older than its
+  lease is *stale*: its worker is probably dead (``stale_blocks``);
+- failed: the last attempt raised (``failed/``) and no attempt is running or succeeded; one
+  line each (``failures``) says which attempt failed, how, and whether the task was given up;
 - ETA: remaining blocks over the *recent* throughput, from the done markers' finish times
   and task durations (a random sample of ``SAMPLE`` markers on big jobs, scaled up): the
   blocks finished in the last ``ETA_WINDOW_S`` seconds over the time since the earliest of
@@ -23,6 +26,7 @@ import math
 import random
 import time
 
+from chunkflow.engines.attempts import failure_line, failures, gave_up, is_stale, marker_names
 from chunkflow.engines.runner import done_blocks
 from chunkflow.engines.task import STAGE_NAMES
 from chunkflow.job import Job
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 SAMPLE = 256
 ETA_WINDOW_S = 1800.0  # completions within this many seconds of now measure the rate
 ETA_RECENT = 16        # otherwise the last this many completions (the rate while the job last ran)
+SHOWN = 20             # failed and stale blocks named in the report
 
 
 def job_status(job: Job, queue_url: str | None = None, now: float | None = None, **queue_kwargs) -> dict:
@@ -43,12 +48,18 @@ def job_status(job: Job, queue_url: str | None = None, now: float | None = None,
     report: dict = {"job": job.job_hash, "store": job.store, "blocks": len(names), "stages": {}}
     for stage in (1, 2):
         done = done_blocks(store, stage) & names
-        running = _markers(store, "running", stage) & names - done
-        failed = _markers(store, "failed", stage) & names - done - running
+        running = marker_names(store, "running", stage) & names - done
+        failed = marker_names(store, "failed", stage) & names - done - running
+        runs = _records(store, "running", stage, running)
+        stale = sorted(r["block"] for r in runs if r.get("block") in running and is_stale(r, now))
+        shown = failures(store, stage, sorted(failed)[:SHOWN])
         report["stages"][str(stage)] = {
             "name": STAGE_NAMES[stage], "total": len(names), "done": len(done), "running": len(running),
             "failed": len(failed), "eta_s": _eta(store, stage, done, len(names), now),
-            "oldest_running_s": _oldest(store, stage, running, now), "failed_blocks": sorted(failed)[:20],
+            "oldest_running_s": _oldest(runs, now), "failed_blocks": sorted(failed)[:SHOWN],
+            "stale": len(stale), "stale_blocks": stale[:SHOWN],
+            "gave_up_blocks": sorted(b for b, r in shown.items() if gave_up(r)),
+            "failures": [failure_line(b, r) for b, r in sorted(shown.items())],
         }
     if queue_url:
         report["queue"] = queue_status(queue_url, **queue_kwargs)
@@ -75,18 +86,19 @@ def format_status(report: dict) -> list[str]:
         lines.append(f"  {s['name']:<22}{s['total']:>7}{s['done']:>7}{s['running']:>9}{s['failed']:>8}  {eta}")
         if s["oldest_running_s"] is not None and s["running"]:
             lines.append(f"    oldest running task started {_duration(s['oldest_running_s'])} ago")
-        if s["failed_blocks"]:
-            lines.append(f"    failed: {', '.join(s['failed_blocks'])}")
+        if s["stale"]:
+            more = " ..." if s["stale"] > len(s["stale_blocks"]) else ""
+            lines.append(f"    {s['stale']} stale (worker probably dead): {', '.join(s['stale_blocks'])}{more}")
+        described = {line.split(":", 1)[0] for line in s["failures"]}
+        lines.extend(f"    failed: {line}" for line in s["failures"])
+        lines.extend(f"    failed: {block}" for block in s["failed_blocks"] if block not in described)
+        if s["failed"] > len(s["failed_blocks"]):
+            lines.append(f"    ... and {s['failed'] - len(s['failed_blocks'])} more failed")
     queue = report.get("queue")
     if queue:
         extra = "".join(f", {queue[k]} {k}" for k in ("inserted", "completed") if queue[k] is not None)
         lines.append(f"  queue {queue['url']}: {queue['enqueued']} enqueued ({queue['leased']} leased){extra}")
     return lines
-
-
-def _markers(store: ObjectStore, kind: str, stage: int) -> set[str]:
-    prefix = f"{kind}/stage{stage}/"
-    return {name[len(prefix):] for name in store.list(prefix)}
 
 
 def _records(store: ObjectStore, kind: str, stage: int, names: set[str]) -> list[dict]:
@@ -127,8 +139,8 @@ def _eta(store: ObjectStore, stage: int, done: set[str], total: int, now: float)
     return (total - len(done)) / rate if rate else None
 
 
-def _oldest(store: ObjectStore, stage: int, running: set[str], now: float) -> float | None:
-    started = [r["started"] for r in _records(store, "running", stage, running) if "started" in r]
+def _oldest(records: list[dict], now: float) -> float | None:
+    started = [r["started"] for r in records if isinstance(r.get("started"), (int, float))]
     return max(0.0, now - min(started)) if started else None
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -188,3 +190,36 @@ def gcs_restartable(tmp_path: Path) -> Iterator[RestartableGCSServer]:
             yield server
         finally:
             server.stop()
+
+
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def sqs_endpoint() -> Iterator[str]:
+    """A real moto_server on loopback; the AWS variables point boto3 (and workers) at it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    binary = shutil.which("moto_server", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if binary is None:
+        pytest.skip("moto[server] is not installed")
+    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.1)
+    with pytest.MonkeyPatch.context() as patch:  # restores the environment afterwards
+        for key, value in dict(AWS, AWS_ENDPOINT_URL_SQS=url).items():
+            patch.setenv(key, value)
+        try:
+            yield url
+        finally:
+            proc.kill()
+            proc.wait()

@@ -4,13 +4,9 @@ stage-two worker, stage two produced early), and --cleanup on stage-two workers.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -26,37 +22,6 @@ from chunkflow.stages import Resources, reference
 from chunkflow.storage import open_store, open_volume
 from tests.test_engines_support import assert_complete_and_exact, fleet_env, run_fleet, small_job, worker
 
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def sqs_endpoint():
-    """A real moto_server on loopback; the AWS variables point boto3 (and workers) at it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    binary = shutil.which("moto_server", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    if binary is None:
-        pytest.skip("moto[server] is not installed")
-    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.1)
-    with pytest.MonkeyPatch.context() as patch:  # restores the environment afterwards
-        for key, value in dict(AWS, AWS_ENDPOINT_URL_SQS=url).items():
-            patch.setenv(key, value)
-        try:
-            yield url
-        finally:
-            proc.kill()
-            proc.wait()
 
 
 def _sqs_queue(name: str) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 from taskqueue import QueueEmptyError
 
@@ -21,12 +22,16 @@ class LeaseKeeper(threading.Thread):
     :meth:`stop` does not wait for that longer than ``LEASE_STOP_TIMEOUT``: the worker goes on
     (deletes or hands back the task) and the daemon thread finishes on its own. A late renewal
     of a deleted task fails; one of a handed-back task at worst hides it for one more lease.
+
+    ``on_renew`` is called after every round of renewals (the running marker's heartbeat, see
+    :class:`chunkflow.engines.attempts.Heartbeat`); an error there is logged, never raised.
     """
 
-    def __init__(self, queue, task, lease: float, also=()):
+    def __init__(self, queue, task, lease: float, also=(), on_renew: Callable[[], None] | None = None):
         super().__init__(daemon=True, name="cf-lease")
         self.queue, self.task, self.lease = queue, task, lease
         self.tasks = [task, *also]
+        self.on_renew = on_renew
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -36,6 +41,11 @@ class LeaseKeeper(threading.Thread):
                     self.queue.renew(task, int(self.lease))
                 except Exception as err:  # noqa: BLE001 (a missed renewal only risks a harmless duplicate)
                     log.warning("could not renew the lease of task %s: %s", getattr(task, "id", "?"), one_line(err))
+            if self.on_renew is not None and not self._stop_event.is_set():
+                try:
+                    self.on_renew()
+                except Exception as err:  # noqa: BLE001 (a missed heartbeat only makes `status` suspicious)
+                    log.warning("could not refresh the running marker's heartbeat: %s", one_line(err))
 
     def stop(self, timeout: float | None = None) -> None:
         self._stop_event.set()

@@ -6,11 +6,12 @@ the same markers in the job's store (small JSON objects beside ``manifest.json``
     done/stage{n}/{block}     the block is final for this stage (written by chunkflow.stages)
     running/stage{n}/{block}  an attempt started: host, pid, start time, attempt number; removed
                               when the attempt ends, so one that outlives its done marker (or has
-                              no done marker and an old timestamp) belongs to a dead worker
+                              no done marker and an old heartbeat) belongs to a dead worker
     failed/stage{n}/{block}   the last attempt raised: the error; removed by a later success
 
 The attempt number comes from the markers a previous attempt left behind, which is how a
-retry after a killed worker is counted without asking the engine.
+retry after a killed worker is counted without asking the engine; queue workers give a task up
+after ``max_attempts`` (:mod:`chunkflow.engines.attempts`).
 
 A stage-two task with ``cleanup`` whose block is already done removes the block's donations
 that are still there (:func:`sweep_leftovers`): a late duplicate of a donor's stage one (a
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from chunkflow.backends import Backend, load_backend
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import faults
+from chunkflow.engines.attempts import Heartbeat, exhausted, failed_record, last_attempt
 from chunkflow.engines.failures import STAGE_NAMES
 from chunkflow.job import Job
 from chunkflow.stages import DONATIONS, Resources, Stats, inference_and_donate, is_done, receive_and_blend
@@ -89,20 +91,30 @@ class _SharedBackend:
 
 
 def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: bool = False,
-             res: Resources | None = None, prefetch_next: Vec | None = None) -> TaskResult:
+             res: Resources | None = None, prefetch_next: Vec | None = None, max_attempts: int | None = None,
+             heartbeat: Heartbeat | None = None) -> TaskResult:
     """Run stage ``stage`` for ``block`` unless it is done (or ``force``), keeping the markers.
     ``prefetch_next`` (stage one): the block this process runs next, whose input is read while
-    this one computes."""
+    this one computes. ``max_attempts`` (queue workers): the failed marker of the attempt that
+    reaches it says the task is given up, and a block whose attempts are used up already is not
+    run (AttemptsExhausted). ``heartbeat``: refreshes the running marker while the attempt runs."""
     res = res or worker_resources(job)
     store = res.store
     box = job.layout.block_box(block)
     if not force and is_done(store, stage, box):
         swept = sweep_leftovers(job, block, store) if stage == 2 and cleanup else 0
         return TaskResult(stage, box.name, skipped=True, swept=swept)
-    attempt = _last_attempt(store, stage, box) + 1
+    last, failed = last_attempt(store, stage, box.name)
+    if max_attempts is not None and last >= max_attempts:
+        raise exhausted(store, stage, box.name, last, failed, max_attempts, _fields(job, box))
+    attempt = last + 1
     running = marker("running", stage, box)
-    store.put(running, _record(job, box, attempt=attempt, host=socket.gethostname(), pid=os.getpid(),
-                               started=time.time()))
+    record = _fields(job, box, attempt=attempt, host=socket.gethostname(), pid=os.getpid(), started=time.time())
+    if heartbeat is not None:
+        record.update(lease=heartbeat.lease, heartbeat=record["started"])
+    store.put(running, json.dumps(record).encode())
+    if heartbeat is not None:
+        heartbeat.attach(store, running, record)
     view = faults.watched(res, stage)
     try:
         if stage == 1:
@@ -110,10 +122,23 @@ def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: boo
         else:
             stats = receive_and_blend(job, block, view, cleanup=cleanup)
     except Exception as err:
-        store.put(marker("failed", stage, box), _record(job, box, attempt=attempt, error=str(err)[:2000],
-                                                        finished=time.time()))
-        store.delete(running)
+        if heartbeat is not None:
+            heartbeat.detach()
+        try:  # the task's own error is the one to report, even if the store is gone as well
+            store.put(marker("failed", stage, box),
+                      json.dumps(_fields(job, box, **failed_record(err, attempt, max_attempts))).encode())
+            store.delete(running)
+        except Exception as marking:  # noqa: BLE001
+            log.warning("could not record the failure of %s stage %d: %s", box.name, stage, marking)
         raise
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): no failed attempt, the engine hands the task back
+        if heartbeat is not None:
+            heartbeat.detach()
+        _quietly_delete(store, running)
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.detach()
     store.delete(marker("failed", stage, box))
     store.delete(running)
     if attempt > 1:
@@ -155,15 +180,12 @@ def sweep_leftovers(job: Job, block: Vec, store: ObjectStore) -> int:
     return len(leftovers)
 
 
-def _last_attempt(store: ObjectStore, stage: int, box: Bbox) -> int:
-    last = 0
-    for kind in ("running", "failed"):
-        try:
-            last = max(last, int(json.loads(store.get(marker(kind, stage, box))).get("attempt", 0)))
-        except (KeyError, ValueError, TypeError):
-            continue
-    return last
+def _fields(job: Job, box: Bbox, **values) -> dict:
+    return {"job": job.job_hash, "block": box.name, **values}
 
 
-def _record(job: Job, box: Bbox, **values) -> bytes:
-    return json.dumps({"job": job.job_hash, "block": box.name, **values}).encode()
+def _quietly_delete(store: ObjectStore, name: str) -> None:
+    try:
+        store.delete(name)
+    except Exception as err:  # noqa: BLE001 (never hide the interrupt being raised)
+        log.warning("could not remove %s: %s", name, err)
