@@ -14,11 +14,13 @@ import fire
 
 from chunkflow.cli_common import raise_on_sigterm, setup_logging, user_errors
 from chunkflow.cli_inspect import inspect as inspect_command
+from chunkflow.cli_view import view as view_command
 from chunkflow.cli_fleet import barrier, produce, status
 from chunkflow.cli_stages import check_command_line, report_failures
 from chunkflow.engines import check_options, run_with
 from chunkflow.job import JobError
 from chunkflow.planning import load_job, make_job, plan as plan_job
+from chunkflow.region import parse_region
 from chunkflow.stages import Resources, cast_output, reference as reference_output
 from chunkflow.storage import StorageError, create_volume, open_volume
 from chunkflow.storage.volumes import input_missing, volume_location
@@ -27,7 +29,7 @@ log = logging.getLogger("chunkflow")
 
 FLAG_DOCS = {
     "input": "input volume: file:///path, gs://bucket/path, s3://... (Neuroglancer precomputed) or PATH.zarr.",
-    "output": "output volume, created if absent (covering the input's bounding box).",
+    "output": "output volume, created if absent (covering the region: --bbox, or the input's bounds at --mip).",
     "donations": "the job's store: a local directory or gs://bucket/prefix (manifest, donations, done markers).",
     "model": "builtin:membrane, identity, net.py (defines build_model()), net.pt (TorchScript) or net.onnx.",
     "input_patch": "network input patch, ZYX, e.g. 20,256,256.",
@@ -45,6 +47,10 @@ FLAG_DOCS = {
     "donation_dtype": "float32 (exact) or float16 (half the bytes; error <= 2^-11 relative per piece).",
     "compression": "donation compression: none, zstd or blosc.",
     "force": "rerun blocks that are already done.",
+    "bbox": "region to compute, x0-x1_y0-y1_z0-z1 in voxels of --mip (default: the whole input); context comes "
+            "from the input beyond it.",
+    "mip": "resolution level of the input: precomputed scales[N], OME-Zarr datasets[N] (default 0).",
+    "output_compression": "codec of a new output's chunks (precomputed: none, gzip, ...; zarr: none, zstd, ...).",
     "fill_missing": "read input chunks that do not exist as zeros (default: refuse the block, naming the chunk).",
     "cleanup": "delete each block's donations once its output is written.",
     "quiet": "no progress bars or log lines.",
@@ -72,12 +78,13 @@ def plan(input: str, output: str, donations: str, model: str, input_patch: str, 
          overlap: str = "0,0,0", block: str | None = None, weights: str | None = None, blend: str = "gaussian",
          dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu",
          batch_size: int = 1, storage_chunk: str | None = None, donation_dtype: str = "float32",
-         compression: str = "none", fill_missing: bool = False, dry_run: bool = False, quiet: bool = False) -> None:
+         compression: str = "none", fill_missing: bool = False, bbox: str | None = None, mip: int = 0,
+         output_compression: str = "none", dry_run: bool = False, quiet: bool = False) -> None:
     setup_logging(quiet)
     options = dict(output_patch=output_patch, overlap=overlap, block=block, weights=weights, blend=blend, dtype=dtype,
                    pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
                    storage_chunk=storage_chunk, donation_dtype=donation_dtype, compression=compression,
-                   fill_missing=fill_missing)
+                   fill_missing=fill_missing, bbox=bbox, mip=mip, output_compression=output_compression)
     if dry_run:
         from chunkflow.dryrun import dry_run_job
         job, _, _ = make_job(input, output, donations, model, input_patch, **options)
@@ -103,7 +110,7 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
         blend: str = "gaussian", dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32",
         device: str = "cpu", batch_size: int = 1, force: bool = False, cleanup: bool = False,
         donation_dtype: str = "float32", compression: str = "none", fill_missing: bool = False,
-        engine: str = "local", mode: str = "barrier", workers: int | None = None, scheduler: str | None = None,
+        bbox: str | None = None, mip: int = 0, output_compression: str = "none", engine: str = "local", mode: str = "barrier", workers: int | None = None, scheduler: str | None = None,
         quiet: bool = False) -> None:
     setup_logging(quiet)
     check_options(engine, mode, workers, scheduler)
@@ -111,7 +118,8 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
     job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
                    block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
                    device=device, batch_size=batch_size, donation_dtype=donation_dtype, compression=compression,
-                   fill_missing=fill_missing, device_here=scheduler is None)
+                   fill_missing=fill_missing, bbox=bbox, mip=mip, output_compression=output_compression,
+                   device_here=scheduler is None)
     job = job.with_runtime(device=device, batch_size=batch_size)
     summary = run_with(job, engine, mode, workers, scheduler, force=force, progress=not quiet, cleanup=cleanup,
                        check=False)
@@ -127,23 +135,26 @@ Takes the model/patch/overlap/blend flags of `run`; use it on a small volume to 
 def reference(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
               overlap: str = "0,0,0", weights: str | None = None, blend: str = "gaussian", dtype: str = "float32",
               pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu", batch_size: int = 1,
-              fill_missing: bool = False, quiet: bool = False) -> None:
+              fill_missing: bool = False, bbox: str | None = None, mip: int = 0, output_compression: str = "none",
+              quiet: bool = False) -> None:
     setup_logging(quiet)
-    source = open_volume(input, missing=input_missing(fill_missing))
+    source = open_volume(input, missing=input_missing(fill_missing), mip=mip)
+    region = parse_region(bbox, source.bbox, mip)
     try:
         chunk = open_volume(output).chunk_size
     except StorageError:
-        chunk = source.bbox.shape
-    whole = tuple(-(-s // c) * c for s, c in zip(source.bbox.shape, chunk))
-    job, existing, _ = make_job(input, output, "", model, input_patch, output_patch=output_patch, overlap=overlap,
-                                block=whole, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode,
-                                precision=precision, device=device, batch_size=batch_size, storage_chunk=None,
-                                fill_missing=fill_missing)
+        chunk = region.shape
+    whole = tuple(-(-s // c) * c for s, c in zip(region.shape, chunk))
+    job, existing, source = make_job(input, output, "", model, input_patch, output_patch=output_patch,
+                                     overlap=overlap, block=whole, weights=weights, blend=blend, dtype=dtype,
+                                     pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
+                                     storage_chunk=None, fill_missing=fill_missing, bbox=region.name, mip=mip,
+                                     output_compression=output_compression)
     result = reference_output(job, Resources(job))
-    target = existing or create_volume(output, source.bbox, job.storage_chunk, job.out_channels, dtype,
-                                       resolution=source.resolution)
-    target.write(source.bbox, cast_output(result, dtype))
-    print(f"reference of {source.bbox.name} written to {output}")
+    target = existing or create_volume(output, region, job.storage_chunk, job.out_channels, dtype,
+                                       resolution=source.resolution, compression=output_compression)
+    target.write(region, cast_output(result, dtype))
+    print(f"reference of {region.name} (mip {mip}) written to {output}")
 
 
 @user_errors
@@ -179,6 +190,7 @@ def _zyx(v) -> str:
 
 COMMANDS = {"plan": plan, "run": run, "reference": reference, "demo": demo, "show": show, "inspect": inspect_command,
             "produce": produce, "barrier": barrier, "status": status}
+COMMANDS["view"] = view_command
 
 
 def main(argv: list[str] | None = None) -> None:

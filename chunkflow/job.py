@@ -34,6 +34,8 @@ PRECISIONS = ("float32", "float16", "bfloat16")
 DONATION_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "zstd", "blosc")
 SCHEMA_VERSION = 1
+#: fields added after jobs were planned without them: left out of the hash at their default value
+_DEFAULTS_OUTSIDE_OLD_HASHES = {"fill_missing": False, "mip": 0, "output_compression": "none"}
 _UNHASHED = {"store", "device", "batch_size", "job_hash", "created_by", "donation_compression"}
 
 
@@ -62,6 +64,8 @@ class Job:
     device: str = "cpu"
     batch_size: int = 1
     fill_missing: bool = False
+    mip: int = 0
+    output_compression: str = "none"
     version: int = SCHEMA_VERSION
     created_by: str = field(default="chunkflow")
     job_hash: str = ""
@@ -75,8 +79,9 @@ class Job:
     # ---- identity ---------------------------------------------------------------------------
     def compute_hash(self) -> str:
         payload = {k: v for k, v in asdict(self).items() if k not in _UNHASHED}
-        if not payload["fill_missing"]:
-            del payload["fill_missing"]  # the default: hashes of jobs planned before the flag existed still hold
+        for name, default in _DEFAULTS_OUTSIDE_OLD_HASHES.items():
+            if payload[name] == default:  # hashes of jobs planned before the field existed still hold
+                del payload[name]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:

@@ -15,6 +15,7 @@ from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobError, default_storage_chunk,
                            validate_parameters)
+from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.volumes import input_missing, same_or_nested, volume_format, volume_location
 
@@ -36,8 +37,8 @@ def plan(input: str, output: str, donations: str, model: str, input_patch, **opt
         raise JobError(f"{store.url} already holds job {previous.job_hash} with other parameters; give a new "
                        f"--donations location (or delete that one)")
     if existing_output is None:
-        create_volume(output, source.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
-                      resolution=source.resolution)
+        create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
+                      resolution=source.resolution, compression=job.output_compression)
     if previous is None and store.put(MANIFEST, job.to_json().encode(), if_absent=True):
         log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks, job.layout.num_patches)
     planned = load_job(store)
@@ -67,11 +68,15 @@ def make_job(
     donation_dtype: str = "float32",
     compression: str = "none",
     fill_missing: bool = False,
+    bbox: str | None = None,
+    mip: int = 0,
+    output_compression: str = "none",
     device_here: bool = True,
 ):
     """Validate everything and build the Job, writing nothing.
 
-    ``device_here``: the model is also loaded on ``device`` on this machine (False when the
+    ``bbox``: the region ``x0-x1_y0-y1_z0-z1`` to compute, in voxels of level ``mip`` (default:
+    the whole input). ``device_here``: the model is also loaded on ``device`` on this machine (False when the
     workers are elsewhere, e.g. a Dask scheduler's). Returns ``(job, existing output volume or
     None, input volume)``.
     """
@@ -88,12 +93,16 @@ def make_job(
     if not isinstance(fill_missing, bool):
         raise JobError(f"--fill-missing takes no value (got {fill_missing!r})")
     check_locations(input, output, store)
+    if isinstance(mip, bool) or not isinstance(mip, int) or mip < 0:
+        raise JobError(f"--mip {mip!r} is not a resolution level (0, 1, 2, ...)")
+    if not isinstance(output_compression, str):
+        raise JobError(f"--output-compression {output_compression!r} is not a codec name")
 
     if dtype == "float16" and volume_format(output) == "precomputed":
         raise JobError(f"output dtype float16 is not supported by Neuroglancer precomputed ({output}); use float32 "
                        "or uint8, or a zarr output")
-    source = open_volume(input, missing=input_missing(fill_missing))
-    bbox = source.bbox
+    source = open_volume(input, missing=input_missing(fill_missing), mip=mip)
+    bbox = parse_region(bbox, source.bbox, mip)
     block_v = Vec.parse(block, "block") if block is not None else Vec(min(s, 128) for s in bbox.shape)
     check_device(device)
     backend = load_backend(model, weights, device="cpu", precision="float32")
@@ -107,8 +116,6 @@ def make_job(
 
     existing = _existing_output(output)
     if existing is not None:
-        if existing.bbox != bbox:
-            raise JobError(f"output {output} covers {existing.bbox.name}, the input covers {bbox.name}")
         if existing.num_channels != out_channels or str(existing.dtype) != dtype:
             raise JobError(f"output {output} has {existing.num_channels} channels of {existing.dtype}; the job "
                            f"makes {out_channels} channels of {dtype}")
@@ -116,7 +123,11 @@ def make_job(
             raise JobError(f"output {output} is a sharded precomputed layer, which chunkflow cannot write yet (a "
                            "write covering part of a shard would replace the whole shard file); give a new, "
                            "unsharded output")
+        if tuple(existing.resolution) != tuple(source.resolution):
+            raise JobError(f"output {output} has voxels of {_zyx_f(existing.resolution)} nm (z,y,x), the input at "
+                           f"mip {mip} has {_zyx_f(source.resolution)} nm; give an output at the input's resolution")
         chunk = existing.chunk_size
+        check_output_region(bbox, existing.bbox, chunk, output, source.bbox)
     else:
         chunk = Vec.parse(storage_chunk, "storage chunk") if storage_chunk is not None else default_storage_chunk(block_v)
     try:
@@ -131,7 +142,8 @@ def make_job(
               model=model, weights=weights, model_checksum=model_checksum(model, weights),
               in_channels=source.num_channels, out_channels=out_channels, output_dtype=dtype, pad_mode=pad_mode,
               precision=precision, donation_dtype=donation_dtype, donation_compression=compression,
-              device=device, batch_size=batch_size, fill_missing=fill_missing)
+              device=device, batch_size=batch_size, fill_missing=fill_missing, mip=mip,
+              output_compression=output_compression)
     return job, existing, source
 
 
@@ -191,6 +203,10 @@ def _existing_output(url: str):
         return open_volume(url)
     except StorageError:
         return None
+
+
+def _zyx_f(v) -> str:
+    return ",".join(f"{float(x):g}" for x in v)
 
 
 def _zyx(v) -> str:

@@ -138,7 +138,7 @@ class Resources:
 
     @cached_property
     def input(self) -> Volume:
-        return open_volume(self.job.input, missing=input_missing(self.job.fill_missing))
+        return open_volume(self.job.input, missing=input_missing(self.job.fill_missing), mip=self.job.mip)
 
     @cached_property
     def output(self) -> Volume:

@@ -129,7 +129,7 @@ def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: boo
                       json.dumps(_fields(job, box, **failed_record(err, attempt, max_attempts))).encode())
             store.delete(running)
         except Exception as marking:  # noqa: BLE001
-            log.warning("could not record the failure of %s stage %d: %s", box.name, stage, marking)
+            log.debug("could not record the failure of %s stage %d: %s", box.name, stage, marking)
         raise
     except BaseException:  # interrupted (Ctrl-C, SIGTERM): no failed attempt, the engine hands the task back
         if heartbeat is not None:

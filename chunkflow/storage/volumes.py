@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_URLS = (
     "supported volume URLs: [precomputed://]file:///abs/path, [precomputed://]gs://bucket/path, "
-    "[precomputed://]s3://bucket/path, /local/path.zarr, zarr://PATH, zarr://gs://bucket/path.zarr"
+    "[precomputed://]s3://bucket/path, /local/path.zarr (zarr array or OME-Zarr image; path.zarr/LEVEL for "
+    "one level), zarr://PATH, zarr://gs://bucket/path.zarr"
 )
 
 PAD_MODES = (None, "reflect", "constant")
@@ -186,6 +187,11 @@ def _classify(url: str) -> tuple[str, str]:
     """Return ``(format, location)`` for a volume URL, or raise StorageError."""
     if not isinstance(url, str) or not url:
         raise StorageError(f"volume URL {url!r} is not a string; {SUPPORTED_URLS}")
+    from chunkflow.storage.formats import foreign_format
+
+    refusal = foreign_format(url)  # HDF5, N5, TIFF: name the format and how to convert it
+    if refusal:
+        raise StorageError(refusal)
     if url.startswith("zarr://"):
         location = url[len("zarr://"):]
         if location.startswith("file://"):
@@ -200,8 +206,8 @@ def _classify(url: str) -> tuple[str, str]:
         raise StorageError(f"unsupported volume URL {url!r}; {SUPPORTED_URLS}")
     if url.startswith(("file:///", "gs://", "s3://")):
         return "precomputed", url
-    if "://" not in url and url.rstrip("/").endswith(".zarr"):
-        return "zarr", url
+    if "://" not in url and any(part.endswith(".zarr") for part in url.rstrip("/").split("/")):
+        return "zarr", url  # a store, or one level inside it (image.zarr/0)
     raise StorageError(f"unsupported volume URL {url!r}; {SUPPORTED_URLS}")
 
 
@@ -262,7 +268,7 @@ def _gcs_access(url: str, location: str, action: str) -> Iterator[None]:
             sys.stdout.write(rest)
 
 
-def open_volume(url: str, missing: str = "zeros") -> Volume:
+def open_volume(url: str, missing: str = "zeros", mip: int = 0) -> Volume:
     """Open an existing volume; :class:`StorageError` ``no volume at URL`` if there is none.
 
     ``missing``: how precomputed chunks that do not exist are read: ``"zeros"``, ``"count"``
@@ -270,6 +276,9 @@ def open_volume(url: str, missing: str = "zeros") -> Volume:
     ``"refuse"`` (:class:`~chunkflow.errors.MissingInput` naming the chunk: a job's input by
     default). A zarr array defines a missing chunk as its fill value, so zarr reads are the same
     whatever ``missing`` says.
+
+    ``mip``: the resolution level: precomputed ``scales[mip]``, OME-Zarr ``datasets[mip]``; a
+    level that does not exist is refused, naming the levels there are.
     """
     if missing not in MISSING:
         raise ValueError(f"missing={missing!r} is not one of {MISSING}")
@@ -278,10 +287,10 @@ def open_volume(url: str, missing: str = "zeros") -> Volume:
         if fmt == "zarr":
             from chunkflow.storage.zarr_volume import ZarrVolume
 
-            return ZarrVolume.open(url, location)
+            return ZarrVolume.open(url, location, mip=mip)
         from chunkflow.storage.precomputed import PrecomputedVolume
 
-        return PrecomputedVolume.open(url, location, missing)
+        return PrecomputedVolume.open(url, location, missing, mip=mip)
 
 
 def create_volume(
@@ -292,6 +301,7 @@ def create_volume(
     dtype: str,
     resolution: tuple[float, float, float] = (40.0, 8.0, 8.0),
     layer_type: str = "image",
+    compression: str = "none",
 ) -> Volume:
     """Create a volume, or return the existing one if its geometry is identical.
 
@@ -327,7 +337,7 @@ def create_volume(
             # create() may lose a race to a concurrent creator and return its volume instead,
             # so the geometry is compared in every case.
             vol = impl.create(url, location, bbox, chunk_size, int(num_channels), np.dtype(dtype),
-                              tuple(float(r) for r in resolution), layer_type)
+                              tuple(float(r) for r in resolution), layer_type, compression=compression)
     have = vol.geometry()
     if have != wanted:
         diff = ", ".join(f"{k} {have[k]} != {wanted[k]}" for k in wanted if have[k] != wanted[k])
