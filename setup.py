@@ -33,6 +33,7 @@ setup(
         "dask": ["dask[distributed]>=2024.1"],
         "queue": ["task-queue>=2.13"],
         "view": ["neuroglancer>=2.39"],
+        "compression": ["fpzip>=1.2", "pyspng-seunglab>=1.1"],
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
@@ -49,6 +50,8 @@ setup(
             "tensorstore>=0.1.60",
             "neuroglancer>=2.39",
             "selenium>=4.10",
+            "fpzip>=1.2",
+            "pyspng-seunglab>=1.1",
         ],
     },
     entry_points={

@@ -50,7 +50,8 @@ FLAG_DOCS = {
     "bbox": "region to compute, x0-x1_y0-y1_z0-z1 in voxels of --mip (default: the whole input); context comes "
             "from the input beyond it.",
     "mip": "resolution level of the input: precomputed scales[N], OME-Zarr datasets[N] (default 0).",
-    "output_compression": "codec of a new output's chunks (precomputed: none, gzip, ...; zarr: none, zstd, ...).",
+    "output_compression": "codec of a new output's chunks: default (the format's lossless default), none, and per "
+                          "format gzip, zstd, ... (docs/formats_precomputed.md, docs/formats_zarr.md).",
     "fill_missing": "read input chunks that do not exist as zeros (default: refuse the block, naming the chunk).",
     "cleanup": "delete each block's donations once its output is written.",
     "quiet": "no progress bars or log lines.",
@@ -79,7 +80,7 @@ def plan(input: str, output: str, donations: str, model: str, input_patch: str, 
          dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu",
          batch_size: int = 1, storage_chunk: str | None = None, donation_dtype: str = "float32",
          compression: str = "none", fill_missing: bool = False, bbox: str | None = None, mip: int = 0,
-         output_compression: str = "none", dry_run: bool = False, quiet: bool = False) -> None:
+         output_compression: str = "default", dry_run: bool = False, quiet: bool = False) -> None:
     setup_logging(quiet)
     options = dict(output_patch=output_patch, overlap=overlap, block=block, weights=weights, blend=blend, dtype=dtype,
                    pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
@@ -110,7 +111,7 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
         blend: str = "gaussian", dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32",
         device: str = "cpu", batch_size: int = 1, force: bool = False, cleanup: bool = False,
         donation_dtype: str = "float32", compression: str = "none", fill_missing: bool = False,
-        bbox: str | None = None, mip: int = 0, output_compression: str = "none", engine: str = "local", mode: str = "barrier", workers: int | None = None, scheduler: str | None = None,
+        bbox: str | None = None, mip: int = 0, output_compression: str = "default", engine: str = "local", mode: str = "barrier", workers: int | None = None, scheduler: str | None = None,
         quiet: bool = False) -> None:
     setup_logging(quiet)
     check_options(engine, mode, workers, scheduler)
@@ -135,7 +136,7 @@ Takes the model/patch/overlap/blend flags of `run`; use it on a small volume to 
 def reference(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
               overlap: str = "0,0,0", weights: str | None = None, blend: str = "gaussian", dtype: str = "float32",
               pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu", batch_size: int = 1,
-              fill_missing: bool = False, bbox: str | None = None, mip: int = 0, output_compression: str = "none",
+              fill_missing: bool = False, bbox: str | None = None, mip: int = 0, output_compression: str = "default",
               quiet: bool = False) -> None:
     setup_logging(quiet)
     source = open_volume(input, missing=input_missing(fill_missing), mip=mip)

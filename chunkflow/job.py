@@ -35,7 +35,7 @@ DONATION_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "zstd", "blosc")
 SCHEMA_VERSION = 1
 #: fields added after jobs were planned without them: left out of the hash at their default value
-_DEFAULTS_OUTSIDE_OLD_HASHES = {"fill_missing": False, "mip": 0, "output_compression": "none"}
+_DEFAULTS_OUTSIDE_OLD_HASHES = {"fill_missing": False, "mip": 0, "output_compression": "default"}
 _UNHASHED = {"store", "device", "batch_size", "job_hash", "created_by", "donation_compression"}
 
 
@@ -65,7 +65,7 @@ class Job:
     batch_size: int = 1
     fill_missing: bool = False
     mip: int = 0
-    output_compression: str = "none"
+    output_compression: str = "default"
     version: int = SCHEMA_VERSION
     created_by: str = field(default="chunkflow")
     job_hash: str = ""

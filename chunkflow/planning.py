@@ -17,7 +17,8 @@ from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobErro
                            validate_parameters)
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
-from chunkflow.storage.volumes import input_missing, same_or_nested, volume_format, volume_location
+from chunkflow.storage.volumes import (check_output_compression, input_missing, same_or_nested, volume_format,
+                                       volume_location)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def make_job(
     fill_missing: bool = False,
     bbox: str | None = None,
     mip: int = 0,
-    output_compression: str = "none",
+    output_compression: str = "default",
     device_here: bool = True,
 ):
     """Validate everything and build the Job, writing nothing.
@@ -128,7 +129,12 @@ def make_job(
                            f"mip {mip} has {_zyx_f(source.resolution)} nm; give an output at the input's resolution")
         chunk = existing.chunk_size
         check_output_region(bbox, existing.bbox, chunk, output, source.bbox)
+        have = getattr(existing, "compression", None)
+        if output_compression != "default" and have is not None and have != output_compression:
+            raise JobError(f"output {output} exists with compression {have}; --output-compression "
+                           f"{output_compression} applies to new outputs only (leave it out, or give a new output)")
     else:
+        check_output_compression(output, output_compression, dtype, out_channels)
         chunk = Vec.parse(storage_chunk, "storage chunk") if storage_chunk is not None else default_storage_chunk(block_v)
     try:
         Layout(bbox, out_patch, overlap_v, block_v, chunk)

@@ -1,4 +1,4 @@
-"""Neuroglancer precomputed volumes through CloudVolume (any mip level, raw encoding).
+"""Neuroglancer precomputed volumes through CloudVolume (any mip level; raw, gzip, png, jpeg or fpzip chunks).
 
 A chunk that the info file's bounds promise but the layer does not hold (a hole, a layer whose
 data was never written, a sub-box copied with the full bounds) is read according to ``missing``:
@@ -47,17 +47,17 @@ def _one_line(exc: BaseException) -> str:
 COMPRESSION_KEY = "chunkflow_output_compression"
 #: quality of ``jpeg`` outputs (CloudVolume's default), written into the info as ``jpeg_quality``
 JPEG_QUALITY = 85
-#: deflate levels of ``gzip`` objects and ``png`` chunks (``png_level`` in the info). CloudVolume's
-#: default, 9, wrote uint8 membrane maps at 4.6 MB/s against 37 MB/s at 6, for 4 % fewer bytes;
-#: png at 1 was as small as at 9 and 9x faster (docs/formats_precomputed.md)
-GZIP_LEVEL = 6
+#: deflate level of ``png`` chunks (``png_level`` in the info): on uint8 membrane maps 1 was as
+#: small as CloudVolume's default 9 and 9x faster (docs/formats_precomputed.md). gzip objects stay
+#: at level 9: CloudVolume 12.15 compresses image chunks before its compress_level reaches them
 PNG_LEVEL = 1
 
 
 @dataclass(frozen=True)
 class _Codec:
     encoding: str                 # the scale's "encoding" in the info file
-    gzip: bool = False            # objects gzip-compressed: NAME.gz on file://, Content-Encoding on gs://, s3://
+    gzip: bool | None = False     # objects gzip-compressed (NAME.gz on file://, Content-Encoding on gs://,
+                                  # s3://); None: as CloudVolume does by default, on gs:// and s3:// only
     dtypes: tuple[str, ...] = ()  # () for every dtype
     one_channel: bool = False     # CloudVolume 12 reads several png/jpeg channels back into the wrong voxels
     module: str = ""              # "python_module:pip-package" of the codec, "" for none
@@ -65,6 +65,7 @@ class _Codec:
 
 
 _CODECS: dict[str, _Codec] = {
+    "default": _Codec("raw", gzip=None),
     "none": _Codec("raw"),
     "gzip": _Codec("raw", gzip=True),
     "png": _Codec("png", dtypes=("uint8", "uint16"), one_channel=True, module="pyspng:pyspng-seunglab"),
@@ -98,8 +99,8 @@ def _dtype_name(dtype) -> str:
 
 def precomputed_compressions(dtype: str | np.dtype, num_channels: int | None = None) -> tuple[str, ...]:
     """The output compressions a new precomputed layer of ``dtype`` (and ``num_channels``, if
-    given) can be created with on this machine: ``none`` and ``gzip`` always, ``png`` and ``jpeg``
-    for one-channel uint8, ``fpzip`` for float32, each only where its codec is installed."""
+    given) can be created with on this machine: ``default``, ``none`` and ``gzip`` always, ``png``
+    and ``jpeg`` for one-channel uint8, ``fpzip`` for float32, each only where its codec is installed."""
     dt = _dtype_name(dtype)
     return tuple(name for name, c in _CODECS.items()
                  if (not c.dtypes or dt in c.dtypes) and not (c.one_channel and num_channels not in (None, 1))
@@ -143,23 +144,23 @@ def is_lossless(compression: str) -> bool:
 
 def layer_compression(info: dict) -> str:
     """The output compression of a layer: what chunkflow recorded when it created the layer, else
-    its encoding's name (``none`` for raw: gzip-on-transfer or not cannot be told from the info)."""
+    its encoding's name, ``default`` for raw (how such layers have always been written)."""
     recorded = info.get(COMPRESSION_KEY)
     if isinstance(recorded, str) and recorded in _CODECS:
         return recorded
     encoding = info["scales"][0].get("encoding", "raw")
-    return "none" if encoding == "raw" else str(encoding)
+    return "default" if encoding == "raw" else str(encoding)
 
 
-def _write_compress(info: dict, location: str) -> tuple[bool | str | None, int | None]:
-    """CloudVolume's ``compress`` and ``compress_level`` for writes into a layer, from the
-    compression its info records. A layer chunkflow created without recording one keeps the old
-    defaults: uncompressed files on file://, CloudVolume's gzip (``None``) for raw objects on gs://
-    and s3://, at CloudVolume's level."""
+def _write_compress(info: dict, location: str) -> bool | str | None:
+    """CloudVolume's ``compress`` for writes into a layer, from the compression its info records.
+    ``default``, and a layer created before chunkflow recorded one: uncompressed files on file://,
+    CloudVolume's default (``None``: gzip for raw objects) on gs:// and s3://."""
     recorded = info.get(COMPRESSION_KEY)
-    if isinstance(recorded, str) and recorded in _CODECS:
-        return ("gzip", GZIP_LEVEL) if _CODECS[recorded].gzip else (False, None)
-    return (False if location.startswith("file://") else None), None
+    codec = _CODECS.get(recorded) if isinstance(recorded, str) else None
+    if codec is None or codec.gzip is None:
+        return False if location.startswith("file://") else None
+    return "gzip" if codec.gzip else False
 
 
 class PrecomputedVolume(Volume):
@@ -241,7 +242,7 @@ class PrecomputedVolume(Volume):
         dtype: np.dtype,
         resolution: Sequence[float],
         layer_type: str,
-        compression: str = "none",
+        compression: str = "default",
     ) -> "PrecomputedVolume":
         from cloudvolume import CloudVolume
 
@@ -321,7 +322,7 @@ class PrecomputedVolume(Volume):
 
     def _write(self, bbox: Bbox, data: np.ndarray) -> None:
         xyzc = np.ascontiguousarray(data).transpose(3, 2, 1, 0)  # Fortran-ordered view, no copy
-        self._cv.compress, self._cv.config.compress_level = _write_compress(self._cv.info, self._location)
+        self._cv.compress = _write_compress(self._cv.info, self._location)  # what the info records
         try:
             self._cv[self._slices_xyz(bbox)] = xyzc
         except Exception as exc:  # noqa: BLE001

@@ -227,6 +227,19 @@ def same_or_nested(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
+def check_output_compression(url: str, compression: str, dtype: str, num_channels: int) -> None:
+    """Refuse, before anything is written, an ``--output-compression`` the output's format does not
+    offer for ``dtype`` and ``num_channels`` (one line naming the valid values)."""
+    if volume_format(url) == "zarr":
+        from chunkflow.storage.zarr_volume import check_zarr_compression
+
+        check_zarr_compression(compression, dtype, num_channels)
+    else:
+        from chunkflow.storage.precomputed import check_precomputed_compression
+
+        check_precomputed_compression(compression, dtype, num_channels)
+
+
 def volume_format(url: str) -> str:
     """``"precomputed"`` or ``"zarr"`` for a supported volume URL (StorageError otherwise)."""
     return _classify(url)[0]
@@ -301,7 +314,7 @@ def create_volume(
     dtype: str,
     resolution: tuple[float, float, float] = (40.0, 8.0, 8.0),
     layer_type: str = "image",
-    compression: str = "none",
+    compression: str = "default",
 ) -> Volume:
     """Create a volume, or return the existing one if its geometry is identical.
 

@@ -17,7 +17,8 @@ New volumes (:meth:`ZarrVolume.create`) are OME-Zarr 0.5 images with one level, 
 (``dimension_names`` c,z,y,x), which also carries chunkflow's own attributes (``voxel_offset``,
 ``resolution``, ``layer_type``). The array is created before the group's metadata, so a
 concurrent creator that sees the group half-written still finds the array.
-``compression`` is one of :data:`ZARR_COMPRESSIONS`; ``"none"`` stores chunks raw.
+``compression`` is one of :data:`ZARR_COMPRESSIONS`; ``"default"`` is zarr's own default
+(zstd, lossless), ``"none"`` stores chunks raw.
 
 ``gs://`` locations go through gcsfs. Against an emulator (``STORAGE_EMULATOR_HOST``
 set) gcsfs must be imported with ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` (its
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_RESOLUTION = (1.0, 1.0, 1.0)
 #: ``--output-compression`` values for zarr outputs
-ZARR_COMPRESSIONS = ("none", "zstd", "blosc", "gzip")
+ZARR_COMPRESSIONS = ("default", "none", "zstd", "blosc", "gzip")
 #: how far up from a level path to look for its image group (``image.zarr/scale0/image``)
 _PARENT_DEPTH = 3
 
@@ -71,7 +72,8 @@ def zarr_compressors(compression: str) -> list | None:
     from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
     check_zarr_compression(compression)
-    return {"none": None, "zstd": [ZstdCodec()], "blosc": [BloscCodec()], "gzip": [GzipCodec()]}[compression]
+    return {"default": "auto", "none": None, "zstd": [ZstdCodec()], "blosc": [BloscCodec()],
+            "gzip": [GzipCodec()]}[compression]
 
 
 def _store(location: str, read_only: bool = False):
@@ -239,7 +241,7 @@ class ZarrVolume(Volume):
         dtype: np.dtype,
         resolution: Sequence[float],
         layer_type: str = "image",
-        compression: str = "none",
+        compression: str = "default",
     ) -> "ZarrVolume":
         """A new one-level OME-Zarr 0.5 image (array ``"0"``), or the one a concurrent creator made."""
         import zarr
