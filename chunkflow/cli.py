@@ -52,6 +52,11 @@ FLAG_DOCS = {
     "mip": "resolution level of the input: precomputed scales[N], OME-Zarr datasets[N] (default 0).",
     "output_compression": "codec of a new output's chunks: default (the format's lossless default), none, and per "
                           "format gzip, zstd, ... (docs/formats_precomputed.md, docs/formats_zarr.md).",
+    "mask": "a mask layer (any level of a precomputed or zarr volume): patches whose output box is zero there "
+            "are not computed and count as zeros.",
+    "mask_mip": "resolution level of the mask layer (default 0).",
+    "sharded": "create the output sharded (precomputed shards, zarr v3 shards) in shards that tile the block; "
+               "stage two then writes whole blocks (docs/design.md, sharded outputs).",
     "fill_missing": "read input chunks that do not exist as zeros (default: refuse the block, naming the chunk).",
     "cleanup": "delete each block's donations once its output is written.",
     "quiet": "no progress bars or log lines.",
@@ -80,12 +85,14 @@ def plan(input: str, output: str, donations: str, model: str, input_patch: str, 
          dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu",
          batch_size: int = 1, storage_chunk: str | None = None, donation_dtype: str = "float32",
          compression: str = "none", fill_missing: bool = False, bbox: str | None = None, mip: int = 0,
-         output_compression: str = "default", dry_run: bool = False, quiet: bool = False) -> None:
+         output_compression: str = "default", mask: str | None = None, mask_mip: int = 0, sharded: bool = False, dry_run: bool = False,
+         quiet: bool = False) -> None:
     setup_logging(quiet)
     options = dict(output_patch=output_patch, overlap=overlap, block=block, weights=weights, blend=blend, dtype=dtype,
                    pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
                    storage_chunk=storage_chunk, donation_dtype=donation_dtype, compression=compression,
-                   fill_missing=fill_missing, bbox=bbox, mip=mip, output_compression=output_compression)
+                   fill_missing=fill_missing, bbox=bbox, mip=mip, output_compression=output_compression,
+                   mask=mask, mask_mip=mask_mip, sharded=sharded)
     if dry_run:
         from chunkflow.dryrun import dry_run_job
         job, _, _ = make_job(input, output, donations, model, input_patch, **options)
@@ -111,7 +118,7 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
         blend: str = "gaussian", dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32",
         device: str = "cpu", batch_size: int = 1, force: bool = False, cleanup: bool = False,
         donation_dtype: str = "float32", compression: str = "none", fill_missing: bool = False,
-        bbox: str | None = None, mip: int = 0, output_compression: str = "default", engine: str = "local", mode: str = "barrier", workers: int | None = None, scheduler: str | None = None,
+        bbox: str | None = None, mip: int = 0, output_compression: str = "default", mask: str | None = None, mask_mip: int = 0, sharded: bool = False, engine: str = "local", mode: str = "barrier", workers: int | None = None, scheduler: str | None = None,
         quiet: bool = False) -> None:
     setup_logging(quiet)
     check_options(engine, mode, workers, scheduler)
@@ -120,7 +127,7 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
                    block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
                    device=device, batch_size=batch_size, donation_dtype=donation_dtype, compression=compression,
                    fill_missing=fill_missing, bbox=bbox, mip=mip, output_compression=output_compression,
-                   device_here=scheduler is None)
+                   mask=mask, mask_mip=mask_mip, sharded=sharded, device_here=scheduler is None)
     job = job.with_runtime(device=device, batch_size=batch_size)
     summary = run_with(job, engine, mode, workers, scheduler, force=force, progress=not quiet, cleanup=cleanup,
                        check=False)
@@ -136,7 +143,7 @@ Takes the model/patch/overlap/blend flags of `run`; use it on a small volume to 
 def reference(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
               overlap: str = "0,0,0", weights: str | None = None, blend: str = "gaussian", dtype: str = "float32",
               pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu", batch_size: int = 1,
-              fill_missing: bool = False, bbox: str | None = None, mip: int = 0, output_compression: str = "default",
+              fill_missing: bool = False, bbox: str | None = None, mip: int = 0, output_compression: str = "default", mask: str | None = None, mask_mip: int = 0,
               quiet: bool = False) -> None:
     setup_logging(quiet)
     source = open_volume(input, missing=input_missing(fill_missing), mip=mip)
@@ -150,7 +157,7 @@ def reference(input: str, output: str, model: str, input_patch: str, output_patc
                                      overlap=overlap, block=whole, weights=weights, blend=blend, dtype=dtype,
                                      pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
                                      storage_chunk=None, fill_missing=fill_missing, bbox=region.name, mip=mip,
-                                     output_compression=output_compression)
+                                     output_compression=output_compression, mask=mask, mask_mip=mask_mip)
     result = reference_output(job, Resources(job))
     target = existing or create_volume(output, region, job.storage_chunk, job.out_channels, dtype,
                                        resolution=source.resolution, compression=output_compression)

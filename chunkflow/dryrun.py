@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -129,6 +130,9 @@ def summarise(layout: Layout, out_channels: int = 1, output_dtype: str = "float3
         band_voxels += int(np.prod(lens, dtype=object))
     donated = between_voxels + band_voxels
     pieces = between + band_pieces
+    if layout.whole_block_writes:  # a sharded output: each block's core travels as pieces of its own too
+        donated += prod("core")
+        pieces += _core_pieces(layout)
     chunk = Vec(a.max_chunk for a in axes)
     in_patch = Vec(input_patch) if input_patch is not None else layout.patch + 2 * Vec(context)
     task = (in_channels * np.dtype(input_dtype).itemsize * (chunk + 2 * Vec(context)).prod()
@@ -142,6 +146,14 @@ def summarise(layout: Layout, out_channels: int = 1, output_dtype: str = "float3
         donated_bytes=donated * out_channels * np.dtype(donation_dtype).itemsize + pieces * _HEADER_BYTES,
         output_voxels=layout.bbox.size, output_bytes=layout.bbox.size * out_channels * np.dtype(output_dtype).itemsize,
         largest_chunk=chunk, task_bytes=int(task))
+
+
+def _core_pieces(layout: Layout) -> int:
+    """How many core pieces (``Layout.core_pieces``) all blocks send, from the distinct core lengths per axis."""
+    counts = [Counter(ax.block_range(k)[1] - ax.core_start(k) for k in range(ax.num_blocks) if ax.chunk(k) is not None)
+              for ax in layout.axes]
+    return sum(nz * ny * nx * -(-z // layout.core_slab(y * x)) for z, nz in counts[0].items()
+               for y, ny in counts[1].items() for x, nx in counts[2].items() if z and y and x)
 
 
 @dataclass(frozen=True)
@@ -205,7 +217,22 @@ def dry_run_job(job, calibrate_batches: int = 3) -> list[str]:
     if calibrate_batches > 0:
         backend = load_backend(job.model, job.weights, job.device, job.precision)
         calibration = calibrate(backend, job.input_patch, job.in_channels, job.batch_size, calibrate_batches)
-    return report_lines(summary, layout, calibration)
+    return report_lines(summary, layout, calibration) + _mask_lines(job)
+
+
+def _mask_lines(job) -> list[str]:
+    """What the mask saves: blocks with no stage-one task and patches not computed (reads the mask)."""
+    if not job.mask:
+        return []
+    from chunkflow.masking import masked_blocks, open_mask
+    from chunkflow.storage import open_volume
+
+    layout = job.layout
+    masked, kept = masked_blocks(job, open_mask(job, open_volume(job.input, mip=job.mip).resolution))
+    skipped = layout.num_patches - kept
+    return [f"mask {job.mask} (mip {job.mask_mip}): {int(masked.sum()):,} of {layout.num_blocks:,} blocks get no "
+            f"stage-one task, {skipped:,} of {layout.num_patches:,} patches ({skipped / layout.num_patches:.0%}) "
+            "are not computed"]
 
 
 def _input_dtype(url: str) -> str:

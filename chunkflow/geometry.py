@@ -18,6 +18,9 @@ Per axis, for block ``k = [bs, be)``:
   rounded out to whole storage chunks) is written by stage two. Making the core start strictly
   above ``e`` keeps every donation key unique: no piece a block keeps for itself can have the
   same box as a piece a lower neighbour sends.
+
+With ``whole_block_writes`` (a sharded output) stage one writes nothing and donates its core too;
+stage two writes the whole block (docs/design.md, "Sharded outputs").
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import GeometryError
 
 KEY_SEPARATOR = "%"
+#: whole-block writes donate the core in z slabs of whole storage chunks of about this many voxels
+CORE_PIECE_VOXELS = 1 << 24
 
 
 def axis_origins(start: int, length: int, patch: int, overlap: int) -> tuple[int, ...]:
@@ -155,11 +160,14 @@ class Layout:
         overlap: overlap of neighbouring output patches, in voxels (ZYX).
         block: block size (ZYX); a multiple of ``storage_chunk``.
         storage_chunk: the output volume's storage chunk size (ZYX).
+        whole_block_writes: stage two writes every block whole, stage one donates its core (sharded outputs).
     """
 
-    def __init__(self, bbox: Bbox, patch: Vec, overlap: Vec, block: Vec, storage_chunk: Vec | None = None):
+    def __init__(self, bbox: Bbox, patch: Vec, overlap: Vec, block: Vec, storage_chunk: Vec | None = None,
+                 whole_block_writes: bool = False):
         self.bbox, self.patch, self.overlap, self.block = bbox, Vec(patch), Vec(overlap), Vec(block)
         self.storage_chunk = Vec(storage_chunk) if storage_chunk is not None else self.block
+        self.whole_block_writes = bool(whole_block_writes)
         self._validate()
         self.axes = tuple(
             AxisPlan(
@@ -286,13 +294,41 @@ class Layout:
             yield Vec(o)
 
     def core_box(self, idx: Vec) -> Bbox:
-        """The storage-aligned part of block ``idx`` that stage one writes (may be empty)."""
+        """The storage-aligned part of block ``idx`` that stage one writes (may be empty; always
+        empty with whole-block writes, where stage one donates its core instead)."""
+        box = self.block_box(idx)
+        if self.whole_block_writes:
+            return Bbox(box.stop, box.stop)
+        return self._core(idx)
+
+    def band_boxes(self, idx: Vec) -> list[Bbox]:
+        """The block minus its core as up to three disjoint, storage-aligned slabs (stage two writes
+        these); with whole-block writes, the whole block."""
+        if self.whole_block_writes:
+            return [self.block_box(idx)]
+        return self._band(idx)
+
+    def core_pieces(self, idx: Vec) -> list[Bbox]:
+        """With whole-block writes, the core that stage one donates to its own block, cut along z into
+        slabs of whole storage chunks (about :data:`CORE_PIECE_VOXELS` each); otherwise none."""
+        core = self._core(idx)
+        if not self.whole_block_writes or core.is_empty():
+            return []
+        return list(core.z_slabs(self.core_slab(core.shape[1] * core.shape[2])))
+
+    def core_slab(self, plane: int) -> int:
+        """How thick (in z) the core pieces of a core with ``plane`` voxels per z plane are."""
+        c = self.storage_chunk[0]
+        return c * max(1, CORE_PIECE_VOXELS // (max(1, plane) * c))
+
+    def _core(self, idx: Vec) -> Bbox:
+        """The part of block ``idx`` that only its own patches touch, from storage-chunk boundaries."""
         box = self.block_box(idx)
         return Bbox(Vec(ax.core_start(k) for ax, k in zip(self.axes, idx)), box.stop)
 
-    def band_boxes(self, idx: Vec) -> list[Bbox]:
-        """The block minus its core as up to three disjoint, storage-aligned slabs (stage two writes these)."""
-        box, core = self.block_box(idx), self.core_box(idx)
+    def _band(self, idx: Vec) -> list[Bbox]:
+        """The block minus :meth:`_core`, as up to three disjoint slabs (z, then y, then x)."""
+        box, core = self.block_box(idx), self._core(idx)
         slabs = []
         for a in range(3):
             start, stop = list(box.start), list(box.stop)
@@ -309,7 +345,8 @@ class Layout:
         """Every piece block ``idx`` must receive before stage two, sorted by key.
 
         Pieces from other blocks are their chunk clipped to this block; the block's own
-        contribution to its band is kept as up to three pieces of its own (one per band slab).
+        contribution to its band is kept as up to three pieces of its own (one per band slab), and
+        with whole-block writes its core as the :meth:`core_pieces`.
         """
         box = self.block_box(idx)
         result = []
@@ -321,10 +358,11 @@ class Layout:
             result.append(Donation(donor, idx, box, piece))
         own = self.chunk_box(idx)
         if own is not None:
-            for slab in self.band_boxes(idx):
+            for slab in self._band(idx):
                 piece = own.intersect(slab)
                 if not piece.is_empty():
                     result.append(Donation(idx, idx, box, piece))
+            result.extend(Donation(idx, idx, box, piece) for piece in self.core_pieces(idx))
         return sorted(result, key=lambda d: d.key)
 
     def donations_from(self, idx: Vec) -> list[Donation]:
@@ -340,10 +378,11 @@ class Layout:
             box = self.block_box(rec)
             result.append(Donation(idx, rec, box, chunk.intersect(box)))
         box = self.block_box(idx)
-        for slab in self.band_boxes(idx):
+        for slab in self._band(idx):
             piece = chunk.intersect(slab)
             if not piece.is_empty():
                 result.append(Donation(idx, idx, box, piece))
+        result.extend(Donation(idx, idx, box, piece) for piece in self.core_pieces(idx))
         return sorted(result, key=lambda d: d.key)
 
     def dependencies(self, idx: Vec) -> list[Vec]:

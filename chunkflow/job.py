@@ -35,7 +35,8 @@ DONATION_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "zstd", "blosc")
 SCHEMA_VERSION = 1
 #: fields added after jobs were planned without them: left out of the hash at their default value
-_DEFAULTS_OUTSIDE_OLD_HASHES = {"fill_missing": False, "mip": 0, "output_compression": "default"}
+_DEFAULTS_OUTSIDE_OLD_HASHES = {"fill_missing": False, "mip": 0, "output_compression": "default", "mask": None,
+                                "mask_mip": 0, "sharded": False}
 _UNHASHED = {"store", "device", "batch_size", "job_hash", "created_by", "donation_compression"}
 
 
@@ -66,6 +67,9 @@ class Job:
     fill_missing: bool = False
     mip: int = 0
     output_compression: str = "default"
+    mask: str | None = None
+    mask_mip: int = 0
+    sharded: bool = False  # the output is sharded: stage two writes whole blocks (Layout.whole_block_writes)
     version: int = SCHEMA_VERSION
     created_by: str = field(default="chunkflow")
     job_hash: str = ""
@@ -125,7 +129,7 @@ class Job:
     @cached_property
     def layout(self) -> Layout:
         return Layout(Bbox.from_name(self.bbox), Vec(self.output_patch), Vec(self.overlap), Vec(self.block),
-                      Vec(self.storage_chunk))
+                      Vec(self.storage_chunk), whole_block_writes=self.sharded)
 
     @property
     def context_margin(self) -> Vec:

@@ -15,8 +15,10 @@ from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobError, default_storage_chunk,
                            validate_parameters)
+from chunkflow.masking import BLOCK_MAP, encode_block_map, masked_blocks, open_mask
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
+from chunkflow.storage.sharding import check_shards_tile, output_shard
 from chunkflow.storage.volumes import (check_output_compression, input_missing, same_or_nested, volume_format,
                                        volume_location)
 
@@ -39,9 +41,12 @@ def plan(input: str, output: str, donations: str, model: str, input_patch, **opt
                        f"--donations location (or delete that one)")
     if existing_output is None:
         create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
-                      resolution=source.resolution, compression=job.output_compression)
+                      resolution=source.resolution, compression=job.output_compression, shard=output_shard(job))
+    block_map = _block_map(job, source) if job.mask and not store.exists(BLOCK_MAP) else None
     if previous is None and store.put(MANIFEST, job.to_json().encode(), if_absent=True):
         log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks, job.layout.num_patches)
+    if block_map is not None:
+        store.put(BLOCK_MAP, block_map)
     planned = load_job(store)
     if planned.job_hash != job.job_hash:  # another planner won a race to this store
         raise JobError(f"{store.url} already holds job {planned.job_hash} with other parameters; give a new "
@@ -72,12 +77,16 @@ def make_job(
     bbox: str | None = None,
     mip: int = 0,
     output_compression: str = "default",
+    mask: str | None = None,
+    mask_mip: int = 0,
+    sharded: bool = False,
     device_here: bool = True,
 ):
     """Validate everything and build the Job, writing nothing.
 
     ``bbox``: the region ``x0-x1_y0-y1_z0-z1`` to compute, in voxels of level ``mip`` (default:
-    the whole input). ``device_here``: the model is also loaded on ``device`` on this machine (False when the
+    the whole input). ``sharded``: a new output is created sharded (an existing one is written sharded
+    if it is). ``device_here``: the model is also loaded on ``device`` on this machine (False when the
     workers are elsewhere, e.g. a Dask scheduler's). Returns ``(job, existing output volume or
     None, input volume)``.
     """
@@ -93,9 +102,19 @@ def make_job(
         raise JobError(f"--batch-size {batch_size!r} must be a positive integer")
     if not isinstance(fill_missing, bool):
         raise JobError(f"--fill-missing takes no value (got {fill_missing!r})")
+    if not isinstance(sharded, bool):
+        raise JobError(f"--sharded takes no value (got {sharded!r})")
     check_locations(input, output, store)
     if isinstance(mip, bool) or not isinstance(mip, int) or mip < 0:
         raise JobError(f"--mip {mip!r} is not a resolution level (0, 1, 2, ...)")
+    if isinstance(mask_mip, bool) or not isinstance(mask_mip, int) or mask_mip < 0:
+        raise JobError(f"--mask-mip {mask_mip!r} is not a resolution level (0, 1, 2, ...)")
+    if mask is not None and (not isinstance(mask, str) or not mask):
+        raise JobError(f"--mask {mask!r} is not a volume URL")
+    if mask is not None:
+        if same_or_nested(volume_location(mask), volume_location(output)):
+            raise JobError(f"--mask {mask} is the output {output} (or inside it, or holds it); give the mask layer")
+        open_volume(mask, missing="zeros", mip=mask_mip)  # refused here if absent or without that level
     if not isinstance(output_compression, str):
         raise JobError(f"--output-compression {output_compression!r} is not a codec name")
 
@@ -120,10 +139,10 @@ def make_job(
         if existing.num_channels != out_channels or str(existing.dtype) != dtype:
             raise JobError(f"output {output} has {existing.num_channels} channels of {existing.dtype}; the job "
                            f"makes {out_channels} channels of {dtype}")
-        if existing.sharded:
-            raise JobError(f"output {output} is a sharded precomputed layer, which chunkflow cannot write yet (a "
-                           "write covering part of a shard would replace the whole shard file); give a new, "
-                           "unsharded output")
+        if sharded and not existing.sharded:
+            raise JobError(f"output {output} exists unsharded; --sharded applies to new outputs only (leave it out, "
+                           "or give a new output)")
+        sharded = existing.sharded  # a sharded output is written whole blocks at a time, flag or not
         if tuple(existing.resolution) != tuple(source.resolution):
             raise JobError(f"output {output} has voxels of {_zyx_f(existing.resolution)} nm (z,y,x), the input at "
                            f"mip {mip} has {_zyx_f(source.resolution)} nm; give an output at the input's resolution")
@@ -140,6 +159,8 @@ def make_job(
         Layout(bbox, out_patch, overlap_v, block_v, chunk)
     except GeometryError as err:
         raise JobError(str(err)) from None
+    if existing is not None and existing.sharded:
+        check_shards_tile(bbox, existing, block_v, output)
     if not fill_missing and not source.has_data():
         raise MissingInput(f"input {input} holds no chunks at all (its info file promises {bbox.name}); plan with "
                            "--fill-missing if it is meant to be zeros")
@@ -149,7 +170,9 @@ def make_job(
               in_channels=source.num_channels, out_channels=out_channels, output_dtype=dtype, pad_mode=pad_mode,
               precision=precision, donation_dtype=donation_dtype, donation_compression=compression,
               device=device, batch_size=batch_size, fill_missing=fill_missing, mip=mip,
-              output_compression=output_compression)
+              output_compression=output_compression, mask=mask, mask_mip=mask_mip, sharded=sharded)
+    if existing is None:
+        output_shard(job)  # refuses a block that the new output's shards cannot tile
     return job, existing, source
 
 
@@ -185,6 +208,14 @@ def check_store(store: ObjectStore) -> None:
         raise StorageError(f"--donations {root}: {parent} is a file, so the job store cannot be created there")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise StorageError(f"--donations {root}: {parent} is not writable by this user")
+
+
+def _block_map(job: Job, source) -> bytes:
+    """The bit map of blocks with no patch in the mask (computed before anything is written)."""
+    masked, kept = masked_blocks(job, open_mask(job, source.resolution))
+    log.info("mask %s: %d of %d blocks and %d of %d patches skipped", job.mask, int(masked.sum()), len(masked),
+             job.layout.num_patches - kept, job.layout.num_patches)
+    return encode_block_map(masked)
 
 
 def load_job(store: str | ObjectStore) -> Job:

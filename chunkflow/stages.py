@@ -31,6 +31,7 @@ from chunkflow.blend import WeightSum, weight_map
 from chunkflow.inference import blended_inference
 from chunkflow.errors import MissingDonations
 from chunkflow.job import Job
+from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
 from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
 from chunkflow.storage.volumes import input_missing
 from chunkflow.storage.donation_codec import DonationError, decode_donation, encode_donation
@@ -137,6 +138,21 @@ class Resources:
         self.prefetcher = InputPrefetcher()
 
     @cached_property
+    def mask(self) -> PatchMask | None:
+        """The job's mask (``--mask``), or None."""
+        return open_mask(self.job, self.input.resolution)
+
+    @cached_property
+    def masked(self) -> np.ndarray | None:
+        """Per block (raster order), whether the mask leaves it no patch (written by plan)."""
+        return load_block_map(self.job, self.store)
+
+    def is_masked(self, block: Vec) -> bool:
+        """Whether block ``block`` has no patch inside the mask (no stage-one task, no donations)."""
+        masked = self.masked
+        return masked is not None and bool(masked[block_position(block, self.job.layout.grid_shape)])
+
+    @cached_property
     def input(self) -> Volume:
         return open_volume(self.job.input, missing=input_missing(self.job.fill_missing), mip=self.job.mip)
 
@@ -192,7 +208,10 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
     t = time.perf_counter()
     if chunk is not None:
         filled = res.input.filled_chunks
-        out = _infer_region(job, res, chunk, layout.own_origins(block), stats, progress, prefetch_next)
+        origins = layout.own_origins(block)
+        if res.mask is not None:
+            origins = res.mask.keep(origins, within=chunk)
+        out = _infer_region(job, res, chunk, origins, stats, progress, prefetch_next)
         stats.filled_chunks += res.input.filled_chunks - filled
         t = time.perf_counter()
         core = layout.core_box(block)
@@ -279,6 +298,8 @@ def receive_and_blend(job: Job, block: Vec, res: Resources | None = None, cleanu
         missing, corrupt, pieces = [], [], []
         for donation in expected:
             data = blobs.get(DONATIONS + donation.key)
+            if data is None and res.is_masked(donation.donor):
+                continue  # a block outside the mask sends nothing: its pieces are zero
             if data is None:
                 missing.append(donation.key)
                 continue
@@ -302,6 +323,12 @@ def receive_and_blend(job: Job, block: Vec, res: Resources | None = None, cleanu
             stats.voxels += band.size
         t = stats.time("write", t)
         stats.donations = len(pieces)
+    if res.is_masked(block):  # its stage one did not run: the core, zero, is written here
+        core = layout.core_box(block)
+        if not core.is_empty():
+            for slab in _write_slabs(core, job.storage_chunk[0], job.out_channels * 4):
+                res.output.write(slab, np.zeros((job.out_channels,) + tuple(slab.shape), dtype=job.output_dtype))
+            stats.voxels += core.size
     _mark_done(res.store, 2, box, job, stats)
     if cleanup:
         for donation in expected:
@@ -313,7 +340,10 @@ def reference(job: Job, res: Resources | None = None, progress=None) -> np.ndarr
     """Whole-volume blended inference in one process: what the two stages must reproduce."""
     res = res or Resources(job)
     region = job.layout.bbox
-    return _infer_region(job, res, region, list(job.layout.all_origins()), Stats(), progress)
+    origins = list(job.layout.all_origins())
+    if res.mask is not None:
+        origins = res.mask.keep(origins, within=region)
+    return _infer_region(job, res, region, origins, Stats(), progress)
 
 
 def cast_output(data: np.ndarray, dtype: str) -> np.ndarray:

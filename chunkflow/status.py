@@ -47,7 +47,7 @@ def job_status(job: Job, queue_url: str | None = None, now: float | None = None,
     names = {job.layout.block_box(b).name for b in job.layout.block_indices()}
     report: dict = {"job": job.job_hash, "store": job.store, "blocks": len(names), "stages": {}}
     for stage in (1, 2):
-        done = done_blocks(store, stage) & names
+        done = done_blocks(store, stage, job) & names
         running = marker_names(store, "running", stage) & names - done
         failed = marker_names(store, "failed", stage) & names - done - running
         runs = _records(store, "running", stage, running)

@@ -312,16 +312,17 @@ def test_compression_round_trips_and_is_in_the_metadata(tmp_path, compression):
     url, vol, data = _output(tmp_path, compression)
     np.testing.assert_array_equal(open_volume(url).read(BOX), data)
     codecs = [c["name"] for c in json.loads((Path(url) / "0" / "zarr.json").read_text())["codecs"]]
-    assert codecs == ["bytes"] + ([] if compression == "none" else [compression])
+    expected = {"none": [], "default": ["zstd"]}.get(compression, [compression])
+    assert codecs == ["bytes"] + expected
 
 
 def test_unknown_compression_refused_and_nothing_created(tmp_path):
     url = str(tmp_path / "c.zarr")
     text = one_line_refusal(create_volume, url, BOX, CHUNK, 1, "float32", compression="lz4")
-    assert text == "output compression 'lz4' is not available for zarr volumes; valid: none, zstd, blosc, gzip"
+    assert text == "output compression 'lz4' is not available for zarr volumes; valid: default, none, zstd, blosc, gzip"
     assert not os.path.exists(url)
     for bad in ("ZSTD", None, 3):
-        assert "valid: none, zstd, blosc, gzip" in one_line_refusal(check_zarr_compression, bad, "float32", 1)
+        assert "valid: default, none, zstd, blosc, gzip" in one_line_refusal(check_zarr_compression, bad, "float32", 1)
     check_zarr_compression("gzip", "uint8", 3)
     assert zarr_compressions("float16") == ZARR_COMPRESSIONS
 

@@ -155,5 +155,5 @@ def test_a_region_at_mip_1_equals_the_reference_at_mip_1(tmp_path, capsys):
     assert _main("plan", "--input", url, "--output", f"file://{tmp_path / 'x'}", "--donations", tmp_path / "jx",
                  "--mip", "2", *FLAGS) == 2
     err = capsys.readouterr().err
-    assert "--mip 2" in err and "0 (4x4x40 nm), 1 (8x8x40 nm)" in err
+    assert "--mip 2" in err and "0 (40x4x4 nm), 1 (40x8x8 nm)" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "jx").exists()

@@ -131,12 +131,12 @@ def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None
     store = Resources(job).store
     layout = job.layout
     if stage == 2:
-        missing = layout.num_blocks - len(done_blocks(store, 1) & _all_names(job))
+        missing = layout.num_blocks - len(done_blocks(store, 1, job) & _all_names(job))
         if missing:
             raise QueueError(f"stage one of job {job.job_hash} is not complete ({missing} of {layout.num_blocks} "
                              "blocks not done); `chunkflow barrier` waits for it and then produces stage two")
     queue = queue or open_queue(queue_url, progress=progress, create=True, **kwargs)
-    done = set() if force else done_blocks(store, stage)
+    done = set() if force else done_blocks(store, stage, job)
     names = [layout.block_box(b).name for b in (blocks if blocks is not None else layout.block_indices())]
     todo = [name for name in names if name not in done]
     tasks = [partial(chunkflow_block, store=job.store, job=job.job_hash, stage=stage, block=name) for name in todo]
@@ -171,7 +171,7 @@ def barrier(job: Job, queue_url: str, poll: float = 5.0, timeout: float | None =
     store, names = Resources(job).store, _all_names(job)
     watch, started, last = FailedWatch(store, 1), time.monotonic(), -1
     while True:
-        done = done_blocks(store, 1) & names
+        done = done_blocks(store, 1, job) & names
         if len(done) != last:
             log.info("barrier: stage one done for %d of %d blocks", len(done), len(names))
             last = len(done)

@@ -35,6 +35,7 @@ from chunkflow.errors import Interrupted
 from chunkflow.engines.failures import Failed, NotRun, TaskFailure, debugging, exit_status
 from chunkflow.engines.task import STAGE_NAMES, StageTask, TaskResult, sweep_leftovers
 from chunkflow.job import Job
+from chunkflow.masking import masked_names
 from chunkflow.stages import Resources, Stats
 from chunkflow.storage import ObjectStore
 
@@ -157,10 +158,15 @@ class RunSummary:
         return lines
 
 
-def done_blocks(store: ObjectStore, stage: int) -> set[str]:
-    """Names of the blocks whose done marker for ``stage`` exists (one listing, not one request per block)."""
+def done_blocks(store: ObjectStore, stage: int, job: Job | None = None) -> set[str]:
+    """Names of the blocks whose done marker for ``stage`` exists (one listing, not one request per
+    block); with ``job``, stage one also counts the blocks its mask leaves no patch (they have no
+    stage-one task)."""
     prefix = f"done/stage{stage}/"
-    return {name[len(prefix):] for name in store.list(prefix)}
+    done = {name[len(prefix):] for name in store.list(prefix)}
+    if job is not None and stage == 1:
+        done |= masked_names(job, store)
+    return done
 
 
 def _prepare(job: Job, engine) -> Job:
@@ -181,7 +187,7 @@ def run_stage(job: Job, stage: int, engine, blocks: Iterable[Vec] | None = None,
     job = _prepare(job, engine)
     summary = StageSummary()
     started = time.perf_counter()
-    done = set() if force else done_blocks(Resources(job).store, stage)
+    done = set() if force else done_blocks(Resources(job).store, stage, job)
     todo, finished = [], []
     for block in (blocks if blocks is not None else job.layout.block_indices()):
         (finished if job.layout.block_box(block).name in done else todo).append(block)
@@ -256,7 +262,7 @@ def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress
     layout = job.layout
     store = Resources(job).store
     blocks = list(blocks if blocks is not None else layout.block_indices())
-    done1 = set() if force else done_blocks(store, 1)
+    done1 = set() if force else done_blocks(store, 1, job)
     done2 = set() if force else done_blocks(store, 2)
     firsts = [b for b in blocks if layout.block_box(b).name not in done1]
     seconds = [b for b in blocks if layout.block_box(b).name not in done2]

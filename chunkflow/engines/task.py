@@ -101,7 +101,7 @@ def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: boo
     res = res or worker_resources(job)
     store = res.store
     box = job.layout.block_box(block)
-    if not force and is_done(store, stage, box):
+    if not force and (is_done(store, stage, box) or (stage == 1 and res.is_masked(block))):
         swept = sweep_leftovers(job, block, store) if stage == 2 and cleanup else 0
         return TaskResult(stage, box.name, skipped=True, swept=swept)
     last, failed = last_attempt(store, stage, box.name)

@@ -29,6 +29,7 @@ import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import MissingInput
+from chunkflow.storage.sharding import precomputed_shard_size, precomputed_sharding_spec, write_precomputed_shards
 from chunkflow.storage.volumes import StorageError, Volume
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ class PrecomputedVolume(Volume):
         start = Vec(offset_xyz[2], offset_xyz[1], offset_xyz[0])
         stop = start + Vec(size_xyz[2], size_xyz[1], size_xyz[0])
         cx, cy, cz = scale["chunk_sizes"][0]
+        if self.sharded:
+            self.shard_size = precomputed_shard_size(scale["sharding"], stop - start, Vec(cz, cy, cx))
         rx, ry, rz = scale["resolution"]
         super().__init__(
             url=url,
@@ -218,8 +221,8 @@ class PrecomputedVolume(Volume):
             raise StorageError(f"cannot open volume {url}: {_one_line(exc)}") from exc
         scales = cv.info["scales"]
         if mip >= len(scales):
-            levels = ", ".join(f"{i} ({'x'.join(str(int(r)) for r in s['resolution'])} nm)"
-                               for i, s in enumerate(scales))
+            levels = ", ".join(f"{i} ({'x'.join(f'{r:g}' for r in s['resolution'][::-1])} nm)"
+                               for i, s in enumerate(scales))  # z,y,x, as every size in chunkflow
             raise StorageError(f"--mip {mip}: {url} has no such level; its levels are {levels}")
         cv.mip = mip
         return cls(url, cv, missing)
@@ -243,7 +246,11 @@ class PrecomputedVolume(Volume):
         resolution: Sequence[float],
         layer_type: str,
         compression: str = "default",
+        shard: Vec | None = None,
     ) -> "PrecomputedVolume":
+        """A new layer; with ``shard`` (ZYX, from :func:`~chunkflow.storage.sharding.choose_precomputed_shard`)
+        a sharded one, each chunk gzip-compressed inside its shard where ``compression`` asks for gzip
+        objects (``gzip``; ``default`` on gs:// and s3://)."""
         from cloudvolume import CloudVolume
 
         check_precomputed_compression(compression, dtype, num_channels)
@@ -265,6 +272,10 @@ class PrecomputedVolume(Volume):
                 info["scales"][0]["jpeg_quality"] = JPEG_QUALITY
             if codec.encoding == "png":
                 info["scales"][0]["png_level"] = PNG_LEVEL
+            if shard is not None:
+                gzip = codec.gzip if codec.gzip is not None else not location.startswith("file://")
+                info["scales"][0]["sharding"] = precomputed_sharding_spec(shard, chunk_size, bbox.shape,
+                                                                          "gzip" if gzip else "raw")
             cv = cls._cloudvolume(location, info=info, fill_missing=True)
             cv.commit_info()
         except Exception as exc:  # noqa: BLE001
@@ -324,6 +335,9 @@ class PrecomputedVolume(Volume):
         xyzc = np.ascontiguousarray(data).transpose(3, 2, 1, 0)  # Fortran-ordered view, no copy
         self._cv.compress = _write_compress(self._cv.info, self._location)  # what the info records
         try:
+            if self.sharded:  # check_write let through whole shards only
+                write_precomputed_shards(self._cv, self._location, self.bbox, self.shard_size, bbox, data)
+                return
             self._cv[self._slices_xyz(bbox)] = xyzc
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"write of box {bbox.name} to {self.url} failed: {_one_line(exc)}") from exc

@@ -60,8 +60,11 @@ class Volume:
     num_channels: int
     dtype: np.dtype
     resolution: tuple[float, float, float]
-    #: stored in shards of several chunks (precomputed sharding): chunk-aligned writes are not enough
+    #: stored in shards of several chunks (precomputed sharding, zarr shards): chunk-aligned writes are not enough
     sharded: bool = False
+    #: the box of chunks one shard holds (ZYX, from the volume's start), the unit of every write of a
+    #: sharded volume; None for a sharded volume whose shards are not boxes (it cannot be written)
+    shard_size: Vec | None = None
     #: chunks that did not exist and were read as zeros because the volume was opened with fill_missing
     filled_chunks: int = 0
 
@@ -130,7 +133,8 @@ class Volume:
 
         ``bbox`` must lie inside the volume, start on the chunk grid (relative to
         ``self.bbox.start``) and stop on it or at the volume's far face. Anything else
-        is refused before a byte is written, so two tasks can never share a chunk.
+        is refused before a byte is written, so two tasks can never share a chunk. A sharded
+        volume takes whole shards only (:attr:`shard_size`).
         """
         self.check_write(bbox, data)
         self._write(bbox, data)
@@ -147,19 +151,20 @@ class Volume:
             raise StorageError(f"{where}: data shape {tuple(data.shape)} is not C,Z,Y,X {expected}")
         if not self.bbox.contains(bbox):
             raise StorageError(f"{where}: box is not inside the volume bbox {self.bbox.name}")
+        if self.sharded:
+            unit, what, size = self.shard_size, "shard", "shard"
+        else:
+            unit, what, size = self.chunk_size, "storage chunk", "chunk"
+        if unit is None:
+            raise StorageError(f"{where}: the volume is sharded so that a shard is not one box of chunks")
         rel_start = bbox.start - self.bbox.start
         rel_stop = bbox.stop - self.bbox.start
         for axis in range(3):
-            c = self.chunk_size[axis]
-            if rel_start[axis] % c:
+            c = unit[axis]
+            if rel_start[axis] % c or (rel_stop[axis] % c and bbox.stop[axis] != self.bbox.stop[axis]):
                 raise StorageError(
-                    f"{where}: box is not aligned to the storage chunk grid "
-                    f"(chunk size {tuple(self.chunk_size)} ZYX from {tuple(self.bbox.start)})"
-                )
-            if rel_stop[axis] % c and bbox.stop[axis] != self.bbox.stop[axis]:
-                raise StorageError(
-                    f"{where}: box is not aligned to the storage chunk grid "
-                    f"(chunk size {tuple(self.chunk_size)} ZYX from {tuple(self.bbox.start)})"
+                    f"{where}: box is not aligned to the {what} grid "
+                    f"({size} size {tuple(unit)} ZYX from {tuple(self.bbox.start)})"
                 )
 
     def has_data(self) -> bool:
@@ -174,6 +179,7 @@ class Volume:
             "num_channels": self.num_channels,
             "dtype": str(self.dtype),
             "resolution": tuple(float(r) for r in self.resolution),
+            "shards": (tuple(self.shard_size) if self.shard_size is not None else "not boxes") if self.sharded else None,
         }
 
     def __repr__(self) -> str:
@@ -315,12 +321,14 @@ def create_volume(
     resolution: tuple[float, float, float] = (40.0, 8.0, 8.0),
     layer_type: str = "image",
     compression: str = "default",
+    shard: Vec | None = None,
 ) -> Volume:
     """Create a volume, or return the existing one if its geometry is identical.
 
-    ``bbox``, ``chunk_size`` and ``resolution`` are ZYX. An existing volume with a
-    different bbox, chunk size, channel count, dtype or resolution is an error: a job
-    must never write into storage laid out for another.
+    ``bbox``, ``chunk_size``, ``resolution`` and ``shard`` (the shard shape of a sharded volume,
+    ``storage/sharding.py``) are ZYX. An existing volume with a different bbox, chunk size, shards,
+    channel count, dtype or resolution is an error: a job must never write into storage laid out
+    for another.
     """
     fmt, location = _classify(url)
     bbox = Bbox(bbox.start, bbox.stop)
@@ -337,6 +345,7 @@ def create_volume(
         "num_channels": int(num_channels),
         "dtype": str(np.dtype(dtype)),
         "resolution": tuple(float(r) for r in resolution),
+        "shards": tuple(Vec(shard)) if shard is not None else None,
     }
     if fmt == "zarr":
         from chunkflow.storage.zarr_volume import ZarrVolume as impl
@@ -350,7 +359,8 @@ def create_volume(
             # create() may lose a race to a concurrent creator and return its volume instead,
             # so the geometry is compared in every case.
             vol = impl.create(url, location, bbox, chunk_size, int(num_channels), np.dtype(dtype),
-                              tuple(float(r) for r in resolution), layer_type, compression=compression)
+                              tuple(float(r) for r in resolution), layer_type, compression=compression,
+                              **({"shard": Vec(shard)} if shard is not None else {}))
     have = vol.geometry()
     if have != wanted:
         diff = ", ".join(f"{k} {have[k]} != {wanted[k]}" for k in wanted if have[k] != wanted[k])

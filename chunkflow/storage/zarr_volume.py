@@ -10,8 +10,8 @@ Three kinds of location open as a :class:`ZarrVolume`:
   ``resolution`` attributes (ZYX); ``mip`` must be 0.
 
 A 3D (Z,Y,X) array is read and written as one channel. The storage unit used for write
-alignment is the shard shape when the array is sharded, else the chunk shape: whole units
-only, so no two tasks ever read-modify-write the same object.
+alignment is the shard shape when the array is sharded (:attr:`Volume.shard_size`), else the
+chunk shape: whole units only, so no two tasks ever read-modify-write the same object.
 
 New volumes (:meth:`ZarrVolume.create`) are OME-Zarr 0.5 images with one level, array ``"0"``
 (``dimension_names`` c,z,y,x), which also carries chunkflow's own attributes (``voxel_offset``,
@@ -145,11 +145,13 @@ class ZarrVolume(Volume):
         self._lead = level.layout.lead
         self._has_channel = level.layout.channel is not None
         channels = shape[level.layout.channel] if self._has_channel else 1
-        unit = array.shards if getattr(array, "shards", None) is not None else array.chunks
+        shards = getattr(array, "shards", None)
+        self.sharded = shards is not None
+        self.shard_size = Vec(shards[-3:]) if shards is not None else None
         super().__init__(
             url=url,
             bbox=Bbox.from_shape(level.offset, shape[-3:]),
-            chunk_size=Vec(unit[-3:]),
+            chunk_size=Vec(array.chunks[-3:]),
             num_channels=channels,
             dtype=array.dtype,
             resolution=level.resolution,
@@ -242,8 +244,10 @@ class ZarrVolume(Volume):
         resolution: Sequence[float],
         layer_type: str = "image",
         compression: str = "default",
+        shard: Vec | None = None,
     ) -> "ZarrVolume":
-        """A new one-level OME-Zarr 0.5 image (array ``"0"``), or the one a concurrent creator made."""
+        """A new one-level OME-Zarr 0.5 image (array ``"0"``), or the one a concurrent creator made;
+        with ``shard`` (ZYX, a multiple of ``chunk_size``) its chunks are stored in zarr v3 shards."""
         import zarr
         from zarr.errors import ContainsArrayError, ContainsGroupError
 
@@ -256,6 +260,7 @@ class ZarrVolume(Volume):
                 name="0",
                 shape=(num_channels, *bbox.shape),
                 chunks=(num_channels, *chunk_size),
+                shards=(num_channels, *shard) if shard is not None else None,
                 dtype=dtype,
                 fill_value=0,
                 zarr_format=3,

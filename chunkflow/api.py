@@ -1,0 +1,300 @@
+"""chunkflow as a library: the functions behind ``import chunkflow`` (docs/api.md).
+
+In memory: :func:`sliding_window` (:mod:`chunkflow.in_memory`). On volumes: :func:`plan` a job,
+:func:`open_job` it again anywhere, :func:`run` both stages on an engine, or run one block's
+stage with :func:`inference_and_donate` / :func:`receive_and_blend` (through the engines' own
+task path, so the done, running and failed markers are kept the same way), and compute the
+whole-volume :func:`reference`. The CLI calls the same functions underneath.
+
+Heavy modules (storage, backends, engines) are imported when a function is called, so
+``import chunkflow`` stays fast and imports neither torch nor dask nor cloudvolume.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Sequence, Union
+
+import numpy as np
+
+from chunkflow.bbox import Bbox, Vec
+from chunkflow.errors import GeometryError, UsageError
+from chunkflow.in_memory import sliding_window
+from chunkflow.job import Job
+
+if TYPE_CHECKING:
+    from chunkflow.engines.runner import RunSummary
+    from chunkflow.engines.task import TaskResult
+
+__all__ = ["inference_and_donate", "open_job", "plan", "receive_and_blend", "reference", "run", "sliding_window"]
+
+Size = Union[str, Sequence[int], int]
+Block = Union[str, Bbox, Sequence[int]]
+JobLike = Union[Job, str, os.PathLike]
+
+
+def plan(
+    input: str,
+    output: str,
+    donations: str,
+    model: str,
+    input_patch: Size,
+    output_patch: Size | None = None,
+    overlap: Size = "0,0,0",
+    block: Size | None = None,
+    weights: str | None = None,
+    blend: str = "gaussian",
+    dtype: str = "float32",
+    pad_mode: str = "reflect",
+    precision: str = "float32",
+    device: str = "cpu",
+    batch_size: int = 1,
+    storage_chunk: Size | None = None,
+    donation_dtype: str = "float32",
+    compression: str = "none",
+    fill_missing: bool = False,
+    bbox: str | None = None,
+    mip: int = 0,
+    output_compression: str = "default",
+    mask: str | None = None,
+    mask_mip: int = 0,
+    sharded: bool = False,
+    device_here: bool = True,
+) -> Job:
+    """Validate a job, create its output volume and write its manifest (``chunkflow plan``).
+
+    Nothing is written unless every check passes. Planning the same parameters into the same
+    ``donations`` store again returns the existing job; other parameters there are refused.
+    Sizes are Z,Y,X: three ints, ``"16,64,64"`` or one int for a cube.
+
+    Args:
+        input: the input volume URL: ``file:///abs/path`` or ``gs://``/``s3://`` (precomputed),
+            ``path.zarr`` or ``zarr://...`` (zarr v3, OME-Zarr).
+        output: the output volume URL; created over the region if absent (C_out,Z,Y,X).
+        donations: the job store (a directory or ``gs://`` URL) that holds the manifest, the
+            donations and the done markers.
+        model: ``builtin:membrane``, a TorchScript file, a Python file defining
+            ``build_model()``, an ONNX file, ``identity[:C]`` or a registered backend name.
+        input_patch: the network's input patch.
+        output_patch: the centred part of its output that is kept (default ``input_patch``).
+        overlap: overlap of neighbouring output patches in voxels, each below the output patch.
+        block: the output block of one task (default: up to 128 per axis).
+        weights: a state dict for a Python-file model.
+        blend: ``gaussian``, ``constant`` or ``bump``.
+        dtype: output dtype, ``float32``, ``uint8`` or ``float16`` (zarr only).
+        pad_mode: the input beyond the volume's faces: ``reflect`` or ``constant`` (zeros).
+        precision: the model's compute precision: ``float32``, ``float16`` or ``bfloat16``.
+        device: where the workers run the model (``cpu``, ``cuda``, ``cuda:1``); runtime only.
+        batch_size: patches per model call; runtime only.
+        storage_chunk: the new output's storage chunk; must divide the block.
+        donation_dtype: ``float32`` or ``float16`` (half the bytes, ~5e-4 relative error).
+        compression: donation compression: ``none``, ``zstd`` or ``blosc``.
+        fill_missing: read missing input chunks as zeros instead of refusing them.
+        bbox: the region ``x0-x1_y0-y1_z0-z1`` to compute, in voxels of level ``mip``.
+        mip: the input's resolution level (precomputed scale, OME-Zarr dataset).
+        output_compression: the new output's codec (``default`` is lossless).
+        mask: a mask volume; only patches whose output touches it are computed.
+        mask_mip: the mask's resolution level.
+        sharded: create the output sharded (stage two then writes whole blocks).
+        device_here: also load the model on ``device`` here to check it (False when planning
+            on a machine without the workers' device).
+
+    Returns:
+        The planned :class:`chunkflow.job.Job` (``job.layout`` holds its grid and blocks).
+
+    Raises:
+        chunkflow.errors.Refusal: any parameter, volume, store or model that cannot be used
+            (one line; nothing written).
+    """
+    from chunkflow.planning import plan as _plan
+
+    given = dict(locals())  # every parameter above, passed on by name (path-likes as strings)
+    return _plan(**{name: _location(value) for name, value in given.items() if name != "_plan"})
+
+
+def open_job(store: str | os.PathLike) -> Job:
+    """The job planned in ``store`` (its ``donations`` location), verified against its hash.
+
+    Raises:
+        chunkflow.errors.JobError: no job there, or a manifest edited after planning.
+    """
+    from chunkflow.planning import load_job
+
+    return load_job(_store_url(store))
+
+
+def run(
+    job: JobLike,
+    engine: str = "local",
+    mode: str = "barrier",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+    cleanup: bool = False,
+    device: str | None = None,
+    batch_size: int | None = None,
+) -> RunSummary:
+    """Run both stages of a planned job over every block (``chunkflow run`` after ``plan``).
+
+    Args:
+        job: a :class:`Job`, or its store's location.
+        engine: ``local`` (this process) or ``dask`` (a LocalCluster, or ``scheduler``).
+        mode: ``barrier`` (all of stage one, then all of stage two) or ``streaming`` (stage two
+            of a block as soon as its donors' stage one is done).
+        workers: Dask workers to start (dask engine only).
+        scheduler: an existing Dask scheduler, ``tcp://host:8786`` (dask engine only).
+        force: recompute blocks whose done markers exist (otherwise they are skipped).
+        progress: show progress bars.
+        cleanup: delete each block's donations once it is blended.
+        device: run the model here instead of on the job's device (runtime only).
+        batch_size: patches per model call instead of the job's (runtime only).
+
+    Returns:
+        The run's :class:`chunkflow.engines.RunSummary` (``lines()`` prints it as the CLI does).
+
+    Raises:
+        chunkflow.errors.Refusal: a bad engine, mode or worker setting, or a task refused for
+            its data (missing donations, NaN output, ...): the first failure, once every task
+            that could run has run. Other exceptions are bugs.
+    """
+    from chunkflow.engines.runner import run_with
+
+    _flag("force", force), _flag("progress", progress), _flag("cleanup", cleanup)
+    job = _job(job, device, batch_size)
+    return run_with(job, engine=engine, mode=mode, workers=workers, scheduler=scheduler, force=force,
+                    progress=progress, cleanup=cleanup, check=True)
+
+
+def inference_and_donate(job: JobLike, block: Block, force: bool = False, device: str | None = None,
+                         batch_size: int | None = None) -> TaskResult:
+    """Stage one of one block: infer its patches, write its core, donate the rest.
+
+    Runs through the engines' task path (:func:`chunkflow.engines.task.run_task`): a block
+    whose ``done/stage1`` marker exists is skipped unless ``force``, and the running and failed
+    markers are kept as every engine keeps them.
+
+    Args:
+        job: a :class:`Job`, or its store's location.
+        block: the block's name ``x0-x1_y0-y1_z0-z1`` (e.g. ``0-1152_0-1152_0-112``), its
+            :class:`Bbox`, or its Z,Y,X index in the block grid (``job.layout.grid_shape``).
+        force: run it even if it is done.
+        device: run the model here instead of on the job's device.
+        batch_size: patches per model call instead of the job's.
+
+    Returns:
+        The task's :class:`chunkflow.engines.TaskResult` (``skipped``, ``stats``, ``attempt``).
+
+    Raises:
+        chunkflow.errors.GeometryError: ``block`` is not a block of this job.
+        chunkflow.errors.Refusal: the block's input or model output is refused.
+    """
+    return _task(job, 1, block, force, False, device, batch_size)
+
+
+def receive_and_blend(job: JobLike, block: Block, force: bool = False, cleanup: bool = False) -> TaskResult:
+    """Stage two of one block: fetch and verify its donations, sum them, write its band.
+
+    Runs through the engines' task path like :func:`inference_and_donate`; stage one of every
+    block it depends on (``job.layout.dependencies(index)``) must be done first.
+
+    Args:
+        job: a :class:`Job`, or its store's location.
+        block: the block's name, :class:`Bbox` or Z,Y,X grid index.
+        force: run it even if it is done.
+        cleanup: delete the block's donations afterwards (it can then not be rerun).
+
+    Returns:
+        The task's :class:`chunkflow.engines.TaskResult`.
+
+    Raises:
+        chunkflow.errors.GeometryError: ``block`` is not a block of this job.
+        chunkflow.errors.MissingDonations: a donation is missing or refused; nothing was written.
+    """
+    return _task(job, 2, block, force, cleanup, None, None)
+
+
+def reference(job: JobLike, progress: bool = False, device: str | None = None,
+              batch_size: int | None = None) -> np.ndarray:
+    """Whole-volume blended inference of the job's region in this process (what the stages equal).
+
+    Args:
+        job: a :class:`Job`, or its store's location.
+        progress: show a tqdm bar of patches.
+        device: run the model here instead of on the job's device.
+        batch_size: patches per model call instead of the job's.
+
+    Returns:
+        float32 ``C_out,Z,Y,X`` over ``job.layout.bbox``, before the cast to the output dtype.
+    """
+    from chunkflow.stages import Resources, reference as _reference
+
+    _flag("progress", progress)
+    job = _job(job, device, batch_size)
+    if not progress:
+        return _reference(job, Resources(job))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=job.layout.num_patches, desc="reference", unit="patch") as bar:
+        return _reference(job, Resources(job), bar.update)
+
+
+def block_index(job: Job, block: Block) -> Vec:
+    """The Z,Y,X grid index of ``block`` (a name, a :class:`Bbox` or an index) in ``job``."""
+    layout = job.layout
+    if isinstance(block, str):
+        return layout.block_index_of(Bbox.from_name(block))
+    if isinstance(block, Bbox):
+        return layout.block_index_of(block)
+    if isinstance(block, (tuple, list)) and len(block) == 3 and all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in block):
+        index = Vec(block)
+        if all(0 <= i < n for i, n in zip(index, layout.grid_shape)):
+            return index
+        raise GeometryError(f"block index {_zyx(index)} is outside this job's grid of {_zyx(layout.grid_shape)} "
+                            "blocks (z,y,x)")
+    raise GeometryError(f"block {block!r} is neither a block name x0-x1_y0-y1_z0-z1 nor a z,y,x block index")
+
+
+def _task(job: JobLike, stage: int, block: Block, force: bool, cleanup: bool, device: str | None,
+          batch_size: int | None) -> TaskResult:
+    from chunkflow.engines.task import run_task
+
+    _flag("force", force), _flag("cleanup", cleanup)
+    job = _job(job, device, batch_size)
+    return run_task(job, stage, block_index(job, block), force=force, cleanup=cleanup)
+
+
+def _job(job: JobLike, device: str | None, batch_size: int | None) -> Job:
+    if isinstance(job, str) or hasattr(job, "__fspath__"):
+        job = open_job(job)
+    elif not isinstance(job, Job):
+        raise UsageError(f"job {type(job).__name__} is neither a chunkflow Job nor a job store location")
+    if device is not None or batch_size is not None:
+        if device is not None:
+            from chunkflow.backends import check_device
+
+            check_device(device)
+        job = job.with_runtime(device=device, batch_size=batch_size)
+    return job
+
+
+def _location(value: object) -> object:
+    """A ``pathlib.Path`` (any path-like) as the string the planner takes; anything else as is."""
+    return str(value) if hasattr(value, "__fspath__") else value
+
+
+def _store_url(store: object) -> str:
+    if hasattr(store, "__fspath__"):
+        return str(store)
+    if not isinstance(store, str) or not store:
+        raise UsageError(f"job store {store!r} is not a location such as /path/to/job or gs://bucket/job")
+    return store
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} {value!r} must be True or False")
+
+
+def _zyx(v: Sequence[int]) -> str:
+    return ",".join(str(int(x)) for x in v)
