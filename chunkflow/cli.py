@@ -17,7 +17,8 @@ from chunkflow.cli_inspect import inspect as inspect_command
 from chunkflow.cli_view import view as view_command
 from chunkflow.cli_fleet import barrier, produce, status
 from chunkflow.cli_stages import check_command_line, report_failures
-from chunkflow.engines import check_options, run_with
+from chunkflow.backends import check_device
+from chunkflow.engines import check_options, make_engine, run_job
 from chunkflow.job import JobError
 from chunkflow.planning import load_job, make_job, plan as plan_job
 from chunkflow.region import parse_region
@@ -123,14 +124,20 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
     setup_logging(quiet)
     check_options(engine, mode, workers, scheduler)
     donations = donations or _default_store(output)
-    job = plan_job(input, output, donations, model, input_patch, output_patch=output_patch, overlap=overlap,
-                   block=block, weights=weights, blend=blend, dtype=dtype, pad_mode=pad_mode, precision=precision,
-                   device=device, batch_size=batch_size, donation_dtype=donation_dtype, compression=compression,
-                   fill_missing=fill_missing, bbox=bbox, mip=mip, output_compression=output_compression,
-                   mask=mask, mask_mip=mask_mip, sharded=sharded, device_here=scheduler is None)
-    job = job.with_runtime(device=device, batch_size=batch_size)
-    summary = run_with(job, engine, mode, workers, scheduler, force=force, progress=not quiet, cleanup=cleanup,
-                       check=False)
+    options = dict(output_patch=output_patch, overlap=overlap, block=block, weights=weights, blend=blend, dtype=dtype,
+                   pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
+                   donation_dtype=donation_dtype, compression=compression, fill_missing=fill_missing, bbox=bbox,
+                   mip=mip, output_compression=output_compression, mask=mask, mask_mip=mask_mip, sharded=sharded,
+                   device_here=scheduler is None)
+    if engine != "local":  # every check first, then the cluster, then the first write: a cluster that
+        make_job(input, output, donations, model, input_patch, **options)  # cannot start changes nothing
+    running = make_engine(engine, workers=workers, scheduler=scheduler, gpu=check_device(device).startswith("cuda"))
+    try:
+        job = plan_job(input, output, donations, model, input_patch, **options)
+        job = job.with_runtime(device=device, batch_size=batch_size)
+        summary = run_job(job, running, force=force, progress=not quiet, cleanup=cleanup, mode=mode, check=False)
+    finally:
+        running.close()
     for line in summary.lines():
         print(line)
     report_failures(summary.failure_lines(), summary.exit_status)

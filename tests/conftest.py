@@ -29,7 +29,10 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 #: modules whose tests start real worker processes, Dask clusters or kill processes
 SLOW_MODULES = {"test_kill", "test_gcs_faults", "test_chaos", "test_queue", "test_queue_healing",
-                "test_queue_lookahead", "test_dask_gpu", "test_engines", "test_gcs_pipeline"}
+                "test_queue_lookahead", "test_dask_gpu", "test_engines", "test_gcs_pipeline", "test_view",
+                "test_foreign_inputs", "test_sharded"}
+#: tests elsewhere that start real processes (words in their names)
+SLOW_NAMES = ("interrupt", "real_terminal", "stage_scripts", "subprocess")
 #: fixtures that start a storage server
 SERVER_FIXTURES = {"gcs_server", "gcs_bucket", "gcs_restartable", "sqs_endpoint"}
 
@@ -38,7 +41,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Mark as ``slow`` what starts processes or servers, so ``pytest -m "not slow"`` is the fast loop."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if module in SLOW_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if module in SLOW_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) \
+                or any(word in item.name for word in SLOW_NAMES):
             item.add_marker(pytest.mark.slow)
 
 

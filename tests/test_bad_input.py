@@ -278,3 +278,28 @@ def test_an_interrupt_is_one_line_and_the_rerun_resumes(world, sig, status):
                    cwd=world, check=True, capture_output=True, timeout=300)
     box = Bbox((0, 0, 0), (16, 64, 64))
     assert (open_volume(f"file://{world / 'slow_out'}").read(box) == open_volume(f"file://{ref}").read(box)).all()
+
+
+def test_dask_without_its_extra_is_refused_before_anything_is_written(world, capsys, monkeypatch):
+    """`--engine dask` where dask.distributed cannot be imported (the extra not installed)."""
+    monkeypatch.setitem(sys.modules, "distributed", None)  # what `import distributed` sees without the package
+    _check(world, capsys, cli.main, ["run", *base(world, engine="dask")], "pip install 'chunkflow[dask]'")
+
+
+def test_a_dask_cluster_whose_workers_die_at_start_is_one_line_and_writes_nothing(world, tmp_path_factory):
+    """Real worker processes that die as they start (a sitecustomize that exits in every process
+    multiprocessing spawns): `chunkflow run --engine dask` says so in one line, exit 2, and the
+    output and job store are not created (the cluster starts before the first write)."""
+    site = tmp_path_factory.mktemp("site")
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if any('multiprocessing' in a or 'spawn_main' in a or 'forkserver' in a for a in sys.argv):\n"
+        "    os._exit(3)\n")
+    before = snapshot(world)
+    env = dict(__import__("os").environ, PYTHONPATH=f"{site}:{Path(__file__).resolve().parent.parent}")
+    result = subprocess.run([PY, "-m", "chunkflow", "run", *base(world, engine="dask", workers="1"), "--quiet"],
+                            capture_output=True, text=True, cwd=world, timeout=300, env=env)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "LocalCluster could not start" in lines[0], lines[0]
+    assert snapshot(world) == before

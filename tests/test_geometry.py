@@ -170,7 +170,7 @@ def simulate(layout: Layout, image: np.ndarray, mode: str, context: int, batch_s
     return output, reference
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts, st.sampled_from(["constant", "gaussian", "bump"]), st.integers(0, 2), st.integers(1, 5),
        st.integers(0, 2**31 - 1))
 def test_invariant_1_in_memory(layout, mode, context, batch_size, seed):
