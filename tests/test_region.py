@@ -157,3 +157,35 @@ def test_a_region_at_mip_1_equals_the_reference_at_mip_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--mip 2" in err and "0 (40x4x4 nm), 1 (40x8x8 nm)" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "jx").exists()
+
+
+def test_issue_acceptance_mip_1_region_into_sharded_compressed_outputs(tmp_path):
+    """A region at mip 1 of a multi-scale layer with an offset, run into sharded, compressed
+    outputs (precomputed: gzip shards of 2x2x2 chunks; zarr: zstd shards), equals `chunkflow
+    reference` over the same region at the same mip; read back by tensorstore, a reader we did
+    not write."""
+    ts = pytest.importorskip("tensorstore")
+    url, _ = _two_mips(tmp_path / "em")
+    region = "64-160_16-80_8-24"
+    box = Bbox.from_name(region)
+    ref = f"file://{tmp_path / 'ref'}"
+    assert _main("reference", "--input", url, "--output", ref, "--mip", "1", "--bbox", region, *FLAGS) == 0
+    expected = open_volume(ref).read(box)
+    outputs = {"precomputed": (f"file://{tmp_path / 'pc'}", "gzip"), "zarr": (str(tmp_path / "out.zarr"), "zstd")}
+    for url_out, codec in outputs.values():
+        flags = ["--input", url, "--output", url_out, "--mip", "1", "--bbox", region, "--block", "16,32,32",
+                 "--sharded", "--output-compression", codec, *FLAGS]
+        store = url_out.removeprefix("file://") + ".donations"  # where `run` keeps a local output's job
+        assert _main("plan", "--donations", store, "--storage-chunk", "8,16,16", *flags) == 0  # shards of 2x2x2
+        assert _main("run", *flags) == 0
+        written = open_volume(url_out)
+        assert written.sharded and written.bbox == box and written.resolution == (40.0, 8.0, 8.0)
+        np.testing.assert_allclose(written.read(box), expected, rtol=0, atol=1e-5)
+    info = json.loads((tmp_path / "pc" / "info").read_text())["scales"][0]
+    assert info["sharding"]["data_encoding"] == "gzip" and info["voxel_offset"] == [64, 16, 8]
+    assert len(list((tmp_path / "pc").glob("*/*.shard"))) == 6  # one shard per block: 3 x 2 x 1 blocks
+    pc = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{tmp_path / 'pc'}"}).result()
+    got = pc[ts.d["x", "y", "z"].translate_to[0, 0, 0]].read().result()  # x, y, z, c
+    np.testing.assert_allclose(np.asarray(got).transpose(3, 2, 1, 0), expected, rtol=0, atol=1e-5)
+    za = ts.open({"driver": "zarr3", "kvstore": f"file://{tmp_path / 'out.zarr' / '0'}"}).result()
+    np.testing.assert_allclose(np.asarray(za.read().result()), expected, rtol=0, atol=1e-5)
