@@ -100,15 +100,13 @@ def make_job(
         raise JobError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise JobError(f"--batch-size {batch_size!r} must be a positive integer")
-    if not isinstance(fill_missing, bool):
-        raise JobError(f"--fill-missing takes no value (got {fill_missing!r})")
-    if not isinstance(sharded, bool):
-        raise JobError(f"--sharded takes no value (got {sharded!r})")
+    for flag, value in (("--fill-missing", fill_missing), ("--sharded", sharded)):
+        if not isinstance(value, bool):
+            raise JobError(f"{flag} takes no value (got {value!r})")
     check_locations(input, output, store)
-    if isinstance(mip, bool) or not isinstance(mip, int) or mip < 0:
-        raise JobError(f"--mip {mip!r} is not a resolution level (0, 1, 2, ...)")
-    if isinstance(mask_mip, bool) or not isinstance(mask_mip, int) or mask_mip < 0:
-        raise JobError(f"--mask-mip {mask_mip!r} is not a resolution level (0, 1, 2, ...)")
+    for flag, value in (("--mip", mip), ("--mask-mip", mask_mip)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise JobError(f"{flag} {value!r} is not a resolution level (0, 1, 2, ...)")
     if mask is not None and (not isinstance(mask, str) or not mask):
         raise JobError(f"--mask {mask!r} is not a volume URL")
     if mask is not None:

