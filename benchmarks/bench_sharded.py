@@ -37,7 +37,8 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.dryrun import summarise
 from chunkflow.geometry import Layout
 from chunkflow.planning import plan
-from chunkflow.stages import Resources, inference_and_donate, receive_and_blend
+from chunkflow.stage_two import receive_and_blend
+from chunkflow.stages import Resources, inference_and_donate
 
 log = logging.getLogger("bench_sharded")
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from chunkflow.bbox import Bbox, Vec  # noqa: E402
 from chunkflow.demo import make_em_volume  # noqa: E402
-from chunkflow.stages import (Resources, Stats, inference_and_donate_many,  # noqa: E402
-                              receive_and_blend)
+from chunkflow.stage_two import receive_and_blend  # noqa: E402
+from chunkflow.stages import Resources, Stats, inference_and_donate_many  # noqa: E402
 from chunkflow.storage import create_volume, open_volume  # noqa: E402
 
 

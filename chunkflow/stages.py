@@ -1,4 +1,4 @@
-"""The two stages, as plain functions of (job, block). No engine in sight.
+"""Stage one, and what both stages share, as plain functions of (job, block). No engine in sight.
 
 ``inference_and_donate`` (stage one, one block, GPU): blended inference over the patches the
 block owns, its core written to the output volume, every other piece of its chunk donated.
@@ -29,12 +29,11 @@ from chunkflow.backends import Backend, load_backend, require_device
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, weight_map
 from chunkflow.inference import blended_inference
-from chunkflow.errors import MissingDonations
 from chunkflow.job import Job
 from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
 from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
 from chunkflow.storage.volumes import input_missing
-from chunkflow.storage.donation_codec import DonationError, decode_donation, encode_donation
+from chunkflow.storage.donation_codec import encode_donation
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
         t = time.perf_counter()
         core = layout.core_box(block)
         if not core.is_empty():
-            for slab in _write_slabs(core, job.storage_chunk[0], job.out_channels * 4):
+            for slab in write_slabs(core, job.storage_chunk[0], job.out_channels * 4):
                 res.output.write(slab, cast_output(out[(slice(None),) + slab.slices(chunk)], job.output_dtype))
             stats.voxels += core.size
         t = stats.time("write", t)
@@ -231,11 +230,11 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
         t = stats.time("donate", t)
     elif prefetch_next is not None:
         res.prefetch(prefetch_next)
-    _mark_done(res.store, 1, box, job, stats)
+    mark_done(res.store, 1, box, job, stats)
     return stats
 
 
-def _write_slabs(core: Bbox, chunk_z: int, voxel_bytes: int) -> Iterator[Bbox]:
+def write_slabs(core: Bbox, chunk_z: int, voxel_bytes: int) -> Iterator[Bbox]:
     """The core cut along z into storage-aligned slabs of about :data:`WRITE_SLAB_BYTES` (at least one
     storage chunk thick): writing it whole would copy the whole core (the writer needs contiguous
     data, the core is a strided view of the chunk), which would add a chunk to a task's peak."""
@@ -284,58 +283,6 @@ def _infer_region(job: Job, res: Resources, region: Bbox, origins: list[Vec], st
     return out
 
 
-def receive_and_blend(job: Job, block: Vec, res: Resources | None = None, cleanup: bool = False) -> Stats:
-    """Stage two for block index ``block``: verify, sum and write every donated piece."""
-    res = res or Resources(job)
-    layout, stats = job.layout, Stats()
-    box = layout.block_box(block)
-    bands = layout.band_boxes(block)
-    expected = layout.donations_to(block)
-    t = time.perf_counter()
-    if bands:
-        blobs = res.store.get_many([DONATIONS + d.key for d in expected])
-        t = stats.time("fetch", t)
-        missing, corrupt, pieces = [], [], []
-        for donation in expected:
-            data = blobs.get(DONATIONS + donation.key)
-            if data is None and res.is_masked(donation.donor):
-                continue  # a block outside the mask sends nothing: its pieces are zero
-            if data is None:
-                missing.append(donation.key)
-                continue
-            try:
-                _, array = decode_donation(data, donation.key, job.job_hash, job.out_channels, job.donation_dtype)
-            except DonationError as err:
-                corrupt.append(str(err))
-                continue
-            pieces.append((donation.piece, array))
-            stats.donated_bytes += len(data)
-        if missing or corrupt:
-            raise MissingDonations(box, missing, corrupt)
-        t = stats.time("verify", t)
-        region = _union(bands)
-        total = np.zeros((job.out_channels,) + tuple(region.shape), dtype=np.float32)
-        for piece, array in pieces:
-            total[(slice(None),) + piece.slices(region)] += array
-        t = stats.time("blend", t)
-        for band in bands:
-            res.output.write(band, cast_output(total[(slice(None),) + band.slices(region)], job.output_dtype))
-            stats.voxels += band.size
-        t = stats.time("write", t)
-        stats.donations = len(pieces)
-    if res.is_masked(block):  # its stage one did not run: the core, zero, is written here
-        core = layout.core_box(block)
-        if not core.is_empty():
-            for slab in _write_slabs(core, job.storage_chunk[0], job.out_channels * 4):
-                res.output.write(slab, np.zeros((job.out_channels,) + tuple(slab.shape), dtype=job.output_dtype))
-            stats.voxels += core.size
-    _mark_done(res.store, 2, box, job, stats)
-    if cleanup:
-        for donation in expected:
-            res.store.delete(DONATIONS + donation.key)
-    return stats
-
-
 def reference(job: Job, res: Resources | None = None, progress=None) -> np.ndarray:
     """Whole-volume blended inference in one process: what the two stages must reproduce."""
     res = res or Resources(job)
@@ -357,13 +304,7 @@ def is_done(store: ObjectStore, stage: int, block: Bbox) -> bool:
     return store.exists(done_marker(stage, block))
 
 
-def _mark_done(store: ObjectStore, stage: int, block: Bbox, job: Job, stats: Stats) -> None:
+def mark_done(store: ObjectStore, stage: int, block: Bbox, job: Job, stats: Stats) -> None:
     record = {"job": job.job_hash, "block": block.name, "patches": stats.patches, "voxels": stats.voxels,
               "donated_bytes": stats.donated_bytes, "seconds": stats.seconds, "finished": time.time()}
     store.put(done_marker(stage, block), json.dumps(record).encode())
-
-
-def _union(boxes: list[Bbox]) -> Bbox:
-    start = Vec(min(b.start[a] for b in boxes) for a in range(3))
-    stop = Vec(max(b.stop[a] for b in boxes) for a in range(3))
-    return Bbox(start, stop)

@@ -219,7 +219,7 @@ def test_every_user_facing_error_is_a_refusal():
     from chunkflow.engines.queue import QueueError
     from chunkflow.geometry import GeometryError
     from chunkflow.job import JobError
-    from chunkflow.stages import MissingDonations
+    from chunkflow.errors import MissingDonations
     from chunkflow.storage import StorageError
     from chunkflow.storage.donation_codec import DonationError
 

@@ -24,7 +24,9 @@ from chunkflow.engines import LocalEngine, run_job, run_stage
 from chunkflow.inspect import inspect_store
 from chunkflow.job import MANIFEST, JobError
 from chunkflow.planning import plan
-from chunkflow.stages import DONATIONS, MissingDonations, Resources, inference_and_donate, receive_and_blend, reference
+from chunkflow.errors import MissingDonations
+from chunkflow.stage_two import receive_and_blend
+from chunkflow.stages import DONATIONS, Resources, inference_and_donate, reference
 from chunkflow.storage import create_volume, open_store, open_volume
 
 SHAPE = (16, 64, 64)

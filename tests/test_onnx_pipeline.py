@@ -16,7 +16,8 @@ import pytest
 from chunkflow.backends import load_backend
 from chunkflow.demo import make_em_volume
 from chunkflow.planning import plan
-from chunkflow.stages import Resources, inference_and_donate_many, receive_and_blend, reference
+from chunkflow.stage_two import receive_and_blend
+from chunkflow.stages import Resources, inference_and_donate_many, reference
 from chunkflow.storage import open_volume
 from tests.helpers import CountingBackend, make_input
 

@@ -17,7 +17,9 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import LocalEngine, run_job
 from chunkflow.cli import COMMANDS
 from chunkflow.planning import load_job, plan
-from chunkflow.stages import MissingDonations, Resources, inference_and_donate, receive_and_blend, reference
+from chunkflow.errors import MissingDonations
+from chunkflow.stage_two import receive_and_blend
+from chunkflow.stages import Resources, inference_and_donate, reference
 from chunkflow.storage import open_store, open_volume
 from tests.helpers import CONV3, CONV3_SAME, CountingBackend, make_input
 

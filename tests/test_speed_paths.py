@@ -16,8 +16,8 @@ from chunkflow.blend import WeightSum, normalise, weight_map, weight_sum
 from chunkflow.geometry import Layout
 from chunkflow.inference import _float_into, blended_inference, to_float
 from chunkflow.planning import plan
-from chunkflow.stages import (InputPrefetcher, Resources, inference_and_donate, inference_and_donate_many,
-                              receive_and_blend, reference)
+from chunkflow.stage_two import receive_and_blend
+from chunkflow.stages import InputPrefetcher, Resources, inference_and_donate, inference_and_donate_many, reference
 from chunkflow.storage import StorageError, open_volume
 from tests.helpers import CONV3, make_input
 

@@ -32,7 +32,8 @@ from chunkflow.engines import faults
 from chunkflow.engines.attempts import Heartbeat, exhausted, failed_record, last_attempt
 from chunkflow.engines.failures import STAGE_NAMES
 from chunkflow.job import Job
-from chunkflow.stages import DONATIONS, Resources, Stats, inference_and_donate, is_done, receive_and_blend
+from chunkflow.stage_two import receive_and_blend
+from chunkflow.stages import DONATIONS, Resources, Stats, inference_and_donate, is_done
 from chunkflow.storage import ObjectStore
 
 log = logging.getLogger(__name__)
