@@ -55,7 +55,7 @@ setup(
         ],
     },
     entry_points={
-        "console_scripts": ["chunkflow=chunkflow.cli:main"],
+        "console_scripts": ["chunkflow=chunkflow.cli:console"],
         "chunkflow.backends": [
             "identity = chunkflow.backends.identity:make_identity_backend",
             "builtin = chunkflow.backends.pytorch:make_pytorch_backend",

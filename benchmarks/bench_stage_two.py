@@ -3,23 +3,34 @@
 1. ``a += b`` on float32 arrays of 1, 8 and 64 MiB: the bandwidth ceiling of an in-place sum here
    (and at 64 MiB into a fresh ``np.zeros``, whose pages the sum touches first, as stage two's do).
 2. A real job (identity model, so stage one is quick; 64x512x512, patch 16x128x128, overlap
-   4x32x32, blocks 32x256x256): stage two's ``blend`` phase sums every received piece into the
-   band; its throughput is piece bytes summed per second. Fetch, verify and write are reported too.
+   4x32x32, blocks 32x256x256): stage one runs once, then stage two over every block runs
+   ``repeats`` times, each in a fresh process (the timed loop starts once its volume and store
+   are open), each time right after ``a += b`` is measured again, so every ratio compares numbers
+   taken under the same load. Stage two's ``blend`` phase sums every received piece into the
+   band; its throughput is piece bytes summed per second, reported as a fraction of that
+   repetition's ``a += b``, as the median and the range over repetitions. Fetch, verify and write
+   are reported too. With ``--baseline DIR`` (a checkout of another version), that version's
+   stage two runs on the same donations, interleaved with this one.
 3. Donated bytes over output bytes, measured in that run and computed by the dry run
    (``chunkflow.dryrun.summarise``) for other block sizes, against the geometric surface ratio
    ``sum_a overlap_a / block_a``: the fraction of a block within one overlap of its three lower
    faces, the least any exact scheme must move between blocks.
 
-    python benchmarks/bench_stage_two.py
+    python benchmarks/bench_stage_two.py [--repeats 5] [--baseline /path/to/old/checkout]
 """
 from __future__ import annotations
 
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 
 import fire
 import numpy as np
 
-from common import make_input, run_two_stage, save, scratch, zyx
+from common import ROOT, make_input, run_two_stage, save, scratch, zyx
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.dryrun import summarise
 from chunkflow.geometry import Layout
@@ -52,8 +63,39 @@ def surface(overlap: Vec, block: Vec) -> float:
     return sum(o / b for o, b in zip(overlap, block))
 
 
+#: stage two over every block of the job in ``argv[1]``, timed once the volume and store are open
+DRIVER = r"""
+import json, sys, time
+from chunkflow.planning import load_job
+from chunkflow.stages import Resources, Stats
+try:
+    from chunkflow.stage_two import receive_and_blend
+except ImportError:  # versions before stage two had its own module
+    from chunkflow.stages import receive_and_blend
+job = load_job(sys.argv[1])
+res = Resources(job)
+res.output, res.store
+stats, t = Stats(), time.perf_counter()
+for idx in job.layout.block_indices():
+    stats.add(receive_and_blend(job, idx, res))
+print(json.dumps({"wall": time.perf_counter() - t, "seconds": stats.seconds, "received": stats.donated_bytes}))
+"""
+
+
+def stage_two_once(store: str, checkout: str) -> dict:
+    """Stage two over every block in a fresh process importing chunkflow from ``checkout``."""
+    env = dict(os.environ, PYTHONPATH=checkout)
+    done = subprocess.run([sys.executable, "-c", DRIVER, store], env=env, cwd=checkout, capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):.2f} (range {min(values):.2f}-{max(values):.2f}, n={len(values)})"
+
+
 def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", overlap: str | tuple = "4,32,32",
-         block: str | tuple = "32,256,256") -> None:
+         block: str | tuple = "32,256,256", repeats: int = 5, baseline: str | None = None) -> None:
     """Stage two's blending throughput against numpy's ``a += b``, and donated bytes against geometry.
 
     Args:
@@ -61,6 +103,8 @@ def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", o
         patch: patch, ZYX (also used for the dry-run rows).
         overlap: patch overlap, ZYX (also used for the dry-run rows).
         block: block of the real job, ZYX (the dry-run rows use the fixed BLOCKS).
+        repeats: stage-two runs (per version), each after a fresh ``a += b`` measurement.
+        baseline: a checkout of another chunkflow version whose stage two runs interleaved with this one.
     """
     shape, patch, overlap, block = (zyx(v, what) for v, what in
                                     ((shape, "shape"), (patch, "patch"), (overlap, "overlap"), (block, "block")))
@@ -75,15 +119,30 @@ def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", o
     job = plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), "identity", patch, overlap=overlap,
                block=block, batch_size=4)
     run = run_two_stage(job, read_output=False)
-    s2 = run.stats2.seconds
+    print(f"stage two over {job.layout.num_blocks} blocks: received {run.stats2.donated_bytes / 2**20:.1f} MiB in "
+          f"{run.stats2.donations} pieces (first run, in process: {run.stage2.wall:.3f} s)")
+
+    versions = {"this": str(ROOT)} | ({"baseline": str(baseline)} if baseline else {})
+    runs: dict[str, list[dict]] = {name: [] for name in versions}
+    for _ in range(repeats):
+        for name, checkout in versions.items():
+            add, add_fresh = add_bandwidth(64, repeats=5), add_bandwidth(64, repeats=5, fresh=True)
+            result = stage_two_once(job.store, checkout)
+            blend = result["received"] / result["seconds"]["blend"]
+            runs[name].append({**result, "add": add, "add_fresh": add_fresh, "blend_rate": blend,
+                               "blend_over_add": blend / add, "blend_over_add_fresh": blend / add_fresh,
+                               "load": os.getloadavg()[0]})
+    for name, rows in runs.items():
+        phases = {k: round(statistics.median(r["seconds"].get(k, 0.0) for r in rows), 4)
+                  for k in ("fetch", "verify", "blend", "write")}
+        print(f"{name} ({versions[name]}): blend {spread([r['blend_rate'] / 2**30 for r in rows])} GiB/s = "
+              f"{spread([r['blend_over_add'] for r in rows])} x numpy a += b (64 MiB, same repetition), "
+              f"{spread([r['blend_over_add_fresh'] for r in rows])} x with first touch")
+        print(f"  stage two wall {spread([r['wall'] for r in rows])} s; phases (median s) {phases}; "
+              f"load {spread([r['load'] for r in rows])}")
+    s2 = runs["this"][-1]["seconds"]
     received = run.stats2.donated_bytes
-    blend_rate = received / s2["blend"]
-    print(f"stage two over {job.layout.num_blocks} blocks: received {received / 2**20:.1f} MiB in "
-          f"{run.stats2.donations} pieces; phases (s) {({k: round(v, 3) for k, v in s2.items()})}")
-    print(f"stage two blend: {blend_rate / 2**30:.2f} GiB/s = {blend_rate / bandwidth[64]:.2f} x numpy a += b "
-          f"(64 MiB), {blend_rate / fresh:.2f} x with first touch; whole stage two "
-          f"{received / run.stage2.wall / 2**30:.2f} GiB/s "
-          "of pieces")
+    blend_rate = statistics.median(r["blend_rate"] for r in runs["this"])
 
     out_bytes = job.layout.bbox.size * job.out_channels * 4
     overlap_v = Vec.parse(overlap)
@@ -110,7 +169,8 @@ def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", o
               f"{r['objects_per_block']:.1f} objects per block")
     record = {"add_bandwidth": {str(k): v for k, v in bandwidth.items()}, "add_bandwidth_fresh_64": fresh,
               "stage2_seconds": s2,
-              "stage2_wall": run.stage2.wall, "received_bytes": received, "blend_rate": blend_rate,
+              "stage2_wall": statistics.median(r["wall"] for r in runs["this"]), "received_bytes": received,
+              "blend_rate": blend_rate, "repeats": runs, "baseline": baseline,
               "donated_over_output": measured, "surface": surface(overlap_v, Vec.parse(block)),
               "block": block, "rows": rows}
     print(f"recorded in {save('stage_two', record)}")

@@ -9,6 +9,7 @@ does not inflate.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import os
 import platform
@@ -86,15 +87,25 @@ def scratch(prefix: str, keep: str | None = None) -> Path:
     return path
 
 
+#: the volume format the benchmarks write: precomputed, or zarr where CloudVolume is not installed
+#: (a GPU machine that carries only what the GPU check needs)
+FORMAT = os.environ.get("CHUNKFLOW_BENCH_FORMAT") or ("precomputed" if importlib.util.find_spec("cloudvolume") else "zarr")
+
+
+def volume_url(path: Path) -> str:
+    """Where a benchmark volume at ``path`` lives, in :data:`FORMAT`."""
+    return f"file://{path}" if FORMAT == "precomputed" else f"{path}.zarr"
+
+
 def make_input(workdir: Path, shape: tuple[int, int, int], chunk=(16, 64, 64), seed: int = 1,
                synthetic: bool = True) -> tuple[str, np.ndarray]:
-    """A synthetic EM volume (or uniform noise in 1..255, faster to make) as uint8 precomputed
-    (raw encoding) at ``workdir/input``."""
+    """A synthetic EM volume (or uniform noise in 1..255, faster to make) as uint8 at
+    ``workdir/input`` (precomputed, raw encoding, or zarr: :data:`FORMAT`)."""
     if synthetic:
         image, _ = make_em_volume(shape, seed=seed)
     else:
         image = np.random.default_rng(seed).integers(1, 256, size=shape, dtype=np.uint8)
-    url = f"file://{workdir / 'input'}"
+    url = volume_url(workdir / "input")
     volume = create_volume(url, Bbox(Vec(0, 0, 0), Vec(shape)), Vec(chunk), 1, "uint8")
     volume.write(volume.bbox, image[None])
     return url, image

@@ -1,18 +1,20 @@
-"""Streaming against barrier order on the Dask engine: when do blocks become final, and the total.
+"""Streaming against barrier order: when do blocks become final, and the total, above the noise.
 
 In barrier order no block is final before the last stage-one task ends; in streaming order a
 block's stage two runs as soon as its donors' stage one is done (``Layout.dependencies``), so
-final blocks appear while inference still runs elsewhere. Both orders run on the same
-LocalCluster, on two copies of the same job, ``--repeats`` times interleaved (barrier,
-streaming, barrier, ...); the medians are compared, and the two outputs must be identical.
+final blocks appear while inference still runs elsewhere. Both orders run on the same engine
+(the local engine with ``--slots`` task slots, or a Dask LocalCluster), on two copies of the
+same job, ``--repeats`` interleaved pairs (the order inside a pair alternates, so a drift in the
+machine's load hits both alike); per order the median and spread (min-max) of the total time
+and of the time the first block became final, and the median of the per-pair ratios, are
+compared. The two outputs must be identical.
 
-    python benchmarks/streaming_vs_barrier.py                                   # 32x256x256, U-Net
-    python benchmarks/streaming_vs_barrier.py --shape 16,128,128 --workers 2 --repeats 1
+    python benchmarks/streaming_vs_barrier.py                                   # local engine, 5 pairs
+    python benchmarks/streaming_vs_barrier.py --engine dask --workers 2
+    python benchmarks/streaming_vs_barrier.py --device cuda --shape 64,512,512 --block 32,128,128
 
-Prints, per order: seconds until the first block is final, until half the blocks are, until all
-are (the total); and streaming / barrier ratios of each. Records every run, the medians, the
-ratios, the identity check and the 1-minute load average (before, sampled during, after) in
-``results/streaming_vs_barrier.json``.
+Records every run, the medians, spreads, ratios, the identity check and the 1-minute load average
+(before, sampled during, after) in ``results/streaming_vs_barrier.json``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import numpy as np
 from common import save, zyx
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.demo.synthetic import make_em_volume
-from chunkflow.engines import make_engine, run_job
+from chunkflow.engines import LocalEngine, make_engine, run_job
 from chunkflow.planning import plan
 from chunkflow.storage import create_volume, open_volume
 
@@ -55,10 +57,15 @@ class LoadSampler:
         self._thread.join()
 
 
+def spread(values: list[float]) -> dict:
+    """Median, min and max of ``values``."""
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
 def main(shape: str | tuple = "32,256,256", block: str | tuple = "16,64,64", patch: str | tuple = "16,64,64",
-         overlap: str | tuple = "4,16,16",
-         model: str = "builtin:membrane", workers: int | None = None, repeats: int = 3) -> None:
-    """Streaming against barrier order on the Dask engine: when do blocks become final, and the total.
+         overlap: str | tuple = "4,16,16", model: str = "builtin:membrane", engine: str = "local", slots: int = 2,
+         workers: int | None = None, repeats: int = 5, device: str = "cpu") -> None:
+    """Streaming against barrier order: when do blocks become final, and the total.
 
     Args:
         shape: volume, ZYX (16,128,128 or 16x128x128).
@@ -66,12 +73,15 @@ def main(shape: str | tuple = "32,256,256", block: str | tuple = "16,64,64", pat
         patch: input (= output) patch, ZYX.
         overlap: patch overlap, ZYX.
         model: any chunkflow model string.
+        engine: local or dask.
+        slots: task slots of the local engine.
         workers: Dask workers (default: one per core).
-        repeats: interleaved runs of each order; the medians are compared.
+        repeats: interleaved pairs of runs (barrier and streaming); medians and spreads are compared.
+        device: cpu or cuda (the local engine; a Dask LocalCluster pins one GPU per worker).
     """
     shape, block, patch, overlap = (zyx(v, what) for v, what in
                                     ((shape, "shape"), (block, "block"), (patch, "patch"), (overlap, "overlap")))
-    model, repeats = str(model), int(repeats)
+    model, repeats, slots = str(model), int(repeats), int(slots)
     workers = None if workers is None else int(workers)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="cf-streaming-") as tmp:
@@ -81,48 +91,58 @@ def main(shape: str | tuple = "32,256,256", block: str | tuple = "16,64,64", pat
         source = create_volume(f"file://{work / 'input'}", Bbox(Vec(0, 0, 0), size), Vec(16, 64, 64), 1, "uint8")
         source.write(source.bbox, image[None])
         jobs = {mode: plan(f"file://{work / 'input'}", f"file://{work / mode}", str(work / f"{mode}.job"), model,
-                           patch, overlap=overlap, block=block)
+                           patch, overlap=overlap, block=block, device=device)
                 for mode in ("barrier", "streaming")}
-        engine = make_engine("dask", workers=workers)
-        workers = len(engine.client.scheduler_info()["workers"])
+        running = LocalEngine(slots) if engine == "local" else make_engine(
+            "dask", workers=workers, gpu=device.startswith("cuda"))
+        label = f"local engine, {slots} slots" if engine == "local" else \
+            f"Dask, {len(running.client.scheduler_info()['workers'])} workers of 2 threads"
         try:
-            run_job(jobs["barrier"], engine, force=True, progress=False)  # warm up: workers load the model
+            run_job(jobs["barrier"], running, force=True, progress=False)  # warm up: the model is loaded
             results: dict[str, list[tuple[float, float, float]]] = {"barrier": [], "streaming": []}
             with LoadSampler() as load:
-                for _ in range(repeats):
-                    for mode, job in jobs.items():
-                        summary = run_job(job, engine, force=True, progress=False, mode=mode)
+                for pair in range(repeats):
+                    for mode in (("barrier", "streaming") if pair % 2 == 0 else ("streaming", "barrier")):
+                        summary = run_job(jobs[mode], running, force=True, progress=False, mode=mode)
                         finals = summary.final_times
                         results[mode].append((finals[0], finals[len(finals) // 2], summary.seconds))
                         print(f"  {mode:<10} first {finals[0]:.2f} s, half {finals[len(finals) // 2]:.2f} s, "
                               f"all {summary.seconds:.2f} s (load {os.getloadavg()[0]:.2f})", flush=True)
         finally:
-            engine.close()
+            running.close()
         job = jobs["barrier"]
         same = np.array_equal(open_volume(job.output).read(job.layout.bbox),
                               open_volume(jobs["streaming"].output).read(job.layout.bbox))
 
-    median = {mode: [statistics.median(r[i] for r in runs) for i in range(3)] for mode, runs in results.items()}
-    print(f"{job.layout.num_blocks} blocks of {block} over {shape}, model {model}, "
-          f"{workers} Dask workers, median of {repeats}")
-    print(f"{'':<11}{'first final':>13}{'half final':>13}{'all final':>12}")
-    for mode, (first, half, total) in median.items():
-        print(f"{mode:<11}{first:>12.2f}s{half:>12.2f}s{total:>11.2f}s")
-    b, s = median["barrier"], median["streaming"]
-    print(f"{'ratio':<11}{s[0] / b[0]:>13.2f}{s[1] / b[1]:>13.2f}{s[2] / b[2]:>12.2f}   (streaming / barrier)")
+    names = ("first_final", "half_final", "all_final")
+    spreads = {mode: {name: spread([r[i] for r in runs]) for i, name in enumerate(names)}
+               for mode, runs in results.items()}
+    ratios = {name: [s[i] / b[i] for b, s in zip(results["barrier"], results["streaming"])]
+              for i, name in enumerate(names)}
+    print(f"{job.layout.num_blocks} blocks of {block} over {shape}, model {model} on {device}, {label}, "
+          f"{repeats} interleaved pairs")
+    print(f"{'':<11}{'first final: median (min-max)':>32}{'all final: median (min-max)':>32}")
+    for mode, spr in spreads.items():
+        first, total = spr["first_final"], spr["all_final"]
+        print(f"{mode:<11}{first['median']:>14.2f} s ({first['min']:.2f}-{first['max']:.2f}){'':>2}"
+              f"{total['median']:>14.2f} s ({total['min']:.2f}-{total['max']:.2f})")
+    for name in ("first_final", "all_final"):
+        r = ratios[name]
+        print(f"streaming / barrier, {name}: median of pairs {statistics.median(r):.3f} "
+              f"(min {min(r):.3f}, max {max(r):.3f}); ratio of medians "
+              f"{spreads['streaming'][name]['median'] / spreads['barrier'][name]['median']:.3f}")
     print(f"outputs identical: {same}")
     load_after = os.getloadavg()[0]
     during = load.samples or [load_after]
     print(f"1-minute load average: {load_before:.2f} before; during the runs {min(during):.2f}-{max(during):.2f} "
-          f"(mean {statistics.fmean(during):.2f}, {len(during)} samples); {load_after:.2f} after "
-          f"(it includes this benchmark's own {workers} workers)")
-    names = ("first_final", "half_final", "all_final")
+          f"(mean {statistics.fmean(during):.2f}, {len(during)} samples); {load_after:.2f} after")
     record = {
-        "shape": shape, "block": block, "patch": patch, "overlap": overlap, "model": model,
-        "workers": workers, "repeats": repeats, "blocks": job.layout.num_blocks,
+        "shape": shape, "block": block, "patch": patch, "overlap": overlap, "model": model, "device": device,
+        "engine": engine, "slots": slots if engine == "local" else None, "workers": workers, "repeats": repeats,
+        "blocks": job.layout.num_blocks,
         "runs": {mode: [dict(zip(names, (round(v, 3) for v in r))) for r in runs] for mode, runs in results.items()},
-        "median": {mode: dict(zip(names, (round(v, 3) for v in m))) for mode, m in median.items()},
-        "ratio_streaming_over_barrier": dict(zip(names, (round(s[i] / b[i], 4) for i in range(3)))),
+        "spread": spreads,
+        "ratio_streaming_over_barrier": {name: spread(r) for name, r in ratios.items()},
         "outputs_identical": bool(same),
         "load_before": load_before, "load_after": load_after,
         "load_during": {"min": min(during), "max": max(during), "mean": round(statistics.fmean(during), 2),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import fire
 
-from chunkflow.cli_common import raise_on_sigterm, setup_logging, user_errors
+from chunkflow.cli_common import as_process, raise_on_sigterm, setup_logging, user_errors
 from chunkflow.cli_inspect import inspect as inspect_command
 from chunkflow.cli_view import view as view_command
 from chunkflow.cli_fleet import barrier, produce, status
@@ -24,7 +24,8 @@ from chunkflow.planning import load_job, make_job, plan as plan_job
 from chunkflow.region import parse_region
 from chunkflow.stages import Resources, cast_output, reference as reference_output
 from chunkflow.storage import StorageError, create_volume, open_volume
-from chunkflow.storage.volumes import input_missing, volume_location
+from chunkflow.storage.volume_urls import volume_location
+from chunkflow.storage.volumes import input_missing
 
 log = logging.getLogger("chunkflow")
 
@@ -216,5 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     fire.Fire(COMMANDS, command=check_command_line(COMMANDS, argv, "chunkflow"), name="chunkflow")
 
 
+def console() -> None:
+    """The ``chunkflow`` command as a process (:func:`chunkflow.cli_common.as_process`)."""
+    as_process(main)
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Callable
 
 from chunkflow.errors import Interrupted, Refusal, Terminated, one_line
 
@@ -59,6 +60,22 @@ def usage_error(message: str) -> None:
     """One line on stderr and exit status 2: the CLIs' answer to a user mistake."""
     print(f"chunkflow: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def as_process(entry: Callable[[], object]) -> None:
+    """Run a command line as the whole life of this process (the scripts' and the console command's
+    entry point). An interrupted command (exit 130 or 143, its line already printed and its tasks
+    handed back) ends the process at once: Python would otherwise wait at exit for worker threads
+    still inside a read or a write of a block that has no done marker, which is recomputed anyway."""
+    try:
+        entry()
+    except SystemExit as exit:
+        if exit.code in (130, 143):
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exit.code)
+        raise
 
 
 def raise_on_sigterm() -> None:

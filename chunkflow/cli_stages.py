@@ -136,7 +136,8 @@ def worker_command(stage: int):
     @user_errors
     def worker(queue: str, job: str | None = None, lease: int = 120, wait: bool = False, poll: float = 2.0,
                force: bool = False, cleanup: bool = False, max_tasks: int | None = None, device: str | None = None,
-               batch_size: int | None = None, max_attempts: int = 3, quiet: bool = False) -> None:
+               batch_size: int | None = None, max_attempts: int = 3, slots: int | None = None,
+               quiet: bool = False) -> None:
         """Lease this stage's tasks from QUEUE and run them until the queue is empty.
 
         A task that was leased by a worker that died comes back when its lease runs out; this
@@ -160,6 +161,8 @@ def worker_command(stage: int):
             device: cpu, cuda or cuda:N (default: the job's; one worker per GPU).
             batch_size: patches per forward pass (default: the job's).
             max_attempts: attempts of a task (counted across workers, killed ones included) before it is given up.
+            slots: tasks this worker runs at once (default: 2 for stage one, so one block reads or writes
+                while the other holds the model; 1 halves the memory; 1 for stage two).
             quiet: log warnings only.
         """
         from chunkflow.engines.queue_worker import work
@@ -168,7 +171,7 @@ def worker_command(stage: int):
         signal.signal(signal.SIGTERM, _terminate)
         summary = work(queue, stage, job_store=job, lease=lease, wait=wait, poll=poll, force=force,
                        max_tasks=max_tasks, device=device, batch_size=batch_size, cleanup=cleanup,
-                       max_attempts=max_attempts)
+                       max_attempts=max_attempts, slots=slots)
         print(summary.line())
         report_failures(summary.given_up, summary.exit_status())
     return worker

@@ -23,7 +23,7 @@ from pathlib import Path
 from chunkflow.cli_common import setup_logging, user_errors
 from chunkflow.errors import StorageError, UsageError
 from chunkflow.storage import open_volume
-from chunkflow.storage.volumes import volume_format, volume_location
+from chunkflow.storage.volume_urls import volume_format, volume_location
 
 log = logging.getLogger("chunkflow.view")
 

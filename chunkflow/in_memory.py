@@ -6,13 +6,16 @@ weights from :func:`chunkflow.blend.weight_map`, ``N(x)`` from :class:`chunkflow
 and the sum from :func:`chunkflow.inference.blended_inference`, the function stage one and the
 whole-volume reference call. The faces are padded the way ``Volume.read`` pads them.
 
-Blending runs on the host in numpy whatever the input's device; only the predictor's batches go
-to (and come back from) the device of a torch input.
+A torch tensor on CUDA stays there: the blending runs on its device
+(:func:`chunkflow.device_blend.blend_tensor`, the same sums as numpy's) and the result is a tensor
+on that device. A numpy array or a CPU tensor is blended on the host in numpy (the device path
+also runs on the CPU when ``CHUNKFLOW_DEVICE_BLEND=1``, which is how the tests check it).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -20,6 +23,7 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, weight_map
 from chunkflow.errors import GeometryError, ModelError, NonFiniteOutput, UsageError
 from chunkflow.geometry import Layout
+from chunkflow.backend_blend import device_blend_wanted
 from chunkflow.inference import blended_inference, to_float
 from chunkflow.job import validate_parameters
 
@@ -122,14 +126,22 @@ def sliding_window(
     over = _size(overlap, "overlap", patch=out_patch)
     validate_parameters(in_patch, out_patch, blend, "float32", pad_mode, "float32")
 
-    array, device = _host_array(image, torch)
-    channels_in = array.shape[0]
-    region = Bbox.from_shape((0, 0, 0), array.shape[1:])
+    on_device = torch is not None and device_blend_wanted(image.device.type)
+    if on_device:
+        tensor = _device_tensor(image, torch)
+        spatial = tuple(tensor.shape[1:])
+    else:
+        array, device = _host_array(image, torch)
+        spatial = array.shape[1:]
+    region = Bbox.from_shape((0, 0, 0), spatial)
     for axis, name in enumerate("zyx"):
         if out_patch[axis] > region.shape[axis]:
             raise GeometryError(f"output patch {_shape(out_patch)} is larger than the image {_shape(region.shape)} "
                                 f"along {name}; give a smaller patch or pad the image")
     layout = Layout(region, out_patch, over, region.shape)  # refuses overlaps not below the patch
+    if on_device:
+        return _on_device(tensor, predictor, layout, in_patch, blend, batch_size, pad_mode, skip_blank, progress)
+    channels_in = array.shape[0]
     if not skip_blank:  # a channel of ones: no patch is blank; the predictor never sees it
         array = np.concatenate([array, np.ones_like(array[:1])])
     margin = (in_patch - out_patch) // 2
@@ -143,17 +155,79 @@ def sliding_window(
 
     predict = _Predict(_caller(predictor, torch, device, channels_in))
     channels = predict.probe(array, image_box, origins, margin, in_patch)
-    bar = _bar(len(origins)) if progress else None
-    try:
+    with _reporting(len(origins), progress) as bar:
         out = blended_inference(array, image_box, origins, region, normaliser, weights, predict, in_patch, channels,
-                                batch_size, progress=bar.update if bar is not None else None)
-    except NonFiniteOutput as err:  # its message speaks of blocks written; here nothing is returned
+                                batch_size, progress=bar)
+    return out if torch is None else torch.from_numpy(out).to(device)
+
+
+def _on_device(tensor: "torch.Tensor", predictor: Callable, layout: Layout, in_patch: Vec, blend: str,
+               batch_size: int, pad_mode: str, skip_blank: bool, progress: bool) -> "torch.Tensor":
+    """:func:`sliding_window` with the blending on ``tensor``'s device (see the module docstring).
+
+    Args:
+        tensor: the validated C,Z,Y,X input (:func:`_device_tensor`); it stays on its device.
+        predictor: the user's predictor of tensors.
+        layout: the patch grid over the image.
+        in_patch, blend, batch_size, pad_mode, skip_blank, progress: as :func:`sliding_window`.
+
+    The same numbers as the host path: the conversion of :func:`chunkflow.inference.to_float`,
+    ``numpy.pad``'s padding, the same blank patches skipped and the same sums in the same order.
+    The predictor sees the same patches in grid order, though not split the same way into calls
+    (the host path runs the first patch alone to learn ``C_out``; here the first output tells it).
+    """
+    import torch
+
+    from chunkflow import device_blend
+
+    region = layout.bbox
+    out_patch = layout.patch
+    margin = (in_patch - out_patch) // 2
+    origins = list(layout.all_origins())
+    weights = weight_map(blend, tuple(out_patch))
+    normaliser = WeightSum(weights, [ax.origins for ax in layout.axes])
+    with torch.no_grad(), _reporting(len(origins), progress) as bar:
+        raw = tensor.detach()
+        x = device_blend.pad_tensor(device_blend.tensor_to_float(raw), margin, pad_mode)
+        nonzero_of = device_blend.pad_tensor(raw, margin, pad_mode) if raw.dtype == torch.float64 else None
+        out, _ = device_blend.blend_tensor(x, region.grow(margin), origins, region, normaliser, weights,
+                                           _tensor_forward(predictor, torch, tensor.device), in_patch, None,
+                                           batch_size, bar, nonzero_of=nonzero_of, skip_blank=skip_blank)
+    return out
+
+
+@contextlib.contextmanager
+def _reporting(total: int, progress: bool) -> Iterator[Callable[[int], Any] | None]:
+    """A tqdm bar's ``update`` while the blending runs (None without ``progress``), and its
+    NonFiniteOutput reworded: that message speaks of blocks written, here nothing is returned."""
+    bar = _bar(total) if progress else None
+    try:
+        yield bar.update if bar is not None else None
+    except NonFiniteOutput as err:
         raise NonFiniteOutput(f"{str(err).split(';')[0].replace('the model', 'the predictor')}; nothing was "
                               "returned (check the predictor and the image there)") from None
     finally:
         if bar is not None:
             bar.close()
-    return out if torch is None else torch.from_numpy(out).to(device)
+
+
+def _tensor_forward(predictor: Callable, torch: Any, device: Any) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """The predictor as the device path calls it: a float32 batch on ``device`` in, its output
+    checked as :func:`_caller` checks it and returned as float32 on ``device``."""
+
+    def forward(batch: "torch.Tensor") -> "torch.Tensor":
+        out = predictor(batch)
+        if not isinstance(out, torch.Tensor):
+            raise ModelError(f"the predictor returned {type(out).__name__} for a tensor batch; it must return one "
+                             "tensor B,C_out,Z,Y,X")
+        if out.ndim != 5 or len(out) != len(batch) or out.shape[1] < 1:
+            raise ModelError(f"the predictor returned shape {_shape(out.shape)} for a batch of {_shape(batch.shape)}; "
+                             "it must return B,C_out,Z,Y,X with the batch's B")
+        if out.is_complex() or out.dtype == torch.bool:
+            raise ModelError(f"the predictor returned {out.dtype} values; it must return real numbers")
+        return out.detach().to(device=device, dtype=torch.float32)
+
+    return forward
 
 
 class _Predict:
@@ -233,6 +307,17 @@ def _torch_of(image: Any) -> Any:
     if torch is not None and isinstance(image, torch.Tensor):
         return torch
     raise UsageError(f"image is a {type(image).__name__}; give a numpy array or a torch tensor, C,Z,Y,X or Z,Y,X")
+
+
+def _device_tensor(image: Any, torch: Any) -> "torch.Tensor":
+    """The image as a C,Z,Y,X tensor on its own device, refused as :func:`_host_array` refuses it."""
+    if image.is_complex() or image.is_quantized:
+        raise UsageError(f"image holds {image.dtype} values; give real numbers")
+    tensor = image[None] if image.ndim == 3 else image
+    if tensor.ndim != 4 or tensor.shape[0] < 1:
+        raise UsageError(f"image has shape {_shape(image.shape)}; give C,Z,Y,X or Z,Y,X (one call per item of a "
+                         "batch)")
+    return tensor
 
 
 def _host_array(image: Any, torch: Any) -> tuple[np.ndarray, Any]:

@@ -19,6 +19,10 @@ Where the time goes, and why it is laid out this way (the model should be the on
 
 Memory of one call: the input as given + the float32 output (C x region) + one batch in and
 out + one output patch + one ``N`` slab (at most ~32 MiB).
+
+``run_blended`` is what stage one and the reference call with a backend: a torch backend on CUDA
+blends on its device instead (:mod:`chunkflow.device_blend`: the chunk goes up once, patches are
+cut and ``w * y`` summed there, the sum comes back once), with the same numbers in the same order.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.blend import WeightSum, normalise
+from chunkflow.blend import WeightSum
+from chunkflow.blend import normalise as divide
 from chunkflow.errors import ModelError, NonFiniteOutput
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,7 @@ def blended_inference(
     progress: Callable[[int], None] | None = None,
     seconds: dict[str, float] | None = None,
     submit: Submit | None = None,
+    normalise: bool = True,
 ) -> np.ndarray:
     """Sum of ``w * model(patch) / N`` over the given output patch origins, on ``region``.
 
@@ -87,6 +93,8 @@ def blended_inference(
         submit: used instead of ``predict`` when given: starts a batch and returns a callable
             that waits for its output (see ``Backend.submit``), so the next batch is gathered
             and the previous one accumulated while the model runs.
+        normalise: False returns the plain sum of ``w * model(patch)`` (divide it later with
+            :func:`chunkflow.blend.normalise`, e.g. outside a lock on the device).
 
     A batch whose output holds NaN or Inf raises :class:`~chunkflow.errors.NonFiniteOutput`
     naming the first such patch (nothing is returned, so nothing of the region is written).
@@ -112,6 +120,9 @@ def blended_inference(
     def accumulate(kept: list[Vec], wait: Callable[[], np.ndarray], done: int) -> None:
         outputs = wait()
         timer.lap("model")
+        if outputs.ndim != 5 or len(outputs) != len(kept):
+            raise ModelError(f"the model returned shape {outputs.shape} for a batch of {len(kept)}; "
+                             "expected B,C_out,Z,Y,X with the batch's B")
         outputs = _crop_to(outputs, output_patch)
         if outputs.shape[1] != channels:
             raise ModelError(f"the model returned {outputs.shape[1]} channels; the job expects {channels}")
@@ -150,8 +161,9 @@ def blended_inference(
             progress(len(batch_origins))
     if pending is not None:
         accumulate(*pending)
-    normalise(acc, region, normaliser)
-    timer.lap("normalise")
+    if normalise:
+        divide(acc, region, normaliser)
+        timer.lap("normalise")
     return acc
 
 

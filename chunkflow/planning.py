@@ -19,8 +19,9 @@ from chunkflow.masking import BLOCK_MAP, encode_block_map, masked_blocks, open_m
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
-from chunkflow.storage.volumes import (check_output_compression, input_missing, same_or_nested, volume_format,
-                                       volume_location)
+from chunkflow.storage.volume_factory import check_output_compression
+from chunkflow.storage.volume_urls import same_or_nested, volume_format, volume_location
+from chunkflow.storage.volumes import input_missing
 
 log = logging.getLogger(__name__)
 

@@ -3,14 +3,13 @@
 ``inference_and_donate`` (stage one, one block, GPU): blended inference over the patches the
 block owns, its core written to the output volume, every other piece of its chunk donated.
 
-``receive_and_blend`` (stage two, one block, CPU): every expected piece fetched and verified,
-summed in key order, cast, and written over the block's band. It reads only donations and
-writes only the band, so running it again (or after a crash half-way) writes the same bytes.
+Stage two, ``receive_and_blend``, lives in :mod:`chunkflow.stage_two`.
 
-Memory of a stage-one task: its input chunk in the stored dtype (two while the next block's is
-prefetched), the float32 output chunk, one batch of patches in and out, the model, and bounded
-slabs: ``N(x)`` (``blend.SLAB_VOXELS``), the core written in storage-aligned slabs of about
-``WRITE_SLAB_BYTES``, one donation piece and its encoding at a time.
+Memory of a stage-one task: its input chunk in the stored dtype, the float32 output chunk, one
+batch of patches in and out, the model, and bounded slabs: ``N(x)`` (``blend.SLAB_VOXELS``), and
+on the write pool (``block_writes.IO_THREADS`` threads) one storage-aligned core slab of about
+``WRITE_SLAB_BYTES`` or one donation piece and its encoding per thread. A worker runs ``SLOTS``
+(2) tasks at once, one on the model and one reading or writing, so its peak is two tasks'.
 """
 from __future__ import annotations
 
@@ -18,7 +17,8 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Iterable, Iterator
@@ -27,17 +27,20 @@ import numpy as np
 
 from chunkflow.backends import Backend, load_backend, require_device
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.blend import WeightSum, weight_map
-from chunkflow.inference import blended_inference
+from chunkflow.blend import WeightSum, normalise, weight_map
+from chunkflow.errors import Interrupted
+from chunkflow.backend_blend import run_blended
 from chunkflow.job import Job
 from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
 from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
 from chunkflow.storage.volumes import input_missing
-from chunkflow.storage.donation_codec import encode_donation
+from chunkflow.block_writes import DONATIONS, io_pool, write_block
 
 log = logging.getLogger(__name__)
 
-DONATIONS = "donations/"
+__all__ = ["DONATIONS", "InputPrefetcher", "Resources", "SLOTS", "Stats", "cast_output", "done_marker",
+           "inference_and_donate", "inference_and_donate_many", "is_done", "mark_done", "reference", "write_slabs"]
+
 WRITE_SLAB_BYTES = 8 << 20
 
 
@@ -46,8 +49,10 @@ class Stats:
     """What one task did, for progress summaries.
 
     ``seconds`` per phase. Stage one: ``read`` (waiting for the input; a prefetched read costs only
-    what it did not overlap), ``model``, ``blend`` (gathering patches into batches and adding
-    ``w * y`` into the chunk), ``normalise`` (dividing by ``N``), ``write`` (the core), ``donate``.
+    what it did not overlap), ``wait`` (for the model, while another block of this worker held it),
+    ``model``, ``blend`` (gathering patches into batches and adding ``w * y`` into the chunk),
+    ``normalise`` (dividing by ``N``), ``write`` (the core) and ``donate``; the last two are summed
+    over the write threads, so they may add up to more than the task's wall time.
     Stage two: ``fetch``, ``verify``, ``blend``, ``write``.
     """
 
@@ -135,6 +140,10 @@ class Resources:
         self.job = job
         self._backend = backend
         self.prefetcher = InputPrefetcher()
+        self.device_lock = threading.Lock()  # one block on the model at a time (see inference_and_donate)
+        self.cancelled = threading.Event()  # set: stage-one blocks in flight stop at their next batch
+        self._loading = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     @cached_property
     def mask(self) -> PatchMask | None:
@@ -165,10 +174,33 @@ class Resources:
 
     @property
     def backend(self) -> Backend:
-        if self._backend is None:
-            require_device(self.job.device)
-            self._backend = load_backend(self.job.model, self.job.weights, self.job.device, self.job.precision)
-        return self._backend
+        with self._loading:  # two blocks in flight must not load the model twice
+            if self._backend is None:
+                require_device(self.job.device)
+                self._backend = load_backend(self.job.model, self.job.weights, self.job.device, self.job.precision)
+            return self._backend
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The threads that write blocks' cores and donations (:mod:`chunkflow.block_writes`)."""
+        with self._loading:
+            if self._pool is None:
+                self._pool = io_pool()
+            return self._pool
+
+    def __copy__(self) -> "Resources":
+        """A view sharing everything, the device lock and the cancel flag included (fault hooks)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("device_lock", "cancelled", "_loading", "_pool")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.device_lock, self.cancelled, self._loading, self._pool = (threading.Lock(), threading.Event(),
+                                                                       threading.Lock(), None)
 
     @cached_property
     def weights(self) -> np.ndarray:
@@ -197,14 +229,20 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
                          prefetch_next: Vec | None = None) -> Stats:
     """Stage one for block index ``block``: infer its chunk, write its core, donate the rest.
 
+    Three phases, so that two blocks can share one worker (:func:`inference_and_donate_many`, the
+    engines' task slots) and the model never waits for storage: the input is read (or taken from
+    the prefetcher); the patches are gathered, run and accumulated while holding
+    ``res.device_lock``; then, with the lock released for the next block, the chunk is normalised
+    and its core and donations are written in parallel (:func:`chunkflow.block_writes.write_block`).
+    The done marker is written last, after every write of the block has finished.
+
     ``prefetch_next``: the block this worker runs next; its input is read in the background
-    while this block computes (see :func:`inference_and_donate_many`).
+    while this block computes.
     """
     res = res or Resources(job)
     layout, stats = job.layout, Stats()
     box = layout.block_box(block)
     chunk = layout.chunk_box(block)
-    t = time.perf_counter()
     if chunk is not None:
         filled = res.input.filled_chunks
         origins = layout.own_origins(block)
@@ -212,26 +250,25 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
             origins = res.mask.keep(origins, within=chunk)
         out = _infer_region(job, res, chunk, origins, stats, progress, prefetch_next)
         stats.filled_chunks += res.input.filled_chunks - filled
-        t = time.perf_counter()
+        _check_cancelled(res, box)
         core = layout.core_box(block)
-        if not core.is_empty():
-            for slab in write_slabs(core, job.storage_chunk[0], job.out_channels * 4):
-                res.output.write(slab, cast_output(out[(slice(None),) + slab.slices(chunk)], job.output_dtype))
-            stats.voxels += core.size
-        t = stats.time("write", t)
-        for donation in layout.donations_from(block):
-            piece = np.ascontiguousarray(out[(slice(None),) + donation.piece.slices(chunk)], dtype=job.donation_dtype)
-            data = encode_donation(piece, donation.piece, donation.key, job.job_hash,
-                                   compression=job.donation_compression)
-            del piece
-            res.store.put(DONATIONS + donation.key, data)
-            stats.donated_bytes += len(data)
-            stats.donations += 1
-        t = stats.time("donate", t)
+        slabs = [] if core.is_empty() else list(write_slabs(core, job.storage_chunk[0], job.out_channels * 4))
+        written = write_block(job, layout, block, chunk, out, res.output, res.store, res.pool, slabs, cast_output)
+        del out
+        stats.voxels += written.voxels
+        stats.donations += written.donations
+        stats.donated_bytes += written.donated_bytes
+        stats.seconds["write"] = stats.seconds.get("write", 0.0) + written.write_seconds
+        stats.seconds["donate"] = stats.seconds.get("donate", 0.0) + written.donate_seconds
     elif prefetch_next is not None:
         res.prefetch(prefetch_next)
     mark_done(res.store, 1, box, job, stats)
     return stats
+
+
+def _check_cancelled(res: Resources, box: Bbox) -> None:
+    if res.cancelled.is_set():
+        raise Interrupted(f"stage one of {box.name} stopped before writing (the run was interrupted)")
 
 
 def write_slabs(core: Bbox, chunk_z: int, voxel_bytes: int) -> Iterator[Bbox]:
@@ -242,43 +279,79 @@ def write_slabs(core: Bbox, chunk_z: int, voxel_bytes: int) -> Iterator[Bbox]:
     return core.z_slabs(chunk_z * max(1, WRITE_SLAB_BYTES // (plane * chunk_z)))
 
 
+#: stage-one blocks one worker runs at once by default: one on the model, one reading or writing
+SLOTS = 2
+
+
 def inference_and_donate_many(job: Job, blocks: Iterable[Vec], res: Resources | None = None,
-                              progress=None) -> Iterator[tuple[Vec, Stats]]:
-    """Stage one over ``blocks`` in order, reading each block's input while the previous one
-    computes. ``blocks`` is consumed lazily (one block of lookahead). Yields ``(block, stats)``."""
+                              progress=None, slots: int = SLOTS) -> Iterator[tuple[Vec, Stats]]:
+    """Stage one over ``blocks``, yielding ``(block, stats)`` in order as each block is done.
+
+    ``slots`` blocks are in flight at once (threads sharing ``res``): while one holds the model,
+    the next reads its input and the previous normalises and writes its output, so neither reads
+    nor writes keep the model waiting. Memory: ``slots`` blocks (input chunk and float32 output
+    chunk each) plus the write pool's slabs. ``slots=1`` runs one block at a time, reading the
+    next block's input in the background instead. ``blocks`` is consumed lazily.
+
+    If a block fails, or the caller stops (KeyboardInterrupt), the others in flight stop at their
+    next batch (nothing of them is written) and the error is raised once they have ended.
+    """
     res = res or Resources(job)
     todo = iter(blocks)
-    current = next(todo, None)
-    while current is not None:
-        upcoming = next(todo, None)
-        yield current, inference_and_donate(job, current, res, progress, prefetch_next=upcoming)
-        current = upcoming
+    if slots <= 1:
+        current = next(todo, None)
+        while current is not None:
+            upcoming = next(todo, None)
+            yield current, inference_and_donate(job, current, res, progress, prefetch_next=upcoming)
+            current = upcoming
+        return
+    pending: deque[tuple[Vec, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="chunkflow-block") as blocks_pool:
+        try:
+            while True:
+                while len(pending) < slots and (block := next(todo, None)) is not None:
+                    pending.append((block, blocks_pool.submit(inference_and_donate, job, block, res, progress)))
+                if not pending:
+                    return
+                block, future = pending.popleft()
+                yield block, future.result()
+        except BaseException:
+            res.cancelled.set()
+            for _, future in pending:
+                wait([future])
+            res.cancelled.clear()
+            raise
 
 
 def _infer_region(job: Job, res: Resources, region: Bbox, origins: list[Vec], stats: Stats, progress,
                   prefetch_next: Vec | None = None) -> np.ndarray:
+    """The blended output over ``region`` (float32, normalised): the input read first, then the
+    model's part under ``res.device_lock``, then the division by ``N`` with the lock released."""
     t = time.perf_counter()
+    backend = res.backend  # loaded (once) before the input is read, so a bad model costs no read
     image = res.prefetcher.take(region.grow(job.context_margin), res.read_input)
     t = stats.time("read", t)
     if prefetch_next is not None:
         res.prefetch(prefetch_next)
-    counted = [0]
 
-    def predict(batch: np.ndarray) -> np.ndarray:
-        counted[0] += len(batch)
-        return res.backend.predict(batch)
-
-    def submit(batch: np.ndarray):
-        counted[0] += len(batch)
-        return res.backend.submit(batch)
+    def step(done: int) -> None:
+        if res.cancelled.is_set():
+            raise Interrupted(f"stage one of {region.name} stopped (the run was interrupted)")
+        if progress is not None:
+            progress(done)
 
     seconds: dict[str, float] = {}
-    overlapped = submit if callable(getattr(res.backend, "submit", None)) else None  # duck-typed plugins: predict
-    out = blended_inference(image, region.grow(job.context_margin), origins, region, res.weight_sum, res.weights,
-                            predict, Vec(job.input_patch), job.out_channels, job.batch_size, progress, seconds,
-                            submit=overlapped)
-    stats.patches += counted[0]
-    for phase, key in (("model", "model"), ("gather", "blend"), ("accumulate", "blend"), ("normalise", "normalise")):
+    with res.device_lock:
+        t = stats.time("wait", t)
+        out, patches = run_blended(image, region.grow(job.context_margin), origins, region, res.weight_sum,
+                                   res.weights, backend, Vec(job.input_patch), job.out_channels, job.batch_size,
+                                   step, seconds, normalise=False)
+    del image
+    t = time.perf_counter()
+    normalise(out, region, res.weight_sum)
+    stats.time("normalise", t)
+    stats.patches += patches
+    for phase, key in (("model", "model"), ("gather", "blend"), ("accumulate", "blend")):
         stats.seconds[key] = stats.seconds.get(key, 0.0) + seconds.get(phase, 0.0)
     return out
 

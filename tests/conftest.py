@@ -30,20 +30,49 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 #: modules whose tests start real worker processes, Dask clusters or kill processes
 SLOW_MODULES = {"test_kill", "test_gcs_faults", "test_chaos", "test_queue", "test_queue_healing",
                 "test_queue_lookahead", "test_dask_gpu", "test_engines", "test_gcs_pipeline", "test_view",
-                "test_foreign_inputs", "test_sharded"}
+                "test_foreign_inputs", "test_sharded", "test_gpu"}
 #: tests elsewhere that start real processes (words in their names)
 SLOW_NAMES = ("interrupt", "real_terminal", "stage_scripts", "subprocess")
 #: fixtures that start a storage server
 SERVER_FIXTURES = {"gcs_server", "gcs_bucket", "gcs_restartable", "sqs_endpoint"}
 
 
+#: ``cpu`` runs the ``gpu`` tests on the CPU without a GPU (``benchmarks/gpu_check.py --device cpu``, a dry run
+#: of their code paths); unset, they run on CUDA and are skipped where there is none
+GPU_TEST_DEVICE = os.environ.get("CHUNKFLOW_GPU_TEST_DEVICE", "cuda")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.py runs "
+                                       "them on a GPU machine)")
+
+
+def _no_cuda_reason() -> str | None:
+    """Why ``gpu`` tests cannot run here, or None when they can."""
+    if GPU_TEST_DEVICE == "cpu":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return "gpu test: torch is not installed"
+    if not torch.cuda.is_available():
+        return "gpu test: torch.cuda.is_available() is False (no CUDA GPU here; run benchmarks/gpu_check.py on one)"
+    return None
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark as ``slow`` what starts processes or servers, so ``pytest -m "not slow"`` is the fast loop."""
+    """Mark as ``slow`` what starts processes or servers, so ``pytest -m "not slow"`` is the fast loop;
+    skip ``gpu`` tests where CUDA is not available."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    reason = _no_cuda_reason() if gpu_items else None
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) \
                 or any(word in item.name for word in SLOW_NAMES):
             item.add_marker(pytest.mark.slow)
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def _fake_gcs_binary() -> Path | None:

@@ -225,6 +225,6 @@ def test_stage_script_with_a_mistyped_flag_leases_nothing(tmp_path, volume, caps
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("chunkflow: error: unknown flag --wrkers for `inference_and_donate.py worker`; "
                                      "valid: --queue, --job, --lease, --wait, --poll, --force, --cleanup, --max-tasks, "
-                                     "--device, --batch-size, --max-attempts, --quiet")
+                                     "--device, --batch-size, --max-attempts, --slots, --quiet")
     assert open_queue(queue).enqueued == 8 and open_queue(queue).inserted == 8 and open_queue(queue).leased == 0
     assert not (tmp_path / "job" / "done").exists()

@@ -34,6 +34,7 @@ def dask_engine():
     ("dask", "barrier", "identity"), ("dask", "streaming", "conv3"),
 ])
 def test_every_engine_and_mode_equals_the_reference(tmp_path, request, engine_name, mode, model):
+    """The default engines: two local task slots, two Dask workers of two threads each."""
     job = small_job(tmp_path, model)
     engine = request.getfixturevalue("dask_engine") if engine_name == "dask" else LocalEngine()
     summary = run_job(job, engine, progress=False, mode=mode)
@@ -46,7 +47,7 @@ def test_every_engine_and_mode_equals_the_reference(tmp_path, request, engine_na
 def test_streaming_runs_blending_before_inference_ends(tmp_path):
     """In streaming order some block is final before the last stage-one task is done."""
     job = small_job(tmp_path)
-    order = [stage for stage, _, _ in LocalEngine().stream(
+    order = [stage for stage, _, _ in LocalEngine(1).stream(
         StageTask(job, 1), StageTask(job, 2), list(job.layout.block_indices()),
         {b: job.layout.dependencies(b) for b in job.layout.block_indices()})]
     assert order.index(2) < len(order) - 1 - order[::-1].index(1)
@@ -123,7 +124,8 @@ def test_resume_after_half_the_blocks_runs_only_the_rest(tmp_path, capsys):
 
 
 def test_killed_run_resumes(tmp_path, capsys):
-    """SIGKILL a `chunkflow run` right after its first block is done; the rerun does the other 7."""
+    """SIGKILL a `chunkflow run` right after its first block is done; the rerun does the rest.
+    The local engine runs two blocks at once, so the other slot may have finished a few more."""
     job = small_job(tmp_path)
     pauses = tmp_path / "pauses"
     pauses.mkdir()
@@ -136,12 +138,16 @@ def test_killed_run_resumes(tmp_path, capsys):
         time.sleep(0.05)
     assert proc.wait() == -signal.SIGKILL
     store = open_store(job.store)
-    assert len(list(store.list("done/stage1/"))) == 1
-    assert len(list(store.list("running/stage1/"))) == 1  # the dead process's marker stays behind...
+    done = len(list(store.list("done/stage1/")))
+    assert 1 <= done < job.layout.num_blocks
+    running = {n.rsplit("/", 1)[1] for n in store.list("running/stage1/")}
+    finished = {n.rsplit("/", 1)[1] for n in store.list("done/stage1/")}
+    assert finished & running and len(running) <= 2  # the dead process's markers stay behind...
     fire.Fire(COMMANDS, ["status", job.store, "--json"])
-    assert json.loads(capsys.readouterr().out)["stages"]["1"]["running"] == 0  # ...but the block is done
+    # ...but the parked block is done; only the other slot's block, killed mid-run, may look running
+    assert json.loads(capsys.readouterr().out)["stages"]["1"]["running"] == len(running - finished) <= 1
     fire.Fire(COMMANDS, ["run", *run_flags(job), "--quiet"])
-    assert "stage one: 7 tasks run, 1 already done" in capsys.readouterr().out
+    assert f"stage one: {job.layout.num_blocks - done} tasks run, {done} already done" in capsys.readouterr().out
     assert_complete_and_exact(job)
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.storage import StorageError, create_volume, open_volume
-from chunkflow.storage.volumes import volume_format
+from chunkflow.storage.volume_urls import volume_format
 from chunkflow.storage.zarr_volume import ZARR_COMPRESSIONS, check_zarr_compression, zarr_compressions
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -207,7 +207,7 @@ def test_status_reports_the_running_marker_of_a_killed_worker_stale(tmp_path, ca
     pauses, queue = tmp_path / "pauses", f"fq://{tmp_path / 'q'}"
     pauses.mkdir()
     produce(job, queue)
-    proc = worker(1, queue, fleet_env(pauses, "stage1:before-write"))  # --lease 2
+    proc = worker(1, queue, fleet_env(pauses, "stage1:before-write"), "--slots", "1")  # --lease 2
     store = open_store(job.store)
     try:
         deadline = time.monotonic() + 60

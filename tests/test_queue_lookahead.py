@@ -1,5 +1,7 @@
-"""Stage-one queue workers lease the next task ahead and read its input in the background: the
-reads, the --max-tasks bound, and that a task leased ahead is handed back when the worker stops."""
+"""Stage-one queue workers keep the model busy: with two slots (the default) one task reads or
+writes while the other computes; with one slot the worker leases the next task ahead and reads its
+input in the background. The reads, the --max-tasks bound, and that every leased task is handed
+back when the worker stops."""
 from __future__ import annotations
 
 import subprocess
@@ -57,7 +59,7 @@ def test_stage_one_worker_reads_each_next_input_in_the_background(tmp_path):
     one, two = f"fq://{tmp_path / 'q1'}", f"fq://{tmp_path / 'q2'}"
     produce(job, one)
     threads = _record_reads(job)
-    summary = work(one, 1, lease=30, poll=0.1)
+    summary = work(one, 1, lease=30, poll=0.1, slots=1)
     with_input = sum(job.layout.chunk_box(b) is not None for b in job.layout.block_indices())
     assert summary.tasks == job.layout.num_blocks == 8 and len(threads) == with_input
     assert _prefetched(threads) == with_input - 1  # every input but the first, while the previous block ran
@@ -74,7 +76,7 @@ def test_stage_one_worker_without_lookahead_reads_inputs_when_tasks_start(tmp_pa
     one = f"fq://{tmp_path / 'q1'}"
     produce(job, one)
     threads, leases = _record_reads(job), _count_leases(monkeypatch)
-    assert work(one, 1, lease=30, poll=0.1, lookahead=False).tasks == 8
+    assert work(one, 1, lease=30, poll=0.1, lookahead=False, slots=1).tasks == 8
     assert len(threads) == 8 and _prefetched(threads) == 0 and len(leases) == 8
 
 
@@ -86,7 +88,7 @@ def test_max_tasks_leases_no_more_than_it_runs(tmp_path, monkeypatch):
     one = f"fq://{tmp_path / 'q1'}"
     produce(job, one)
     threads, leases = _record_reads(job), _count_leases(monkeypatch)
-    summary = work(one, 1, lease=30, poll=0.1, max_tasks=3)
+    summary = work(one, 1, lease=30, poll=0.1, max_tasks=3, slots=1)
     assert summary.tasks == 3 and len(leases) == 3
     assert len(threads) == 3 and _prefetched(threads) == 2
     queue = open_queue(one)
@@ -111,7 +113,7 @@ def test_a_task_leased_ahead_is_handed_back_when_the_worker_stops(tmp_path, monk
 
     monkeypatch.setattr(queue_module, "run_task", failing)
     with pytest.raises(type(error)):
-        queue_module.work(one, 1, lease=30, poll=0.1)
+        queue_module.work(one, 1, lease=30, poll=0.1, slots=1)
     queue = open_queue(one)
     assert len(leases) == 2 and queue.enqueued == 8 and queue.leased == 0
     assert not list(open_store(job.store).list("done/stage1/"))
@@ -138,15 +140,16 @@ def test_a_stage_two_task_leased_ahead_is_handed_back_and_stops_the_worker(tmp_p
         return task
 
     monkeypatch.setattr(TaskQueue, "lease", lease)
-    summary = work(one, 1, lease=30, poll=0.1, force=True)
+    summary = work(one, 1, lease=30, poll=0.1, force=True, slots=1)
     assert leases == [1, 2] and summary.tasks == 1
     queue = open_queue(one)
     assert queue.enqueued == job.layout.num_blocks and queue.leased == 0
 
 
 def test_sigterm_hands_back_the_current_task_and_the_one_leased_ahead(tmp_path):
-    """A real worker process, terminated mid-task (as Kubernetes or SLURM preemption does): both of
-    its leases come back at once, not after the lease runs out, and nothing was deleted unrun."""
+    """A real worker process (two slots), terminated while one slot is stuck in a write (as
+    Kubernetes or SLURM preemption does): it exits at once, every lease comes back at once, not
+    after the lease runs out, and nothing was deleted unrun."""
     import signal
 
     job = small_job(tmp_path)
@@ -162,12 +165,69 @@ def test_sigterm_hands_back_the_current_task_and_the_one_leased_ahead(tmp_path):
         while not (pauses / "stage1-before-write.pid").exists():
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.05)
-        assert open_queue(one).leased == 2  # the current task and the one leased ahead
+        assert open_queue(one).leased == 2  # one task per slot
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
         proc.kill()
         proc.wait()
+    queue, store = open_queue(one), open_store(job.store)
+    done = len(list(store.list("done/stage1/")))  # the other slot goes on with other blocks meanwhile
+    assert proc.returncode == 143 and queue.enqueued == 8 - done and queue.leased == 0 and done < 8
+    assert not list(store.list("running/stage1/"))  # an interrupted attempt is not a failed one
+
+
+# ---- two slots (the default): two tasks in flight, each leased and deleted on its own ----------
+
+def test_two_slots_run_every_task_once_and_exactly(tmp_path):
+    from chunkflow.engines.queue_worker import work
+
+    job = small_job(tmp_path)
+    one, two = f"fq://{tmp_path / 'q1'}", f"fq://{tmp_path / 'q2'}"
+    produce(job, one)
+    threads = _record_reads(job)
+    summary = work(one, 1, lease=30, poll=0.1)
+    assert summary.tasks == job.layout.num_blocks == 8 and summary.stats.patches == job.layout.num_patches
+    assert set(threads) <= {"chunkflow-slot-0", "chunkflow-slot-1"} and len(set(threads)) == 2
+    assert open_queue(one).enqueued == 0
+    produce(job, two, stage=2)
+    assert work(two, 2, poll=0.1).tasks == 8
+    assert_complete_and_exact(job)
+
+
+def test_two_slots_respect_max_tasks(tmp_path):
+    from chunkflow.engines.queue_worker import work
+
+    job = small_job(tmp_path)
+    one = f"fq://{tmp_path / 'q1'}"
+    produce(job, one)
+    summary = work(one, 1, lease=30, poll=0.1, max_tasks=3)
+    assert summary.tasks == 3
     queue = open_queue(one)
-    assert proc.returncode != 0 and queue.enqueued == 8 and queue.leased == 0
-    assert not list(open_store(job.store).list("running/stage1/"))  # an interrupted attempt is not a failed one
+    assert queue.enqueued == 5 and queue.leased == 0
+    assert len(list(open_store(job.store).list("done/stage1/"))) == 3
+
+
+def test_a_failing_slot_stops_the_other_and_hands_everything_back(tmp_path, monkeypatch):
+    """Ctrl-C in one slot's task: both slots stop, every leased task is back in the queue, no done
+    marker was written for a task that did not finish."""
+    import chunkflow.engines.queue_worker as queue_module
+
+    job = small_job(tmp_path)
+    one = f"fq://{tmp_path / 'q1'}"
+    produce(job, one)
+    plain, calls = queue_module.run_task, []
+
+    def second_raises(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt()
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(queue_module, "run_task", second_raises)
+    with pytest.raises(KeyboardInterrupt):
+        queue_module.work(one, 1, lease=30, poll=0.1)
+    queue = open_queue(one)
+    done = len(list(open_store(job.store).list("done/stage1/")))
+    assert queue.leased == 0 and queue.enqueued == 8 - done and done <= 2
+    assert not list(open_store(job.store).list("running/stage1/"))

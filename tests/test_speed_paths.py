@@ -175,9 +175,9 @@ def test_every_grid_patch_once_with_prefetch_and_batching(tmp_path, batch_size):
             assert np.array_equal(output[sl], expected[sl])
 
 
-def test_local_engine_reads_each_next_input_in_the_background(tmp_path):
-    """`chunkflow run` and the stage scripts go through the local engine: every block after the
-    first has its input read on the prefetch thread while the previous block computes."""
+def test_local_engine_with_one_slot_reads_each_next_input_in_the_background(tmp_path):
+    """With one task slot (two is the default, tests/test_engine_slots.py), the local engine reads
+    every block's input after the first on the prefetch thread while the previous block computes."""
     import threading
 
     from chunkflow.engines import LocalEngine, run_stage
@@ -194,7 +194,7 @@ def test_local_engine_reads_each_next_input_in_the_background(tmp_path):
 
     res.read_input = read
     try:
-        summary = run_stage(job, 1, LocalEngine(), progress=False)
+        summary = run_stage(job, 1, LocalEngine(slots=1), progress=False)
     finally:
         del res.read_input
     blocks_with_input = sum(job.layout.chunk_box(b) is not None for b in job.layout.block_indices())

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from chunkflow.builtin_models import BUILTIN_PREFIX, builtin_paths
 from chunkflow.errors import ModelError
 
 __all__ = [
@@ -180,9 +181,7 @@ def model_checksum(model: str, weights: str | None = None) -> str:
     """
     if model == "identity" or model.startswith("identity:"):
         parts = [hashlib.sha256(model.encode()).hexdigest()]
-    elif model.startswith("builtin:"):
-        from chunkflow.demo import builtin_paths  # torch-free: only locates the files
-
+    elif model.startswith(BUILTIN_PREFIX):
         source, shipped = builtin_paths(model)
         parts = [hashlib.sha256(model.encode()).hexdigest(), _sha256_file(source)]
         parts.append(_sha256_file(check_file(weights, "weights file")) if weights else _sha256_file(shipped))

@@ -93,6 +93,11 @@ class TorchBackend(Backend):
         self.precision = precision
         self.name = name
         self.module = module.to(self._dev).eval()
+        if self._dev.type == "cuda" and precision == "float32":
+            # float32 means float32: cuDNN would otherwise run convolutions in TF32 (a 10-bit mantissa,
+            # about 1e-3 from the CPU). Process-wide, set once (a context manager per call would race
+            # between a worker's two task slots); bfloat16 and float16 are the precisions for speed.
+            torch.backends.cudnn.allow_tf32 = False
         self._slots: list[dict[str, Any]] = [{}, {}]  # pinned staging for submit(), used in turn
         self._turn = 0
 
@@ -111,6 +116,28 @@ class TorchBackend(Backend):
             raise ModelError(f"model returned shape {tuple(y.shape)}; expected [N, C, z, y, x]")
         return y
 
+    @property
+    def torch_device(self) -> torch.device:
+        """The torch device the module lives on (what :meth:`device_forward` takes and returns)."""
+        return self._dev
+
+    def device_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on a batch already on its device: float32 ``[N, C, z, y, x]`` on
+        :attr:`torch_device` in, float32 ``[N, C_out, z', y', x']`` on the device out.
+
+        Nothing is copied to or from the host and nothing waits for the device, so a caller can
+        queue many batches (:mod:`chunkflow.device_blend`). Autocast as :attr:`precision` says;
+        the output is cast back to float32. It may be ``x`` itself (``nn.Identity``): use it
+        before writing ``x`` again.
+        """
+        if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.dtype != torch.float32:
+            raise ModelError(f"device_forward() takes a float32 tensor [N, C, z, y, x]; got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
+        if x.device.type != self._dev.type or (self._dev.index is not None and x.device.index != self._dev.index):
+            raise ModelError(f"device_forward() got a tensor on {x.device}; the model is on {self._dev}")
+        with torch.inference_mode():
+            return self._forward(x).float()
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         batch = check_batch(batch)
         cuda = self._dev.type == "cuda"
@@ -128,7 +155,6 @@ class TorchBackend(Backend):
             out = y.contiguous().numpy()
             # a net that returns its input (nn.Identity) must not hand the caller's buffer back
             return out.copy() if np.may_share_memory(out, batch) else out
-
 
     def submit(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
         """On CUDA: copy ``batch`` into pinned memory, queue the upload, the forward pass and the

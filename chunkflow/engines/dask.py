@@ -8,13 +8,26 @@ is not. Both are safe because every chunkflow task may run again (Invariant 2). 
 still fails comes back as :class:`~chunkflow.engines.failures.Failed` and the others go on; in
 ``stream``, a second task whose dependency failed is not run (:class:`~chunkflow.engines.failures.NotRun`).
 
-GPUs are a worker resource: stage-one tasks of a CUDA job ask for ``{"GPU": 1}``. On a real
-cluster start one worker per GPU::
+A bounded window: at most ``max(4, 2 x the cluster's worker threads)`` tasks are submitted at a
+time, topped up as results come back, so the scheduler holds a few futures per thread whatever
+the number of blocks (a million-block job is not a million futures). In ``stream`` the
+dependencies are tracked here, not as Dask graph edges: stage-one tasks are submitted in
+:func:`~chunkflow.engines.local.demand_order`, and a block's stage-two task once the stage-one
+results of all its dependencies are back.
 
-    CUDA_VISIBLE_DEVICES=0 dask worker tcp://SCHED:8786 --nthreads 1 --resources GPU=1
-    CUDA_VISIBLE_DEVICES=1 dask worker tcp://SCHED:8786 --nthreads 1 --resources GPU=1
+Two tasks per worker: LocalCluster workers have two threads, so while one block holds the model
+(``Resources.device_lock``, one per process) the other reads its input or writes and donates
+its output. Memory per worker: the model, and at most two tasks (a stage-one task's input chunk
+and float32 output chunk, or a stage-two task's band) at once.
 
-On a LocalCluster each worker is given ``GPU=1`` and its own device (``CUDA_VISIBLE_DEVICES``
+GPUs are a worker resource: stage-one tasks of a CUDA job ask for ``{"GPU": 1}``, and a GPU
+worker declares two of them, one per task slot. On a real cluster start one worker per GPU::
+
+    CUDA_VISIBLE_DEVICES=0 dask worker tcp://SCHED:8786 --nthreads 2 --resources GPU=2
+    CUDA_VISIBLE_DEVICES=1 dask worker tcp://SCHED:8786 --nthreads 2 --resources GPU=2
+
+Workers started the older way (``--nthreads 1 --resources GPU=1``) still work, one block at a
+time. On a LocalCluster each worker is given ``GPU=2`` and its own device (``CUDA_VISIBLE_DEVICES``
 set by a worker plugin before CUDA starts), one worker per visible GPU by default.
 """
 from __future__ import annotations
@@ -23,13 +36,15 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from distributed import Client, KilledWorker, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from chunkflow.engines.base import EngineError
+from chunkflow.errors import EngineError
 from chunkflow.engines.failures import Failed, NotRun, debugging, one_line
+from chunkflow.engines.local import Dependencies, demand_order
 from chunkflow.job import Job
 
 log = logging.getLogger(__name__)
@@ -39,15 +54,15 @@ R = TypeVar("R")
 
 CONNECT_TIMEOUT = 10
 GPU_WORKER_WAIT = float(os.environ.get("CHUNKFLOW_GPU_WORKER_WAIT", "300"))
+THREADS_PER_WORKER = 2  # task slots of a LocalCluster worker; a GPU worker declares as many GPU units
+WINDOW_PER_THREAD = 2
+MIN_WINDOW = 4
+WINDOW_REFRESH_S = 2.0
 
 
-def _guarded(fn: Callable[[T], R], task: T, retries: int, after: tuple = (), *dependencies) -> R | Failed | NotRun:
-    """Run ``fn(task)`` on a worker, once Dask has finished ``dependencies`` (the results of the
-    tasks ``after``): not at all if one of them failed, ``retries`` more times if it raises
-    unexpectedly, and a :class:`Failed` instead of raising (``CHUNKFLOW_DEBUG``: it raises)."""
-    failed = [t for t, result in zip(after, dependencies) if isinstance(result, (Failed, NotRun))]
-    if failed:
-        return NotRun(failed)
+def _guarded(fn: Callable[[T], R], task: T, retries: int) -> R | Failed:
+    """Run ``fn(task)`` on a worker: ``retries`` more times if it raises unexpectedly, and a
+    :class:`Failed` instead of raising (``CHUNKFLOW_DEBUG``: it raises)."""
     for attempt in range(retries + 1):
         try:
             return fn(task)
@@ -63,10 +78,11 @@ def _guarded(fn: Callable[[T], R], task: T, retries: int, after: tuple = (), *de
 
 
 class DaskEngine:
-    """Runs tasks on Dask workers, as they become free, and yields results as they finish.
+    """Runs tasks on Dask workers, a bounded window at a time, and yields results as they finish.
 
     Args:
-        workers: LocalCluster size (default: one per core, or one per GPU for a CUDA job).
+        workers: LocalCluster size (default: one per core, or one per GPU for a CUDA job); each
+            worker has two threads.
         scheduler: ``tcp://host:8786`` of a running scheduler; no LocalCluster then.
         gpu: the tasks of stage one need a GPU (the job's device is CUDA).
         retries: runs again of a task that raised unexpectedly (refusals are not run again;
@@ -74,13 +90,18 @@ class DaskEngine:
         gpu_wait: seconds to wait for a GPU worker to join an existing cluster (workers of a
             freshly scaled SLURM or Kubernetes cluster join minutes after the scheduler is up);
             ``CHUNKFLOW_GPU_WORKER_WAIT`` sets the default, 300.
+        window: tasks in flight at most (default: ``max(4, 2 x worker threads)``, followed as
+            workers join or leave).
     """
 
     name = "dask"
 
     def __init__(self, workers: int | None = None, scheduler: str | None = None, gpu: bool = False,
-                 retries: int = 2, gpu_wait: float = GPU_WORKER_WAIT):
+                 retries: int = 2, gpu_wait: float = GPU_WORKER_WAIT, window: int | None = None):
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise EngineError(f"window {window!r} must be a positive integer")
         self.gpu, self.retries, self.cluster = gpu, retries, None
+        self._fixed_window, self._window, self._window_at = window, MIN_WINDOW, 0.0
         if scheduler:
             try:
                 self.client = Client(scheduler, timeout=CONNECT_TIMEOUT)
@@ -99,9 +120,9 @@ class DaskEngine:
         quiet = logging.getLogger("distributed")  # Dask's start-up chatter; its warnings (a worker died) stay
         quiet.setLevel(max(quiet.level, logging.WARNING))
         try:
-            self.cluster = LocalCluster(n_workers=count, processes=True, threads_per_worker=1,
+            self.cluster = LocalCluster(n_workers=count, processes=True, threads_per_worker=THREADS_PER_WORKER,
                                         dashboard_address=":0", silence_logs=logging.WARNING,
-                                        resources={"GPU": 1} if gpu else None,
+                                        resources={"GPU": THREADS_PER_WORKER} if gpu else None,
                                         env={"DASK_LOGGING__DISTRIBUTED": "warning"})
             self.client = Client(self.cluster)
         except (RuntimeError, OSError, TimeoutError) as err:  # "Nanny failed to start", no free port, ...
@@ -110,7 +131,8 @@ class DaskEngine:
                               "and the process limit, or try fewer --workers") from None
         if gpu:
             self.client.register_plugin(PinGPU(_visible_gpus(gpus)), name="chunkflow-pin-gpu")
-        log.info("Dask LocalCluster with %d worker processes, dashboard %s", count, self.client.dashboard_link)
+        log.info("Dask LocalCluster with %d worker processes of %d threads, dashboard %s", count,
+                 THREADS_PER_WORKER, self.client.dashboard_link)
 
     def prepare(self, job: Job) -> Job:
         """On a LocalCluster each worker sees only its own GPU, as ``cuda``."""
@@ -118,66 +140,91 @@ class DaskEngine:
             return job.with_runtime(device="cuda")
         return job
 
-    def _submit(self, token: str, fn, task, label: str, index: int, *dependencies, gpu: bool = False,
-                priority: int = 0):
+    def window(self) -> int:
+        """Tasks in flight at most: ``window`` if given, else ``max(4, 2 x worker threads)`` of the
+        cluster now (asked at most every few seconds)."""
+        if self._fixed_window is not None:
+            return self._fixed_window
+        now = time.monotonic()
+        if now >= self._window_at:
+            threads = sum(self.client.nthreads().values())
+            self._window, self._window_at = max(MIN_WINDOW, WINDOW_PER_THREAD * threads), now + WINDOW_REFRESH_S
+        return self._window
+
+    def _submit(self, token: str, fn, task, label: str, index: int, gpu: bool = False, priority: int = 0):
         """``token`` is new for every map/stream call: Dask would hand back the cached result of a
-        finished task with the same key instead of running it again. ``dependencies``: pairs
-        (task, future) that must finish first."""
-        after = tuple(t for t, _ in dependencies)
+        finished task with the same key instead of running it again."""
         return self.client.submit(
-            _guarded, fn, task, self.retries, after, *(f for _, f in dependencies),
-            key=f"{label}-{_task_name(task)}-{token}-{index}", pure=False,
+            _guarded, fn, task, self.retries, key=f"{label}-{_task_name(task)}-{token}-{index}", pure=False,
             resources={"GPU": 1} if gpu and self.gpu else None, priority=priority)
 
     def map(self, fn: Callable[[T], R], tasks: Iterable[T], gpu: bool = False) -> Iterator[tuple[T, R]]:
         label = getattr(fn, "label", "task")
         token = uuid.uuid4().hex[:12]
-        futures = {self._submit(token, fn, task, label, i, gpu=gpu): task for i, task in enumerate(tasks)}
-        for future, result in self._completed(futures):
-            yield futures[future], result
+        todo = iter(enumerate(tasks))
+        flight = _InFlight(self.client)
+
+        def fill() -> None:
+            while len(flight) < self.window():
+                item = next(todo, None)
+                if item is None:
+                    return
+                flight.add(self._submit(token, fn, item[1], label, item[0], gpu=gpu), item[1])
+
+        with flight:
+            fill()
+            while flight:
+                task, result = flight.next()
+                fill()
+                yield task, result
 
     def stream(self, first: Callable[[T], R], second: Callable[[T], R], firsts: Iterable[T],
                dependencies: Mapping[T, Iterable[T]], gpu: bool = False) -> Iterator[tuple[int, T, R]]:
-        """A task graph: ``second(b)`` depends on ``first(d)`` for each ``d`` in ``dependencies[b]``
-        that is in ``firsts``; Dask runs each as soon as its inputs are done."""
+        """``second(b)`` is submitted once ``first(d)`` has come back for each ``d`` in
+        ``dependencies[b]`` that is in ``firsts`` (``NotRun`` if one failed); first tasks go in
+        :func:`demand_order`. A ready second task is submitted before the next first one, up to
+        half the window while first tasks remain."""
         token = uuid.uuid4().hex[:12]
-        stage1 = {task: self._submit(token, first, task, getattr(first, "label", "first"), i, gpu=gpu)
-                  for i, task in enumerate(firsts)}
-        owner = {future: (1, task) for task, future in stage1.items()}
-        label = getattr(second, "label", "second")
-        for i, (task, deps) in enumerate(dependencies.items()):
-            inputs = [(d, stage1[d]) for d in deps if d in stage1]
-            future = self._submit(token, second, task, label, i, *inputs, priority=1)
-            owner[future] = (2, task)
-        by_key = {future.key: task for task, future in stage1.items()}
-        for future, result in self._completed(owner, by_key):
-            stage, task = owner[future]
-            yield stage, task, result
+        labels = {1: getattr(first, "label", "first"), 2: getattr(second, "label", "second")}
+        deps = Dependencies(firsts, dependencies)
+        todo = deque(demand_order(deps.firsts, dependencies))
+        flight = _InFlight(self.client)
+        counts = {1: 0, 2: 0}  # submitted so far (key indices)
+        seconds = [0]  # second tasks in flight
+        not_run: list = []
 
-    def _completed(self, futures, by_key: Mapping | None = None) -> Iterator[tuple[object, object]]:
-        """``(future, result)`` as they finish; a task Dask gave up on (its workers died) comes back
-        as ``Failed``, or as ``NotRun`` if the task it gave up on is a dependency (``by_key``)."""
-        try:
-            for future in as_completed(list(futures)):
-                try:
-                    result = future.result()
-                except KilledWorker as err:
-                    if debugging():
-                        raise EngineError(f"Dask gave up on {future.key}: {err}") from None
-                    if by_key and err.task != future.key and err.task in by_key:
-                        result = NotRun([by_key[err.task]])
-                    else:
-                        result = Failed("KilledWorker", f"Dask gave up on it: {one_line(err)}", refusal=False)
-                except Exception as err:  # noqa: BLE001 - e.g. a result that cannot be unpickled here
-                    if debugging():
-                        raise
-                    result = Failed.of(err)
-                yield future, result
-                future.release()
-        finally:
-            pending = [f for f in futures if not f.done()]
-            if pending:
-                self.client.cancel(pending)
+        def fill() -> None:
+            window = self.window()
+            while len(flight) < window and (deps.ready or todo):
+                if deps.ready and (seconds[0] < max(1, window // 2) or not todo):
+                    b = deps.ready.popleft()
+                    if deps.blocked(b):
+                        not_run.append(b)
+                        continue
+                    future = self._submit(token, second, b, labels[2], counts[2], priority=1)
+                    flight.add(future, (2, b))
+                    counts[2] += 1
+                    seconds[0] += 1
+                else:
+                    task = todo.popleft()
+                    flight.add(self._submit(token, first, task, labels[1], counts[1], gpu=gpu), (1, task))
+                    counts[1] += 1
+
+        with flight:
+            fill()
+            while flight or not_run:
+                while not_run:
+                    b = not_run.pop(0)
+                    yield 2, b, NotRun(deps.blocked(b))
+                if not flight:
+                    break
+                (stage, task), result = flight.next()
+                if stage == 1:
+                    deps.finished(task, isinstance(result, Failed))
+                else:
+                    seconds[0] -= 1
+                fill()
+                yield stage, task, result
 
     def _wait_for_gpu_workers(self, scheduler: str, wait: float) -> None:
         deadline, said = time.monotonic() + wait, False
@@ -188,10 +235,12 @@ class DaskEngine:
             if time.monotonic() >= deadline:
                 self.close()
                 raise EngineError(f"no worker of the Dask cluster at {scheduler} declares a GPU after {wait:g} s; "
-                                  f"start one worker per GPU with `dask worker {scheduler} --nthreads 1 "
-                                  "--resources GPU=1`")
+                                  f"start one worker per GPU with `dask worker {scheduler} --nthreads 2 "
+                                  "--resources GPU=2` (two blocks per GPU; `--nthreads 1 --resources GPU=1` "
+                                  "also works)")
             if not said:
-                log.info("waiting up to %g s for a worker with --resources GPU=1 to join %s", wait, scheduler)
+                log.info("waiting up to %g s for a worker with --resources GPU=2 (or GPU=1) to join %s", wait,
+                         scheduler)
                 said = True
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
@@ -199,6 +248,51 @@ class DaskEngine:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+class _InFlight:
+    """The futures of one map/stream call that have not come back yet, and what each one runs."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.owner: dict = {}
+        self.done = as_completed()
+
+    def add(self, future, what) -> None:
+        self.owner[future] = what
+        self.done.add(future)
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def next(self) -> tuple[object, object]:
+        """``(what, result)`` of the next future to finish; a task Dask gave up on (its workers
+        died) comes back as ``Failed``."""
+        future = next(self.done)
+        what = self.owner.pop(future)
+        try:
+            result = future.result()
+        except KilledWorker as err:
+            if debugging():
+                raise EngineError(f"Dask gave up on {future.key}: {err}") from None
+            result = Failed("KilledWorker", f"Dask gave up on it: {one_line(err)}", refusal=False)
+        except Exception as err:  # noqa: BLE001 - e.g. a result that cannot be unpickled here
+            if debugging():
+                raise
+            result = Failed.of(err)
+        finally:
+            future.release()
+        return what, result
+
+    def __enter__(self) -> "_InFlight":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Cancel what has not come back (the consumer stopped early, or was interrupted)."""
+        pending = [f for f in self.owner if not f.done()]
+        if pending:
+            self.client.cancel(pending)
+        self.owner.clear()
 
 
 def _task_name(task) -> str:

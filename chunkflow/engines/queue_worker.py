@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,7 +25,7 @@ from chunkflow.engines.lease import LeaseKeeper, lease_ahead
 from chunkflow.engines.queue import (DEFAULT_LEASE, TaskSpec, block_index, check_number, open_queue, quietly,
                                      resolve_job, task_spec, whole)
 from chunkflow.engines.task import STAGE_NAMES, TaskResult, run_task, worker_resources
-from chunkflow.errors import JobError, QueueError
+from chunkflow.errors import Interrupted, JobError, QueueError
 from chunkflow.job import Job
 from chunkflow.planning import load_job
 from chunkflow.stages import Resources, Stats
@@ -52,6 +53,17 @@ class WorkerSummary:
     def handled(self) -> int:
         return self.tasks + self.skipped + self.failed + len(self.given_up)
 
+    def add(self, other: "WorkerSummary") -> None:
+        """Add the counts of another slot of the same worker."""
+        self.tasks += other.tasks
+        self.skipped += other.skipped
+        self.retries += other.retries
+        self.stats.add(other.stats)
+        self.swept += other.swept
+        self.failed += other.failed
+        self.given_up += other.given_up
+        self.given_up_refusals &= other.given_up_refusals
+
     def line(self) -> str:
         swept = f", {self.swept} leftover donations of finished blocks removed" if self.swept else ""
         failed = f", {self.failed} failed attempts handed back" if self.failed else ""
@@ -72,10 +84,67 @@ def retry_delay(attempt: int, lease: float) -> int:
     return int(min(lease, RETRY_DELAY * 2 ** max(0, attempt - 1)))
 
 
+#: stage-one tasks a worker runs at once by default: one on the model, one reading or writing
+STAGE_ONE_SLOTS = 2
+#: seconds an interrupted worker waits for its other slots to stop before handing their tasks back
+STOP_WAIT = 10.0
+
+
+@dataclass
+class _Fleet:
+    """What the lease loops of one worker process share (one loop per slot)."""
+
+    queue: object
+    queue_url: str
+    stage: int
+    expected: Job | None
+    lease: float
+    poll: float
+    wait: bool
+    force: bool
+    cleanup: bool
+    max_tasks: int | None
+    device: str | None
+    batch_size: int | None
+    lookahead: bool
+    max_attempts: int
+    jobs: dict[str, Job] = field(default_factory=dict)
+    runtime: dict[str, Job] = field(default_factory=dict)
+    tries: dict[tuple[int, str], int] = field(default_factory=dict)  # failed attempts per (stage, block) seen here
+    stop: threading.Event = field(default_factory=threading.Event)
+    claimed: int = 0  # tasks taken up (or being leased) by every loop, against max_tasks
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: dict[int, "Attempt"] = field(default_factory=dict)  # attempts under way, by id() of their task
+
+    def claim(self) -> bool:
+        """Count one more task taken up (or about to be leased) against ``max_tasks``; False when
+        the worker is done or stopping."""
+        with self.lock:
+            if self.stop.is_set() or (self.max_tasks is not None and self.claimed >= self.max_tasks):
+                return False
+            self.claimed += 1
+            return True
+
+    def unclaim(self) -> None:
+        with self.lock:
+            self.claimed -= 1
+
+    def cancel_running(self) -> None:
+        """Stop the stage-one blocks in flight in this process at their next batch (nothing more written)."""
+        self.stop.set()
+        for job in list(self.runtime.values()):
+            worker_resources(job).cancelled.set()
+
+    def resume(self) -> None:
+        for job in list(self.runtime.values()):
+            worker_resources(job).cancelled.clear()
+
+
 def work(queue_url: str, stage: int, job_store: str | None = None, lease: float = DEFAULT_LEASE,
          wait: bool = False, poll: float = 2.0, force: bool = False, max_tasks: int | None = None,
          device: str | None = None, batch_size: int | None = None, cleanup: bool = False,
-         lookahead: bool = True, max_attempts: int = DEFAULT_MAX_ATTEMPTS, **kwargs) -> WorkerSummary:
+         lookahead: bool = True, max_attempts: int = DEFAULT_MAX_ATTEMPTS, slots: int | None = None,
+         **kwargs) -> WorkerSummary:
     """Lease and run ``stage`` tasks until the queue is empty (or forever with ``wait``).
 
     "Empty" counts leased tasks too: a worker that finds nothing to lease while others hold
@@ -90,9 +159,13 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
     failed marker kept). A task of another job or of a changed manifest still ends the worker
     (QueueError, the task handed back).
 
-    ``lookahead`` (stage one): lease the next task before running this one, so its input is read
-    while this one computes (:func:`~chunkflow.engines.lease.lease_ahead`); at most ``max_tasks``
-    leases in all.
+    ``slots``: tasks run at once, each leased, renewed and deleted on its own (default
+    :data:`STAGE_ONE_SLOTS` for stage one, 1 for stage two). Two stage-one slots keep the model
+    busy: while one block holds it, the other reads its input or writes its output (the model
+    runs one block at a time, see :func:`chunkflow.stages.inference_and_donate`); memory is two
+    blocks'. ``lookahead`` (one stage-one slot only): lease the next task before running this
+    one, so its input is read while this one computes
+    (:func:`~chunkflow.engines.lease.lease_ahead`); at most ``max_tasks`` leases in all.
     """
     if stage not in (1, 2):
         raise QueueError(f"stage {stage!r} is not 1 or 2")
@@ -102,39 +175,92 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
     check_number("lease", lease, "a number of seconds, at least 1", lambda v: v >= 1)
     check_number("poll", poll, "a number of seconds above 0", lambda v: v > 0)
     check_number("max-attempts", max_attempts, "a whole number, at least 1", whole)
+    slots = (STAGE_ONE_SLOTS if stage == 1 else 1) if slots is None else slots
+    check_number("slots", slots, "a whole number, at least 1", whole)
     if max_tasks is not None:
         check_number("max-tasks", max_tasks, "a whole number, at least 1", whole)
     if batch_size is not None:
         check_number("batch-size", batch_size, "a whole number, at least 1", whole)
-    queue = open_queue(queue_url, **kwargs)
-    expected = load_job(job_store) if job_store else None
-    jobs: dict[str, Job] = {}
-    runtime: dict[str, Job] = {}
-    tries: dict[tuple[int, str], int] = {}  # failed attempts per (stage, block) this worker saw
-    summary, started, empty, handed_back = WorkerSummary(stage), time.perf_counter(), 0, False
+    fleet = _Fleet(open_queue(queue_url, **kwargs), queue_url, stage, load_job(job_store) if job_store else None,
+                   lease, poll, wait, force, cleanup, max_tasks, device, batch_size,
+                   lookahead and stage == 1 and slots == 1, max_attempts)
+    started = time.perf_counter()
+    summary = _lease_loop(fleet) if slots == 1 else _run_slots(fleet, slots)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _run_slots(fleet: _Fleet, slots: int) -> WorkerSummary:
+    """``slots`` lease loops on threads; their summaries added up. The first error of a loop (or an
+    interrupt of this thread) stops the others: their blocks in flight stop at the next batch and
+    are handed back; it is raised once every loop has ended."""
+    summaries = [WorkerSummary(fleet.stage) for _ in range(slots)]
+    errors: list[BaseException] = []
+
+    def loop(i: int) -> None:
+        try:
+            _lease_loop(fleet, summaries[i])
+        except BaseException as err:  # noqa: BLE001 - raised in the calling thread below
+            errors.append(err)
+            fleet.cancel_running()
+
+    threads = [threading.Thread(target=loop, args=(i,), name=f"chunkflow-slot-{i}", daemon=True)
+               for i in range(slots)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)  # a short join keeps Ctrl-C and SIGTERM deliverable to this thread
+    except BaseException:
+        fleet.cancel_running()
+        deadline = time.monotonic() + STOP_WAIT
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for attempt in list(fleet.running.values()):  # stuck in a read or write: hand it back, do not wait
+            attempt.abandon()
+        fleet.resume()
+        raise
+    fleet.resume()
+    if errors:
+        raise errors[0]
+    total = summaries[0]
+    for other in summaries[1:]:
+        total.add(other)
+    return total
+
+
+def _lease_loop(fleet: _Fleet, summary: WorkerSummary | None = None) -> WorkerSummary:
+    """Lease and run tasks one after another (one slot of :func:`work`)."""
+    queue, queue_url, stage = fleet.queue, fleet.queue_url, fleet.stage
+    summary = summary or WorkerSummary(stage)
+    empty, handed_back = 0, False
     ahead = None  # the task leased ahead of the current one: the next one this loop takes up
     try:
-        while max_tasks is None or summary.handled < max_tasks:
+        while ahead is not None or fleet.claim():
             if ahead is not None:
                 task, ahead = ahead, None
             else:
                 try:
-                    task = queue.lease(seconds=int(lease), num_tasks=1, wait_sec=0)
+                    task = queue.lease(seconds=int(fleet.lease), num_tasks=1, wait_sec=0)
                 except QueueEmptyError:
+                    fleet.unclaim()
                     # SQS counts are approximate: believe "empty" only twice in a row, a poll apart
                     empty = empty + 1 if queue.is_empty() else 0
-                    if not wait and empty >= 2:
+                    if not fleet.wait and empty >= 2:
                         break
-                    time.sleep(poll)
+                    time.sleep(fleet.poll)
                     continue
                 except ValueError as err:  # a task file caught half-written by its producer: it comes back later
+                    fleet.unclaim()
                     log.warning("unreadable task in %s (%s); retrying", queue_url, one_line(err))
-                    time.sleep(poll)
+                    time.sleep(fleet.poll)
                     continue
             spec = task_spec(task, queue_url)
             if spec.stage != stage:
+                fleet.unclaim()
                 try:
-                    action = _other_stage(queue, task, spec, stage, jobs, expected, wait)
+                    action = _other_stage(queue, task, spec, stage, fleet.jobs, fleet.expected, fleet.wait)
                 except (QueueError, JobError) as err:
                     raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
                 if action == "stop":
@@ -144,23 +270,30 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
                         log.info("%s holds %s tasks; handing them back to their workers and waiting (--wait)",
                                  queue_url, STAGE_NAMES[spec.stage])
                         handed_back = True
-                    time.sleep(poll)
+                    time.sleep(fleet.poll)
                 continue
             empty = 0
             try:
-                job = resolve_job(spec, expected, jobs)
+                job = resolve_job(spec, fleet.expected, fleet.jobs)
                 block = block_index(job, spec.block)
             except (QueueError, JobError) as err:
                 queue.cancel(task)
                 raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
-            if job.job_hash not in runtime:
-                runtime[job.job_hash] = job.with_runtime(device=device, batch_size=batch_size)
-            job = runtime[job.job_hash]
+            if job.job_hash not in fleet.runtime:
+                fleet.runtime[job.job_hash] = job.with_runtime(device=fleet.device, batch_size=fleet.batch_size)
+            job = fleet.runtime[job.job_hash]
             upcoming = None
-            if lookahead and stage == 1 and (max_tasks is None or summary.handled + 2 <= max_tasks):
-                ahead, upcoming = lease_ahead(queue, lease, partial(_prefetchable, spec, expected, jobs, queue_url))
-            attempt = Attempt(queue, task, job, spec, block, lease, max_attempts, tries)
-            result = attempt.run(force, cleanup, ahead, upcoming)
+            if fleet.lookahead and fleet.claim():
+                ahead, upcoming = lease_ahead(queue, fleet.lease,
+                                              partial(_prefetchable, spec, fleet.expected, fleet.jobs, queue_url))
+                if ahead is None:
+                    fleet.unclaim()
+            attempt = Attempt(queue, task, job, spec, block, fleet.lease, fleet.max_attempts, fleet.tries)
+            fleet.running[id(task)] = attempt
+            try:
+                result = attempt.run(fleet.force, fleet.cleanup, ahead, upcoming)
+            finally:
+                fleet.running.pop(id(task), None)
             if result is None:
                 attempt.count(summary)
                 continue
@@ -175,7 +308,6 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
         if ahead is not None:  # not run: hand it back at once (the current task is handled by Attempt)
             quietly(queue.cancel, ahead)
         raise
-    summary.seconds = time.perf_counter() - started
     return summary
 
 
@@ -202,7 +334,8 @@ class Attempt:
                               prefetch_next=upcoming, max_attempts=self.max_attempts, heartbeat=heartbeat)
         except BaseException as err:
             keeper.stop()
-            if not isinstance(err, Exception) or debugging():  # SIGTERM, Ctrl-C: hand the task back now
+            if not isinstance(err, Exception) or isinstance(err, Interrupted) or debugging():
+                # SIGTERM, Ctrl-C, a block stopped because another slot of this worker was: hand it back now
                 quietly(self.queue.cancel, self.task)
                 raise
             self._failed(err, started)
@@ -213,6 +346,14 @@ class Attempt:
             log.info("%s done in %.1f s%s", self.spec.label, time.perf_counter() - t,
                      f" (attempt {result.attempt})" if result.attempt > 1 else "")
         return result
+
+    def abandon(self) -> None:
+        """Hand the task back and remove its running marker while its thread is still stuck in a read
+        or a write (the worker is stopping and will not wait for it). It writes no done marker before
+        every write has ended, so at worst a later attempt computes the block again."""
+        quietly(self.queue.cancel, self.task)
+        store = worker_resources(self.job).store
+        quietly(store.delete, marker_name("running", self.spec.stage, self.spec.block))
 
     def _failed(self, err: Exception, started: float) -> None:
         """Give the task up if this was its last attempt, else hand it back after a delay."""

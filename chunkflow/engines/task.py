@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import faults
 from chunkflow.engines.attempts import Heartbeat, exhausted, failed_record, last_attempt
 from chunkflow.engines.failures import STAGE_NAMES
+from chunkflow.errors import Interrupted
 from chunkflow.job import Job
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import DONATIONS, Resources, Stats, inference_and_donate, is_done
@@ -59,18 +61,20 @@ def marker(kind: str, stage: int, block: Bbox) -> str:
 
 _RESOURCES: dict[tuple, Resources] = {}
 _BACKENDS: dict[tuple, Backend] = {}
+_CACHES = threading.RLock()  # a worker runs two stage-one tasks at once: both must find the same entries
 
 
 def worker_resources(job: Job) -> Resources:
     """The Resources of ``job`` in this process, opened once; the model is loaded on first use
     and shared by every job with the same model, so a worker switching jobs keeps it loaded."""
     key = (job.job_hash, job.store, job.device, job.batch_size)
-    res = _RESOURCES.get(key)
-    if res is None:
-        if len(_RESOURCES) >= 4:
-            _RESOURCES.pop(next(iter(_RESOURCES)))
-        res = _RESOURCES[key] = Resources(job, _SharedBackend(job))
-    return res
+    with _CACHES:
+        res = _RESOURCES.get(key)
+        if res is None:
+            if len(_RESOURCES) >= 4:
+                _RESOURCES.pop(next(iter(_RESOURCES)))
+            res = _RESOURCES[key] = Resources(job, _SharedBackend(job))
+        return res
 
 
 class _SharedBackend:
@@ -85,10 +89,11 @@ class _SharedBackend:
             raise AttributeError(name)
         job = self._job
         key = (job.model, job.weights, job.model_checksum, job.device, job.precision)
-        if key not in _BACKENDS:
-            _BACKENDS.clear()
-            _BACKENDS[key] = load_backend(job.model, job.weights, job.device, job.precision)
-        return getattr(_BACKENDS[key], name)
+        with _CACHES:
+            if key not in _BACKENDS:
+                _BACKENDS.clear()
+                _BACKENDS[key] = load_backend(job.model, job.weights, job.device, job.precision)
+            return getattr(_BACKENDS[key], name)
 
 
 def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: bool = False,
@@ -122,6 +127,11 @@ def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: boo
             stats = inference_and_donate(job, block, view, prefetch_next=prefetch_next)
         else:
             stats = receive_and_blend(job, block, view, cleanup=cleanup)
+    except Interrupted:  # stopped with the run (another slot failed, Ctrl-C): not a failed attempt
+        if heartbeat is not None:
+            heartbeat.detach()
+        _quietly_delete(store, running)
+        raise
     except Exception as err:
         if heartbeat is not None:
             heartbeat.detach()
@@ -159,6 +169,15 @@ class StageTask:
 
     def __call__(self, block: Vec) -> TaskResult:
         return run_task(self.job, self.stage, Vec(block), self.force, self.cleanup)
+
+    def cancel(self) -> None:
+        """Ask this process's stage-one tasks of the job that are still running to stop at their next
+        batch, writing nothing more (engines call it when the run is interrupted)."""
+        worker_resources(self.job).cancelled.set()
+
+    def resume(self) -> None:
+        """Undo :meth:`cancel` once the cancelled tasks have ended (a later run in this process)."""
+        worker_resources(self.job).cancelled.clear()
 
     def run_before(self, block: Vec, upcoming: Vec) -> TaskResult:
         """Run ``block`` knowing that this process runs ``upcoming`` next (engines that know it

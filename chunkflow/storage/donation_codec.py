@@ -5,8 +5,13 @@ Layout::
     b"CFDON1\\n"                      magic (7 bytes)
     uint32 little-endian             header length H
     H bytes UTF-8 JSON header        {key, bbox, shape, dtype, checksum, job_hash,
-                                      compression, nbytes_raw, nbytes_payload}
+                                      compression, nbytes_raw, nbytes_payload}, padded
+                                      with spaces so the payload starts at a multiple of
+                                      :data:`PAYLOAD_ALIGN` bytes
     nbytes_payload bytes             payload: the C-order array bytes, maybe compressed
+
+The padding lets stage two add an uncompressed payload straight from the fetched bytes (an
+aligned read-only view, no copy); donations written without it decode as before, by a copy.
 
 ``checksum`` is the CRC-32 (zlib) of the *raw, uncompressed* array bytes, as 8 hex
 digits, so it certifies what stage two adds, whatever the compression.
@@ -33,6 +38,8 @@ MAGIC = b"CFDON1\n"
 _LEN = struct.Struct("<I")
 _PREFIX = len(MAGIC) + _LEN.size
 MAX_HEADER = 1 << 20
+#: the payload starts at a multiple of this many bytes from the start of the donation
+PAYLOAD_ALIGN = 16
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "zstd", "blosc")
 
@@ -114,6 +121,7 @@ def encode_donation(
         nbytes_payload=len(memoryview(payload).cast("B")),
     )
     head = json.dumps(header.to_json(), separators=(",", ":")).encode("utf-8")
+    head += b" " * (-(_PREFIX + len(head)) % PAYLOAD_ALIGN)  # JSON allows trailing whitespace
     return b"".join((MAGIC, _LEN.pack(len(head)), head, payload))
 
 
@@ -172,10 +180,12 @@ def header_end(data: bytes) -> int | None:
 
 
 def decode_donation(data: bytes, key: str, job_hash: str, channels: int | None = None,
-                    dtype: str | None = None) -> tuple[DonationHeader, np.ndarray]:
+                    dtype: str | None = None, copy: bool = True) -> tuple[DonationHeader, np.ndarray]:
     """Verify and decode a donation expected under ``key`` for job ``job_hash``.
 
-    Returns the header and a writable C,Z,Y,X array. Raises :class:`DonationError`
+    Returns the header and a writable C,Z,Y,X array; with ``copy=False``, an uncompressed payload
+    that starts aligned in ``data`` comes back as a read-only view of ``data`` instead (no copy:
+    what stage two adds). Raises :class:`DonationError`
     if anything is off: magic, truncation, header, key, job, its box vs the piece the key
     names, shape vs box, channels and dtype (when given: the job's), sizes, decompression
     or checksum. A consistent header with the wrong box must never reach the sum, where
@@ -214,12 +224,19 @@ def decode_donation(data: bytes, key: str, job_hash: str, channels: int | None =
     if available > header.nbytes_payload:
         raise DonationError(key, f"is corrupt: {available - header.nbytes_payload} trailing bytes")
     payload = memoryview(data)[offset:]
-    out = np.empty(header.shape, dtype=dtype)
     if header.compression == "none":
         if header.nbytes_payload != expected_raw:
             raise DonationError(key, "is corrupt: payload size does not match its shape")
-        np.copyto(out, np.frombuffer(payload, dtype=dtype).reshape(header.shape))
+        view = np.frombuffer(payload, dtype=dtype).reshape(header.shape)
+        if not copy and view.flags.aligned:
+            if checksum(payload) != header.checksum:
+                raise DonationError(key, "is corrupt: checksum mismatch")
+            view.flags.writeable = False
+            return header, view
+        out = np.empty(header.shape, dtype=dtype)
+        np.copyto(out, view)
     else:
+        out = np.empty(header.shape, dtype=dtype)
         try:
             _codec(header.compression).decode(payload, out=out)
         except Exception as exc:  # noqa: BLE001 - codecs raise assorted errors on garbage

@@ -5,8 +5,9 @@ of the Google client's retries, so a dead endpoint made ``chunkflow plan`` silen
 10+ minutes; gcsfs gives up after ~30 s with a multi-line trace; and a missing bucket
 read as "no volume at ...". So before either library sees the path, its bucket is
 probed once with google-cloud-storage, exactly as the donation store opens its bucket
-(:class:`~chunkflow.storage.gcs.GCSStore`: same client, same retry deadline
-``CHUNKFLOW_GCS_RETRY_DEADLINE``, same one-line messages)::
+(:class:`~chunkflow.storage.gcs.GCSStore`): the same client and retry deadline
+``CHUNKFLOW_GCS_RETRY_DEADLINE`` (:mod:`~chunkflow.storage.gcs_client`), the same one-line
+messages (:mod:`~chunkflow.storage.gcs_errors`)::
 
     bucket NAME does not exist (open gs://NAME/path)
     connection refused: GCS endpoint HOST:PORT (open gs://NAME/path)
@@ -19,54 +20,47 @@ open goes on. Without any Google credentials the probe runs anonymously for the 
 reason. A bucket that answered once is not probed again in this process.
 
 Every probe first bounds the retries of cloud-files and google-cloud-storage in this process
-by the same deadline (:func:`~chunkflow.storage.gcs.bound_volume_retries`), so that a volume
-whose endpoint dies after it was opened fails each read or write in bounded time too.
+by the same deadline (:func:`~chunkflow.storage.gcs_volume_retries.bound_volume_retries`), so
+that a volume whose endpoint dies after it was opened fails each read or write in bounded time too.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from typing import Any
 
 from chunkflow.errors import StorageError
-from chunkflow.storage.gcs import EMULATOR_PROJECT, GCSStore, bound_volume_retries
+from chunkflow.storage import gcs_client
+from chunkflow.storage.gcs_errors import attempted, gcs_error
+from chunkflow.storage.gcs_volume_retries import bound_volume_retries
+from chunkflow.storage.volume_urls import volume_format
+
+__all__ = ["probe_bucket"]
 
 log = logging.getLogger(__name__)
 
 _ANSWERED: set[tuple[str, str]] = set()  # (endpoint, bucket) that answered a probe
 _LOCK = threading.Lock()
+#: connections in the probe's pool (it makes one call)
+_POOL_SIZE = 2
 
 
-class _ProbeStore(GCSStore):
-    """A GCSStore used only for its client, its retry and its error mapping.
-
-    ``url`` is the volume's URL, so every message names what the user gave.
-    """
-
-    def __init__(self, volume_url: str, bucket: str) -> None:
-        self._volume_url = volume_url
-        super().__init__(f"gs://{bucket}", check_bucket=False, pool_size=2)
-        self.url = volume_url
-
-    def _make_client(self, credentials, project, pool_size):
-        try:
-            return super()._make_client(credentials, project, pool_size)
-        except StorageError as exc:
-            # No usable Google credentials here: CloudVolume may have its own secrets file and
-            # gcsfs falls back to anonymous access, so probe anonymously and let them decide.
-            from google.auth.credentials import AnonymousCredentials
-            from google.cloud import storage
-
-            log.debug("probing %s anonymously: %s", self._volume_url, exc)
-            return storage.Client(project=project or EMULATOR_PROJECT, credentials=AnonymousCredentials())
+def _probe_client(volume_url: str, bucket: str) -> Any:
+    """The donation store's client for ``bucket``; an anonymous one where there are no usable
+    Google credentials here: CloudVolume may have its own secrets file and gcsfs falls back to
+    anonymous access, so the probe goes on anonymously and lets them decide."""
+    try:
+        return gcs_client.make_client(f"gs://{bucket}", None, None, _POOL_SIZE)
+    except StorageError as exc:
+        log.debug("probing %s anonymously: %s", volume_url, exc)
+        return gcs_client.anonymous_client()
 
 
 def probe_bucket(url: str, location: str, action: str = "open") -> None:
     """Raise a one-line :class:`StorageError` if the bucket of ``location`` (``gs://b/p``) is
     missing or its endpoint unreachable; ``url`` is the volume URL named in the message."""
     from google.api_core import exceptions as gexc
-
-    from chunkflow.storage.volumes import volume_format
 
     bound_volume_retries(gcsfs=volume_format(url) == "zarr")
     bucket = location[len("gs://"):].partition("/")[0]
@@ -76,15 +70,16 @@ def probe_bucket(url: str, location: str, action: str = "open") -> None:
     with _LOCK:
         if key in _ANSWERED:
             return
-    store = _ProbeStore(url, bucket)
+    deadline = gcs_client.retry_deadline()
+    client = _probe_client(url, bucket)
     try:
-        pages = store._client.list_blobs(bucket, max_results=1, fields="items(name)", retry=store._retry,
-                                         timeout=store._timeouts)
+        pages = client.list_blobs(bucket, max_results=1, fields="items(name)", retry=gcs_client.retry_policy(deadline),
+                                  timeout=gcs_client.attempt_timeouts(deadline))
         next(iter(pages), None)
     except Exception as exc:  # noqa: BLE001
         cause = exc.cause if isinstance(exc, gexc.RetryError) and exc.cause is not None else exc
         if not isinstance(cause, (gexc.Forbidden, gexc.Unauthorized)):
-            raise store._error(exc, action) from exc
+            raise gcs_error(exc, attempted(action, url), bucket, gcs_client.endpoint(client)) from exc
         log.debug("probe of %s: %s; leaving the verdict to the volume's library", url, cause)
     with _LOCK:
         _ANSWERED.add(key)

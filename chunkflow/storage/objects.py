@@ -1,4 +1,4 @@
-"""Object stores for donations, manifests and done markers: a directory or a GCS bucket.
+"""Object stores for donations, manifests and done markers: the interface, and a local directory.
 
 Every write is atomic (a reader sees the old object, the new one, or nothing; never a
 torn one), which Invariant 2 of the design relies on: a task killed mid-write leaves
@@ -15,39 +15,11 @@ from pathlib import Path
 from typing import Iterator
 
 from chunkflow.errors import StorageError
+from chunkflow.storage.names import validate_name, validate_prefix
 
 log = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".cftmp-"
-
-
-class InvalidName(StorageError, ValueError):
-    """An object name or store prefix that could escape the store root (a refusal, one line)."""
-
-
-def validate_name(name: str, what: str = "object name") -> str:
-    """Return ``name`` if it is a safe relative ``a/b/c`` name, else raise :class:`InvalidName`
-    (a :class:`ValueError` too)."""
-    if not isinstance(name, str) or not name:
-        raise InvalidName(f"{what} {name!r} must be a non-empty string")
-    if "\\" in name or "\x00" in name:
-        raise InvalidName(f"{what} {name!r} contains a backslash or NUL")
-    if name.startswith("/"):
-        raise InvalidName(f"{what} {name!r} is absolute; names are relative like a/b/c")
-    for segment in name.split("/"):
-        if segment == "":
-            raise InvalidName(f"{what} {name!r} has an empty path segment")
-        if segment in (".", ".."):
-            raise InvalidName(f"{what} {name!r} contains {segment!r}")
-    return name
-
-
-def validate_prefix(prefix: str) -> str:
-    """A listing prefix: empty, or a name that may end with ``/``."""
-    if prefix == "":
-        return prefix
-    validate_name(prefix[:-1] if prefix.endswith("/") else prefix, "prefix")
-    return prefix
 
 
 class ObjectStore:
@@ -224,25 +196,3 @@ class DirectoryStore(ObjectStore):
             pass
         except OSError as exc:
             raise StorageError(f"cannot delete {name} from {self.url}: {exc.strerror or exc}") from exc
-
-
-def open_store(url: str, **kwargs) -> ObjectStore:
-    """Open a store: a local directory (path or ``file:///path``) or ``gs://bucket/prefix``.
-
-    Keyword arguments go to :class:`~chunkflow.storage.gcs.GCSStore` (``credentials``,
-    ``project``, ``retry_deadline``, ``timeout``).
-    """
-    if not isinstance(url, str) or not url:
-        raise StorageError(f"store URL {url!r} is not a string")
-    if url.startswith("gs://"):
-        from chunkflow.storage.gcs import GCSStore
-
-        return GCSStore(url, **kwargs)
-    if url.startswith("file://"):
-        path = url[len("file://"):]
-        if not path.startswith("/"):
-            raise StorageError(f"store URL {url!r} must be file:///absolute/path")
-        return DirectoryStore(path)
-    if "://" in url:
-        raise StorageError(f"unsupported store URL {url!r}; use a directory path, file:///path or gs://bucket/prefix")
-    return DirectoryStore(url)

@@ -28,9 +28,9 @@ from typing import Sequence
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.errors import MissingInput
+from chunkflow.errors import MissingInput, StorageError
 from chunkflow.storage.sharding import precomputed_shard_size, precomputed_sharding_spec, write_precomputed_shards
-from chunkflow.storage.volumes import StorageError, Volume
+from chunkflow.storage.volumes import Volume
 
 log = logging.getLogger(__name__)
 

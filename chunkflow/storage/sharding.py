@@ -139,7 +139,7 @@ def output_shard(job: "Job") -> Vec | None:
     tiling the block. A deterministic function of the job, so it refuses before anything is written."""
     if not job.sharded:
         return None
-    from chunkflow.storage.volumes import volume_format
+    from chunkflow.storage.volume_urls import volume_format
 
     region, block, chunk = Bbox.from_name(job.bbox), Vec(job.block), Vec(job.storage_chunk)
     if volume_format(job.output) == "zarr":

@@ -37,8 +37,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.errors import StorageError
 from chunkflow.storage import ome_zarr as ome
-from chunkflow.storage.volumes import StorageError, Volume
+from chunkflow.storage.volumes import Volume
 
 log = logging.getLogger(__name__)
 
