@@ -20,6 +20,7 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import GeometryError, UsageError
 from chunkflow.in_memory import sliding_window
 from chunkflow.job import Job
+from chunkflow.job_params import JobParameters, takes_job_parameters
 
 if TYPE_CHECKING:
     from chunkflow.engines.runner import RunSummary
@@ -27,74 +28,21 @@ if TYPE_CHECKING:
 
 __all__ = ["inference_and_donate", "open_job", "plan", "receive_and_blend", "reference", "run", "sliding_window"]
 
-Size = Union[str, Sequence[int], int]
 Block = Union[str, Bbox, Sequence[int]]
 JobLike = Union[Job, str, os.PathLike]
 
 
-def plan(
-    input: str,
-    output: str,
-    donations: str,
-    model: str,
-    input_patch: Size,
-    output_patch: Size | None = None,
-    overlap: Size = "0,0,0",
-    block: Size | None = None,
-    weights: str | None = None,
-    blend: str = "gaussian",
-    dtype: str = "float32",
-    pad_mode: str = "reflect",
-    precision: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 1,
-    storage_chunk: Size | None = None,
-    donation_dtype: str = "float32",
-    compression: str = "none",
-    fill_missing: bool = False,
-    bbox: str | None = None,
-    mip: int = 0,
-    output_compression: str = "default",
-    mask: str | None = None,
-    mask_mip: int = 0,
-    sharded: bool = False,
-    device_here: bool = True,
-) -> Job:
+@takes_job_parameters()
+def plan(params: JobParameters, device_here: bool = True) -> Job:
     """Validate a job, create its output volume and write its manifest (``chunkflow plan``).
 
     Nothing is written unless every check passes. Planning the same parameters into the same
     ``donations`` store again returns the existing job; other parameters there are refused.
-    Sizes are Z,Y,X: three ints, ``"16,64,64"`` or one int for a cube.
+    Sizes are Z,Y,X: three ints, ``"16,64,64"`` or one int for a cube; locations may be
+    ``pathlib.Path``. Every parameter but ``device_here`` is a field of
+    :class:`chunkflow.job_params.JobParameters`, with the help of ``chunkflow plan --help``.
 
     Args:
-        input: the input volume URL: ``file:///abs/path`` or ``gs://``/``s3://`` (precomputed),
-            ``path.zarr`` or ``zarr://...`` (zarr v3, OME-Zarr).
-        output: the output volume URL; created over the region if absent (C_out,Z,Y,X).
-        donations: the job store (a directory or ``gs://`` URL) that holds the manifest, the
-            donations and the done markers.
-        model: ``builtin:membrane``, a TorchScript file, a Python file defining
-            ``build_model()``, an ONNX file, ``identity[:C]`` or a registered backend name.
-        input_patch: the network's input patch.
-        output_patch: the centred part of its output that is kept (default ``input_patch``).
-        overlap: overlap of neighbouring output patches in voxels, each below the output patch.
-        block: the output block of one task (default: up to 128 per axis).
-        weights: a state dict for a Python-file model.
-        blend: ``gaussian``, ``constant`` or ``bump``.
-        dtype: output dtype, ``float32``, ``uint8`` or ``float16`` (zarr only).
-        pad_mode: the input beyond the volume's faces: ``reflect`` or ``constant`` (zeros).
-        precision: the model's compute precision: ``float32``, ``float16`` or ``bfloat16``.
-        device: where the workers run the model (``cpu``, ``cuda``, ``cuda:1``); runtime only.
-        batch_size: patches per model call; runtime only.
-        storage_chunk: the new output's storage chunk; must divide the block.
-        donation_dtype: ``float32`` or ``float16`` (half the bytes, ~5e-4 relative error).
-        compression: donation compression: ``none``, ``zstd`` or ``blosc``.
-        fill_missing: read missing input chunks as zeros instead of refusing them.
-        bbox: the region ``x0-x1_y0-y1_z0-z1`` to compute, in voxels of level ``mip``.
-        mip: the input's resolution level (precomputed scale, OME-Zarr dataset).
-        output_compression: the new output's codec (``default`` is lossless).
-        mask: a mask volume; only patches whose output touches it are computed.
-        mask_mip: the mask's resolution level.
-        sharded: create the output sharded (stage two then writes whole blocks).
         device_here: also load the model on ``device`` here to check it (False when planning
             on a machine without the workers' device).
 
@@ -105,10 +53,9 @@ def plan(
         chunkflow.errors.Refusal: any parameter, volume, store or model that cannot be used
             (one line; nothing written).
     """
-    from chunkflow.planning import plan as _plan
+    from chunkflow.planning import plan_job
 
-    given = dict(locals())  # every parameter above, passed on by name (path-likes as strings)
-    return _plan(**{name: _location(value) for name, value in given.items() if name != "_plan"})
+    return plan_job(params, device_here)
 
 
 def open_job(store: str | os.PathLike) -> Job:
@@ -276,11 +223,6 @@ def _job(job: JobLike, device: str | None, batch_size: int | None) -> Job:
             check_device(device)
         job = job.with_runtime(device=device, batch_size=batch_size)
     return job
-
-
-def _location(value: object) -> object:
-    """A ``pathlib.Path`` (any path-like) as the string the planner takes; anything else as is."""
-    return str(value) if hasattr(value, "__fspath__") else value
 
 
 def _store_url(store: object) -> str:

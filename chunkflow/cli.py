@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import fire
@@ -20,7 +21,8 @@ from chunkflow.cli_stages import check_command_line, report_failures
 from chunkflow.backends import check_device
 from chunkflow.engines import check_options, make_engine, run_job
 from chunkflow.job import JobError
-from chunkflow.planning import load_job, make_job, plan as plan_job
+from chunkflow.job_params import JobParameters, takes_job_parameters
+from chunkflow.planning import load_job, make_job, plan_job
 from chunkflow.region import parse_region
 from chunkflow.stages import Resources, cast_output, reference as reference_output
 from chunkflow.storage import StorageError, create_volume, open_volume
@@ -29,79 +31,29 @@ from chunkflow.storage.volumes import input_missing
 
 log = logging.getLogger("chunkflow")
 
-FLAG_DOCS = {
-    "input": "input volume: file:///path, gs://bucket/path, s3://... (Neuroglancer precomputed) or PATH.zarr.",
-    "output": "output volume, created if absent (covering the region: --bbox, or the input's bounds at --mip).",
-    "donations": "the job's store: a local directory or gs://bucket/prefix (manifest, donations, done markers).",
-    "model": "builtin:membrane, identity, net.py (defines build_model()), net.pt (TorchScript) or net.onnx.",
-    "input_patch": "network input patch, ZYX, e.g. 20,256,256.",
-    "output_patch": "network output patch (default: the input patch); smaller = the net's context margin.",
-    "overlap": "overlap of neighbouring output patches in voxels, ZYX, e.g. 4,32,32.",
-    "block": "block size, ZYX: the unit of output ownership, a multiple of the output's storage chunk.",
-    "weights": "optional state-dict file for a .py model (loaded with weights_only=True).",
-    "blend": "constant, gaussian (MONAI's, sigma_scale 0.125) or bump (original chunkflow's).",
-    "dtype": "output dtype: float32, uint8 ([0, 1] scaled to 0..255) or float16 (zarr only).",
-    "pad_mode": "input padding past the volume's faces: reflect or constant (zeros).",
-    "precision": "float32, or float16/bfloat16 autocast on CUDA (accumulation stays float32).",
-    "device": "cpu, cuda or cuda:N (CUDA_VISIBLE_DEVICES is respected).",
-    "batch_size": "patches per forward pass.",
-    "storage_chunk": "storage chunk of a new output volume, ZYX (default: the largest divisor of the block <= 16,64,64).",
-    "donation_dtype": "float32 (exact) or float16 (half the bytes; error <= 2^-11 relative per piece).",
-    "compression": "donation compression: none, zstd or blosc.",
-    "force": "rerun blocks that are already done.",
-    "bbox": "region to compute, x0-x1_y0-y1_z0-z1 in voxels of --mip (default: the whole input); context comes "
-            "from the input beyond it.",
-    "mip": "resolution level of the input: precomputed scales[N], OME-Zarr datasets[N] (default 0).",
-    "output_compression": "codec of a new output's chunks: default (the format's lossless default), none, and per "
-                          "format gzip, zstd, ... (docs/formats_precomputed.md, docs/formats_zarr.md).",
-    "mask": "a mask layer (any level of a precomputed or zarr volume): patches whose output box is zero there "
-            "are not computed and count as zeros.",
-    "mask_mip": "resolution level of the mask layer (default 0).",
-    "sharded": "create the output sharded (precomputed shards, zarr v3 shards) in shards that tile the block; "
-               "stage two then writes whole blocks (docs/design.md, sharded outputs).",
-    "fill_missing": "read input chunks that do not exist as zeros (default: refuse the block, naming the chunk).",
-    "cleanup": "delete each block's donations once its output is written.",
-    "quiet": "no progress bars or log lines.",
-    "dry_run": "validate and print tasks, patches, donations, bytes and a calibrated time estimate; write nothing.",
-    "engine": "local (this process) or dask (Dask distributed); fleets of queue workers: `chunkflow produce`.",
-    "mode": "barrier (all of stage one, then stage two) or streaming (a block's stage two starts once its donors are done).",
-    "workers": "dask: worker processes of the LocalCluster (default: one per core, or per GPU for a CUDA job).",
-    "scheduler": "dask: tcp://host:8786 of a running scheduler to use instead of a LocalCluster.",
-}
-
-
-def documented(summary: str):
-    """Give a command a Google-style docstring built from FLAG_DOCS, so `--help` explains every flag."""
-    def decorate(fn):
-        import inspect
-        names = [n for n in inspect.signature(fn).parameters if n in FLAG_DOCS]
-        fn.__doc__ = summary.strip() + "\n\nArgs:\n" + "".join(f"    {n}: {FLAG_DOCS[n]}\n" for n in names)
-        return fn
-    return decorate
+#: the job parameters `reference` does not take, and the values it uses: it computes the whole region
+#: as one block (its own size), into an output of its own, with no job store
+REFERENCE_OMITS = {"donations": "", "block": None, "storage_chunk": None, "donation_dtype": "float32",
+                   "compression": "none", "sharded": False}
 
 
 @user_errors
-@documented("Validate a job, create its output volume, and write its manifest into the donation store.")
-def plan(input: str, output: str, donations: str, model: str, input_patch: str, output_patch: str | None = None,
-         overlap: str = "0,0,0", block: str | None = None, weights: str | None = None, blend: str = "gaussian",
-         dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu",
-         batch_size: int = 1, storage_chunk: str | None = None, donation_dtype: str = "float32",
-         compression: str = "none", fill_missing: bool = False, bbox: str | None = None, mip: int = 0,
-         output_compression: str = "default", mask: str | None = None, mask_mip: int = 0, sharded: bool = False, dry_run: bool = False,
-         quiet: bool = False) -> None:
+@takes_job_parameters(flags=True)
+def plan(params: JobParameters, dry_run: bool = False, quiet: bool = False) -> None:
+    """Validate a job, create its output volume, and write its manifest into the donation store.
+
+    Args:
+        dry_run: validate and print tasks, patches, donations, bytes and a calibrated time estimate; write nothing.
+        quiet: no progress bars or log lines.
+    """
     setup_logging(quiet)
-    options = dict(output_patch=output_patch, overlap=overlap, block=block, weights=weights, blend=blend, dtype=dtype,
-                   pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
-                   storage_chunk=storage_chunk, donation_dtype=donation_dtype, compression=compression,
-                   fill_missing=fill_missing, bbox=bbox, mip=mip, output_compression=output_compression,
-                   mask=mask, mask_mip=mask_mip, sharded=sharded)
     if dry_run:
         from chunkflow.dryrun import dry_run_job
-        job, _, _ = make_job(input, output, donations, model, input_patch, **options)
+        job, _, _ = make_job(params)
         for line in dry_run_job(job):
             print(line)
         return
-    job = plan_job(input, output, donations, model, input_patch, **options)
+    job = plan_job(params)
     layout = job.layout
     print(f"job {job.job_hash} planned in {job.store}")
     print(f"  {layout.num_blocks} blocks of {_zyx(job.block)} ({_zyx(layout.grid_shape)} z,y,x), "
@@ -111,31 +63,35 @@ def plan(input: str, output: str, donations: str, model: str, input_patch: str, 
 
 
 @user_errors
-@documented("""Plan, then stage one over all blocks, the barrier, and stage two, in this process.
+@takes_job_parameters(defaults={"donations": None}, flags=True)
+def run(params: JobParameters, force: bool = False, cleanup: bool = False, engine: str = "local",
+        mode: str = "barrier", workers: int | None = None, scheduler: str | None = None, quiet: bool = False) -> None:
+    """Plan, then stage one over all blocks, the barrier, and stage two, in this process.
 
---donations defaults to a directory beside a local output (OUTPUT.donations). Finished
-blocks are skipped on a rerun unless --force.""")
-def run(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
-        overlap: str = "0,0,0", block: str | None = None, donations: str | None = None, weights: str | None = None,
-        blend: str = "gaussian", dtype: str = "float32", pad_mode: str = "reflect", precision: str = "float32",
-        device: str = "cpu", batch_size: int = 1, force: bool = False, cleanup: bool = False,
-        donation_dtype: str = "float32", compression: str = "none", fill_missing: bool = False,
-        bbox: str | None = None, mip: int = 0, output_compression: str = "default", mask: str | None = None, mask_mip: int = 0, sharded: bool = False, engine: str = "local", mode: str = "barrier", workers: int | None = None, scheduler: str | None = None,
-        quiet: bool = False) -> None:
+    --donations defaults to a directory beside a local output (OUTPUT.donations). Finished
+    blocks are skipped on a rerun unless --force.
+
+    Args:
+        force: rerun blocks that are already done.
+        cleanup: delete each block's donations once its output is written.
+        engine: local (this process) or dask (Dask distributed); fleets of queue workers: `chunkflow produce`.
+        mode: barrier (all of stage one, then stage two) or streaming (a block's stage two starts once its donors
+            are done).
+        workers: dask: worker processes of the LocalCluster (default: one per core, or per GPU for a CUDA job).
+        scheduler: dask: tcp://host:8786 of a running scheduler to use instead of a LocalCluster.
+        quiet: no progress bars or log lines.
+    """
     setup_logging(quiet)
     check_options(engine, mode, workers, scheduler)
-    donations = donations or _default_store(output)
-    options = dict(output_patch=output_patch, overlap=overlap, block=block, weights=weights, blend=blend, dtype=dtype,
-                   pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
-                   donation_dtype=donation_dtype, compression=compression, fill_missing=fill_missing, bbox=bbox,
-                   mip=mip, output_compression=output_compression, mask=mask, mask_mip=mask_mip, sharded=sharded,
-                   device_here=scheduler is None)
+    params = replace(params, donations=params.donations or _default_store(params.output))
+    device_here = scheduler is None
     if engine != "local":  # every check first, then the cluster, then the first write: a cluster that
-        make_job(input, output, donations, model, input_patch, **options)  # cannot start changes nothing
-    running = make_engine(engine, workers=workers, scheduler=scheduler, gpu=check_device(device).startswith("cuda"))
+        make_job(params, device_here)  # cannot start changes nothing
+    running = make_engine(engine, workers=workers, scheduler=scheduler,
+                          gpu=check_device(params.device).startswith("cuda"))
     try:
-        job = plan_job(input, output, donations, model, input_patch, **options)
-        job = job.with_runtime(device=device, batch_size=batch_size)
+        job = plan_job(params, device_here)
+        job = job.with_runtime(device=params.device, batch_size=params.batch_size)
         summary = run_job(job, running, force=force, progress=not quiet, cleanup=cleanup, mode=mode, check=False)
     finally:
         running.close()
@@ -145,32 +101,29 @@ def run(input: str, output: str, model: str, input_patch: str, output_patch: str
 
 
 @user_errors
-@documented("""Whole-volume blended inference in one process, written to OUTPUT: the answer `run` must match.
+@takes_job_parameters(omit=REFERENCE_OMITS, flags=True)
+def reference(params: JobParameters, quiet: bool = False) -> None:
+    """Whole-volume blended inference in one process, written to OUTPUT: the answer `run` must match.
 
-Takes the model/patch/overlap/blend flags of `run`; use it on a small volume to validate a job.""")
-def reference(input: str, output: str, model: str, input_patch: str, output_patch: str | None = None,
-              overlap: str = "0,0,0", weights: str | None = None, blend: str = "gaussian", dtype: str = "float32",
-              pad_mode: str = "reflect", precision: str = "float32", device: str = "cpu", batch_size: int = 1,
-              fill_missing: bool = False, bbox: str | None = None, mip: int = 0, output_compression: str = "default", mask: str | None = None, mask_mip: int = 0,
-              quiet: bool = False) -> None:
+    Takes the model/patch/overlap/blend flags of `run`; use it on a small volume to validate a job.
+
+    Args:
+        quiet: no progress bars or log lines.
+    """
     setup_logging(quiet)
-    source = open_volume(input, missing=input_missing(fill_missing), mip=mip)
-    region = parse_region(bbox, source.bbox, mip)
+    source = open_volume(params.input, missing=input_missing(params.fill_missing), mip=params.mip)
+    region = parse_region(params.bbox, source.bbox, params.mip)
     try:
-        chunk = open_volume(output).chunk_size
+        chunk = open_volume(params.output).chunk_size
     except StorageError:
         chunk = region.shape
     whole = tuple(-(-s // c) * c for s, c in zip(region.shape, chunk))
-    job, existing, source = make_job(input, output, "", model, input_patch, output_patch=output_patch,
-                                     overlap=overlap, block=whole, weights=weights, blend=blend, dtype=dtype,
-                                     pad_mode=pad_mode, precision=precision, device=device, batch_size=batch_size,
-                                     storage_chunk=None, fill_missing=fill_missing, bbox=region.name, mip=mip,
-                                     output_compression=output_compression, mask=mask, mask_mip=mask_mip)
+    job, existing, source = make_job(replace(params, block=whole, bbox=region.name))
     result = reference_output(job, Resources(job))
-    target = existing or create_volume(output, region, job.storage_chunk, job.out_channels, dtype,
-                                       resolution=source.resolution, compression=output_compression)
-    target.write(region, cast_output(result, dtype))
-    print(f"reference of {region.name} (mip {mip}) written to {output}")
+    target = existing or create_volume(params.output, region, job.storage_chunk, job.out_channels, params.dtype,
+                                       resolution=source.resolution, compression=params.output_compression)
+    target.write(region, cast_output(result, params.dtype))
+    print(f"reference of {region.name} (mip {params.mip}) written to {params.output}")
 
 
 @user_errors

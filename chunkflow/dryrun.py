@@ -31,6 +31,7 @@ from chunkflow.units import human_bytes
 from chunkflow.backends import Backend
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.geometry import AxisPlan, Layout
+from chunkflow.job_params import documented_fields
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +242,25 @@ def _input_dtype(url: str) -> str:
     return str(open_volume(url).dtype)
 
 
+@documented_fields
 def hypothetical(shape: str, input_patch: str, block: str, overlap: str = "0,0,0", output_patch: str | None = None,
                  start: str = "0,0,0", storage_chunk: str | None = None, model: str = "identity",
                  weights: str | None = None, device: str = "cpu", batch_size: int = 1, channels: int = 1,
                  dtype: str = "float32", calibrate_batches: int = 3) -> str:
-    """Dry run against a volume that does not exist: ``--shape Z,Y,X`` (and ``--start``)."""
+    """Dry run against a volume that does not exist: ``--shape Z,Y,X`` (and ``--start``).
+
+    The flags a planned job also has take the help of its parameters
+    (:class:`chunkflow.job_params.JobParameters`).
+
+    Args:
+        shape: the hypothetical volume's size, ZYX, e.g. 100000,100000,100000.
+        start: its first voxel, ZYX.
+        channels: its channels (the model's input channels).
+        calibrate_batches: batches of random patches timed on --device for the estimate (0: no estimate).
+
+    Returns:
+        The report, one line per count.
+    """
     from chunkflow.backends import load_backend
     from chunkflow.job import default_storage_chunk
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from chunkflow.backends import check_device, load_backend, model_checksum, require_device
@@ -15,6 +16,7 @@ from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobError, default_storage_chunk,
                            validate_parameters)
+from chunkflow.job_params import JobParameters, takes_job_parameters
 from chunkflow.masking import BLOCK_MAP, encode_block_map, masked_blocks, open_mask
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
@@ -26,20 +28,39 @@ from chunkflow.storage.volumes import input_missing
 log = logging.getLogger(__name__)
 
 
-def plan(input: str, output: str, donations: str, model: str, input_patch, **options) -> Job:
+@takes_job_parameters()
+def plan(params: JobParameters, device_here: bool = True) -> Job:
+    """:func:`plan_job` of the :class:`JobParameters` given by keyword (``plan(input, output, ...)``).
+
+    Args:
+        params: the job's parameters.
+        device_here: also load the model on ``device`` here (False when the workers are elsewhere).
+    """
+    return plan_job(params, device_here)
+
+
+def plan_job(params: JobParameters, device_here: bool = True) -> Job:
     """Validate every parameter, create the output volume if needed, write the manifest.
 
-    Takes the arguments of ``make_job``. Planning the same parameters twice returns the
-    existing job; planning different ones into a store that already holds a job is refused
-    (it would mix two jobs' donations).
+    Planning the same parameters twice returns the existing job; planning different ones into a
+    store that already holds a job is refused (it would mix two jobs' donations).
+
+    Args:
+        params: the job's parameters (``params.donations`` is the job store).
+        device_here: also load the model on ``params.device`` on this machine (False when the
+            workers are elsewhere, e.g. a Dask scheduler's).
+
+    Returns:
+        The planned job, as its manifest holds it.
     """
-    store = open_store(donations)
+    store = open_store(params.donations)
     check_store(store)
-    job, existing_output, source = make_job(input, output, store.url, model, input_patch, **options)
+    job, existing_output, source = make_job(replace(params, donations=store.url), device_here)
     previous = _existing_job(store)
     if previous is not None and previous.job_hash != job.job_hash:
         raise JobError(f"{store.url} already holds job {previous.job_hash} with other parameters; give a new "
                        f"--donations location (or delete that one)")
+    output = params.output
     if existing_output is None:
         create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
                       resolution=source.resolution, compression=job.output_compression, shard=output_shard(job))
@@ -55,121 +76,104 @@ def plan(input: str, output: str, donations: str, model: str, input_patch, **opt
     return planned
 
 
-def make_job(
-    input: str,
-    output: str,
-    store: str,
-    model: str,
-    input_patch: str | tuple,
-    output_patch: str | tuple | None = None,
-    overlap: str | tuple = "0,0,0",
-    block: str | tuple | None = None,
-    weights: str | None = None,
-    blend: str = "gaussian",
-    dtype: str = "float32",
-    pad_mode: str = "reflect",
-    precision: str = "float32",
-    device: str = "cpu",
-    batch_size: int = 1,
-    storage_chunk: str | tuple | None = None,
-    donation_dtype: str = "float32",
-    compression: str = "none",
-    fill_missing: bool = False,
-    bbox: str | None = None,
-    mip: int = 0,
-    output_compression: str = "default",
-    mask: str | None = None,
-    mask_mip: int = 0,
-    sharded: bool = False,
-    device_here: bool = True,
-):
+def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | None, object]:
     """Validate everything and build the Job, writing nothing.
 
-    ``bbox``: the region ``x0-x1_y0-y1_z0-z1`` to compute, in voxels of level ``mip`` (default:
-    the whole input). ``sharded``: a new output is created sharded (an existing one is written sharded
-    if it is). ``device_here``: the model is also loaded on ``device`` on this machine (False when the
-    workers are elsewhere, e.g. a Dask scheduler's). Returns ``(job, existing output volume or
-    None, input volume)``.
+    Args:
+        p: the job's parameters; ``p.donations`` is the job store's URL ("" for none: the
+            reference), ``p.bbox`` the region in voxels of level ``p.mip`` (default: the whole
+            input); ``p.sharded`` creates a new output sharded (an existing one is written
+            sharded if it is).
+        device_here: also load the model on ``p.device`` on this machine (False when the
+            workers are elsewhere, e.g. a Dask scheduler's).
+
+    Returns:
+        ``(job, existing output volume or None, input volume)``.
     """
-    in_patch = Vec.parse(input_patch, "input patch")
-    out_patch = Vec.parse(output_patch, "output patch") if output_patch is not None else in_patch
-    overlap_v = Vec.parse(overlap, "overlap")
-    validate_parameters(in_patch, out_patch, blend, dtype, pad_mode, precision)
-    if donation_dtype not in DONATION_DTYPES:
-        raise JobError(f"donation dtype {donation_dtype!r} is not one of {', '.join(DONATION_DTYPES)}")
-    if compression not in COMPRESSIONS:
-        raise JobError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise JobError(f"--batch-size {batch_size!r} must be a positive integer")
-    for flag, value in (("--fill-missing", fill_missing), ("--sharded", sharded)):
+    in_patch = Vec.parse(p.input_patch, "input patch")
+    out_patch = Vec.parse(p.output_patch, "output patch") if p.output_patch is not None else in_patch
+    overlap_v = Vec.parse(p.overlap, "overlap")
+    validate_parameters(in_patch, out_patch, p.blend, p.dtype, p.pad_mode, p.precision)
+    if p.donation_dtype not in DONATION_DTYPES:
+        raise JobError(f"donation dtype {p.donation_dtype!r} is not one of {', '.join(DONATION_DTYPES)}")
+    if p.compression not in COMPRESSIONS:
+        raise JobError(f"compression {p.compression!r} is not one of {', '.join(COMPRESSIONS)}")
+    if not isinstance(p.batch_size, int) or isinstance(p.batch_size, bool) or p.batch_size < 1:
+        raise JobError(f"--batch-size {p.batch_size!r} must be a positive integer")
+    for flag, value in (("--fill-missing", p.fill_missing), ("--sharded", p.sharded)):
         if not isinstance(value, bool):
             raise JobError(f"{flag} takes no value (got {value!r})")
-    check_locations(input, output, store)
-    for flag, value in (("--mip", mip), ("--mask-mip", mask_mip)):
+    check_locations(p.input, p.output, p.donations)
+    for flag, value in (("--mip", p.mip), ("--mask-mip", p.mask_mip)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise JobError(f"{flag} {value!r} is not a resolution level (0, 1, 2, ...)")
-    if mask is not None and (not isinstance(mask, str) or not mask):
-        raise JobError(f"--mask {mask!r} is not a volume URL")
-    if mask is not None:
-        if same_or_nested(volume_location(mask), volume_location(output)):
-            raise JobError(f"--mask {mask} is the output {output} (or inside it, or holds it); give the mask layer")
-        open_volume(mask, missing="zeros", mip=mask_mip)  # refused here if absent or without that level
-    if not isinstance(output_compression, str):
-        raise JobError(f"--output-compression {output_compression!r} is not a codec name")
+    if p.mask is not None and (not isinstance(p.mask, str) or not p.mask):
+        raise JobError(f"--mask {p.mask!r} is not a volume URL")
+    if p.mask is not None:
+        if same_or_nested(volume_location(p.mask), volume_location(p.output)):
+            raise JobError(f"--mask {p.mask} is the output {p.output} (or inside it, or holds it); give the mask "
+                           "layer")
+        open_volume(p.mask, missing="zeros", mip=p.mask_mip)  # refused here if absent or without that level
+    if not isinstance(p.output_compression, str):
+        raise JobError(f"--output-compression {p.output_compression!r} is not a codec name")
 
-    if dtype == "float16" and volume_format(output) == "precomputed":
-        raise JobError(f"output dtype float16 is not supported by Neuroglancer precomputed ({output}); use float32 "
+    if p.dtype == "float16" and volume_format(p.output) == "precomputed":
+        raise JobError(f"output dtype float16 is not supported by Neuroglancer precomputed ({p.output}); use float32 "
                        "or uint8, or a zarr output")
-    source = open_volume(input, missing=input_missing(fill_missing), mip=mip)
-    bbox = parse_region(bbox, source.bbox, mip)
-    block_v = Vec.parse(block, "block") if block is not None else Vec(min(s, 128) for s in bbox.shape)
-    check_device(device)
-    backend = load_backend(model, weights, device="cpu", precision="float32")
-    if device_here and device != "cpu":
-        require_device(device)
-        load_backend(model, weights, device=device, precision=precision)
+    source = open_volume(p.input, missing=input_missing(p.fill_missing), mip=p.mip)
+    bbox = parse_region(p.bbox, source.bbox, p.mip)
+    block_v = Vec.parse(p.block, "block") if p.block is not None else Vec(min(s, 128) for s in bbox.shape)
+    check_device(p.device)
+    backend = load_backend(p.model, p.weights, device="cpu", precision="float32")
+    if device_here and p.device != "cpu":
+        require_device(p.device)
+        load_backend(p.model, p.weights, device=p.device, precision=p.precision)
     out_channels, produced = backend.output_shape(tuple(in_patch), source.num_channels)
     if Vec(produced) not in (out_patch, in_patch):
-        raise JobError(f"model {model} turns an input patch of {_zyx(in_patch)} into {_zyx(produced)}; give "
+        raise JobError(f"model {p.model} turns an input patch of {_zyx(in_patch)} into {_zyx(produced)}; give "
                        f"--output-patch {_zyx(produced)} (or a patch the model supports)")
 
+    output, sharded = p.output, p.sharded
     existing = _existing_output(output)
     if existing is not None:
-        if existing.num_channels != out_channels or str(existing.dtype) != dtype:
+        if existing.num_channels != out_channels or str(existing.dtype) != p.dtype:
             raise JobError(f"output {output} has {existing.num_channels} channels of {existing.dtype}; the job "
-                           f"makes {out_channels} channels of {dtype}")
+                           f"makes {out_channels} channels of {p.dtype}")
         if sharded and not existing.sharded:
             raise JobError(f"output {output} exists unsharded; --sharded applies to new outputs only (leave it out, "
                            "or give a new output)")
         sharded = existing.sharded  # a sharded output is written whole blocks at a time, flag or not
         if tuple(existing.resolution) != tuple(source.resolution):
             raise JobError(f"output {output} has voxels of {_zyx_f(existing.resolution)} nm (z,y,x), the input at "
-                           f"mip {mip} has {_zyx_f(source.resolution)} nm; give an output at the input's resolution")
+                           f"mip {p.mip} has {_zyx_f(source.resolution)} nm; give an output at the input's "
+                           "resolution")
         chunk = existing.chunk_size
         check_output_region(bbox, existing.bbox, chunk, output, source.bbox)
         have = getattr(existing, "compression", None)
-        if output_compression != "default" and have is not None and have != output_compression:
+        if p.output_compression != "default" and have is not None and have != p.output_compression:
             raise JobError(f"output {output} exists with compression {have}; --output-compression "
-                           f"{output_compression} applies to new outputs only (leave it out, or give a new output)")
+                           f"{p.output_compression} applies to new outputs only (leave it out, or give a new output)")
     else:
-        check_output_compression(output, output_compression, dtype, out_channels)
-        chunk = Vec.parse(storage_chunk, "storage chunk") if storage_chunk is not None else default_storage_chunk(block_v)
+        check_output_compression(output, p.output_compression, p.dtype, out_channels)
+        chunk = (Vec.parse(p.storage_chunk, "storage chunk") if p.storage_chunk is not None
+                 else default_storage_chunk(block_v))
     try:
         Layout(bbox, out_patch, overlap_v, block_v, chunk)
     except GeometryError as err:
         raise JobError(str(err)) from None
     if existing is not None and existing.sharded:
         check_shards_tile(bbox, existing, block_v, output)
-    if not fill_missing and not source.has_data():
-        raise MissingInput(f"input {input} holds no chunks at all (its info file promises {bbox.name}); plan with "
+    if not p.fill_missing and not source.has_data():
+        raise MissingInput(f"input {p.input} holds no chunks at all (its info file promises {bbox.name}); plan with "
                            "--fill-missing if it is meant to be zeros")
-    job = Job(input=input, output=output, store=store, bbox=bbox.name, input_patch=in_patch,
-              output_patch=out_patch, overlap=overlap_v, block=block_v, storage_chunk=chunk, blend=blend,
-              model=model, weights=weights, model_checksum=model_checksum(model, weights),
-              in_channels=source.num_channels, out_channels=out_channels, output_dtype=dtype, pad_mode=pad_mode,
-              precision=precision, donation_dtype=donation_dtype, donation_compression=compression,
-              device=device, batch_size=batch_size, fill_missing=fill_missing, mip=mip,
-              output_compression=output_compression, mask=mask, mask_mip=mask_mip, sharded=sharded)
+    job = Job(input=p.input, output=output, store=p.donations, bbox=bbox.name, input_patch=in_patch,
+              output_patch=out_patch, overlap=overlap_v, block=block_v, storage_chunk=chunk, blend=p.blend,
+              model=p.model, weights=p.weights, model_checksum=model_checksum(p.model, p.weights),
+              in_channels=source.num_channels, out_channels=out_channels, output_dtype=p.dtype,
+              pad_mode=p.pad_mode, precision=p.precision, donation_dtype=p.donation_dtype,
+              donation_compression=p.compression, device=p.device, batch_size=p.batch_size,
+              fill_missing=p.fill_missing, mip=p.mip, output_compression=p.output_compression, mask=p.mask,
+              mask_mip=p.mask_mip, sharded=sharded)
     if existing is None:
         output_shard(job)  # refuses a block that the new output's shards cannot tile
     return job, existing, source

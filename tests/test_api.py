@@ -7,6 +7,7 @@ torch out on the same device; refusals are one line; every ``python`` block of d
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -294,14 +295,16 @@ def test_per_block_stages_keep_the_engines_markers(tmp_path):
 
 
 def test_plan_takes_the_planners_parameters():
-    from chunkflow.planning import make_job
+    from chunkflow.job_params import JobParameters
+    from chunkflow.planning import plan as planning_plan
 
-    ours = inspect.signature(chunkflow.plan).parameters
-    theirs = inspect.signature(make_job).parameters
-    assert [p for p in theirs if p != "store"] == [p for p in ours if p != "donations"]
-    for name, param in theirs.items():
-        if name != "store":
-            assert ours[name].default == param.default, name
+    fields = {f.name: f for f in dataclasses.fields(JobParameters)}
+    for fn in (chunkflow.plan, planning_plan):
+        params = inspect.signature(fn).parameters
+        assert list(params) == [*fields, "device_here"]
+        for name, field in fields.items():
+            default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
+            assert params[name].default == default, name
 
 
 def test_import_is_light_and_help_explains_every_parameter():
