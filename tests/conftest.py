@@ -33,6 +33,11 @@ SLOW_MODULES = {"test_kill", "test_gcs_faults", "test_chaos", "test_queue", "tes
                 "test_foreign_inputs", "test_sharded", "test_gpu"}
 #: tests elsewhere that start real processes (words in their names)
 SLOW_NAMES = ("interrupt", "real_terminal", "stage_scripts", "subprocess")
+#: single tests that take long and repeat what a faster test of the fast loop already checks
+SLOW_TESTS = {"test_equals_monai_sliding_window_inference[constant]",
+              "test_issue_acceptance_run_equals_reference[bump]",
+              "test_issue_acceptance_run_equals_reference[constant]",
+              "test_counts_equal_brute_force_on_a_ten_thousand_block_layout"}
 #: fixtures that start a storage server
 SERVER_FIXTURES = {"gcs_server", "gcs_bucket", "gcs_restartable", "sqs_endpoint"}
 
@@ -43,6 +48,8 @@ GPU_TEST_DEVICE = os.environ.get("CHUNKFLOW_GPU_TEST_DEVICE", "cuda")
 
 
 def pytest_configure(config) -> None:
+    if "not slow" in (config.option.markexpr or ""):
+        os.environ["CHUNKFLOW_FAST_LOOP"] = "1"  # property tests run a fifth of their examples (helpers.examples)
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.py runs "
                                        "them on a GPU machine)")
 
@@ -68,7 +75,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) \
-                or any(word in item.name for word in SLOW_NAMES):
+                or any(word in item.name for word in SLOW_NAMES) or item.name in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
     if reason:
         for item in gpu_items:

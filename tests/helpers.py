@@ -1,6 +1,7 @@
 """Shared helpers for tests: real volumes on disk, real models, a forward-call counter."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,12 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.storage import create_volume
 
 MODELS = Path(__file__).parent / "models"
+
+
+def examples(n: int) -> int:
+    """Hypothesis examples for a property test: ``n``, or a fifth of it (at least 3) in the fast loop
+    (``pytest -m "not slow"``, which sets ``CHUNKFLOW_FAST_LOOP``); the README's command runs them all."""
+    return max(3, n // 5) if os.environ.get("CHUNKFLOW_FAST_LOOP") else n
 CONV3 = str(MODELS / "conv3.py")            # valid convs: output = input - 6 per axis, 3 channels
 CONV3_SAME = str(MODELS / "conv3_same.py")  # same-size output, 3 channels
 

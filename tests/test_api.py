@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import chunkflow
 from chunkflow.backends import load_backend
 from chunkflow.bbox import Bbox
-from tests.helpers import CONV3, CONV3_SAME, make_input
+from tests.helpers import CONV3, CONV3_SAME, examples, make_input
 
 torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def _cases(draw):
             draw(st.integers(1, 2)), draw(st.booleans()), draw(st.integers(0, 2 ** 16)))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_cases())
 def test_equals_monai_sliding_window_inference(case):
     shape, patch, overlap, blend, batch_size, channels, as_tensor, seed = case

@@ -30,7 +30,7 @@ from chunkflow.planning import plan
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import Resources, inference_and_donate, reference
 from chunkflow.storage import open_volume
-from tests.helpers import CONV3, make_input
+from tests.helpers import CONV3, examples, make_input
 
 GPU = os.environ.get("CHUNKFLOW_GPU_TEST_DEVICE", "cuda")  # "cpu": a dry run of the gpu tests (conftest.py)
 
@@ -109,7 +109,7 @@ def cases(draw):
                 array_normaliser=draw(st.booleans()))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=cases(), channels=st.integers(1, 3), batch_size=st.integers(1, 5), normalise_=st.booleans())
 def test_device_path_on_cpu_equals_numpy_path_bit_for_bit(spec, channels, batch_size, normalise_, monkeypatch):
     case = _Case(**spec)
@@ -277,7 +277,7 @@ def test_run_blended_counts_patches_through_predict_only_plugins(monkeypatch):
     assert np.array_equal(_bits(out), _bits(expected))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(shape=st.tuples(*(st.integers(1, 6) for _ in range(3))), margin=st.tuples(*(st.integers(0, 9) for _ in range(3))),
        mode=st.sampled_from(["reflect", "constant"]))
 def test_pad_tensor_is_numpy_pad(shape, margin, mode):

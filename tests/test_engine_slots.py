@@ -21,6 +21,7 @@ from chunkflow.engines.base import EngineError
 from chunkflow.engines.local import Dependencies, demand_order
 from chunkflow.errors import Interrupted
 from chunkflow.storage import open_store, open_volume
+from tests.helpers import examples
 from tests.test_engines_support import assert_complete_and_exact, small_job
 
 
@@ -76,7 +77,7 @@ def test_two_slots_run_two_tasks_at_once():
     assert not slot_threads()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fails=st.lists(st.booleans(), max_size=25), slots=st.integers(1, 4))
 def test_map_yields_every_task_once_and_isolates_failures(fails, slots):
     seen = Concurrency()
@@ -108,7 +109,7 @@ def graphs(draw):
     return n, fails, {f"b{i}": sorted(set(d)) for i, d in enumerate(seconds)}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(graph=graphs(), slots=st.integers(1, 3))
 def test_stream_runs_a_second_task_only_after_its_dependencies(graph, slots):
     n, fails, dependencies = graph

@@ -18,6 +18,7 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import weight_map, weight_sum
 from chunkflow.geometry import GeometryError, Layout, axis_origins, make_key, parse_key
 from chunkflow.inference import blended_inference
+from tests.helpers import examples
 
 
 def test_axis_origins_match_monai_placement():
@@ -79,7 +80,7 @@ def _layout(shape, patch, ov, block, chunk_div, offset):
         return None
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts)
 def test_donation_plan_is_consistent(layout):
     """Every patch is owned by exactly one block; donors and receivers agree; keys are unique;
@@ -170,7 +171,7 @@ def simulate(layout: Layout, image: np.ndarray, mode: str, context: int, batch_s
     return output, reference
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(50), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts, st.sampled_from(["constant", "gaussian", "bump"]), st.integers(0, 2), st.integers(1, 5),
        st.integers(0, 2**31 - 1))
 def test_invariant_1_in_memory(layout, mode, context, batch_size, seed):

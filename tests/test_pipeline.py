@@ -21,7 +21,7 @@ from chunkflow.errors import MissingDonations
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import Resources, inference_and_donate, reference
 from chunkflow.storage import open_store, open_volume
-from tests.helpers import CONV3, CONV3_SAME, CountingBackend, make_input
+from tests.helpers import CONV3, CONV3_SAME, CountingBackend, examples, make_input
 
 
 def _run(job, backend=None):
@@ -186,7 +186,7 @@ def test_foreign_donation_refused(tmp_path):
 sizes = st.tuples(st.integers(6, 30), st.integers(6, 40), st.integers(6, 40))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(shape=sizes, patch=st.tuples(st.integers(3, 8), st.integers(3, 12), st.integers(3, 12)),
        frac=st.floats(0.0, 0.6), block=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
        mode=st.sampled_from(["constant", "gaussian", "bump"]), seed=st.integers(0, 1000))

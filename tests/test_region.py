@@ -17,7 +17,7 @@ from chunkflow.planning import plan
 from chunkflow.region import aligned_region, is_aligned, parse_region
 from chunkflow.stages import Resources, reference
 from chunkflow.storage import open_volume
-from tests.helpers import CONV3, make_input
+from tests.helpers import CONV3, examples, make_input
 
 WHOLE = Bbox((0, 0, 0), (16, 64, 64))
 
@@ -50,7 +50,7 @@ def test_aligned_region_rounds_outward_to_the_chunk_grid():
     assert aligned_region(Bbox((4, 10, 70), (19, 33, 99)), out, chunk) == Bbox((0, 0, 64), (20, 64, 100))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mz=st.integers(0, 1), my=st.integers(0, 2), mx=st.integers(0, 2), nz=st.integers(1, 2), ny=st.integers(1, 2),
        nx=st.integers(1, 2), blocks=st.sampled_from([(8, 16, 16), (16, 32, 32), (8, 32, 16)]))
 def test_context_comes_from_the_input_beyond_the_region(tmp_path_factory, mz, my, mx, nz, ny, nx, blocks):

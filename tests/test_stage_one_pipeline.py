@@ -17,7 +17,7 @@ from chunkflow.planning import plan
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import Resources, inference_and_donate, inference_and_donate_many, reference
 from chunkflow.storage import open_volume
-from tests.helpers import CONV3, make_input
+from tests.helpers import CONV3, examples, make_input
 
 
 def _job(tmp_path, name="job", model=CONV3, **kw):
@@ -157,7 +157,7 @@ def test_a_cancelled_block_raises_interrupted_before_writing(tmp_path):
     assert _data(tmp_path) == before and _done(tmp_path) == []
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(slots=st.integers(1, 3), batch=st.integers(1, 5), blend=st.sampled_from(["constant", "gaussian", "bump"]),
        overlap=st.sampled_from(["0,0,0", "2,6,6", "4,10,10"]))
 def test_invariant_1_with_slots(tmp_path_factory, slots, batch, blend, overlap):

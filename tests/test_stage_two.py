@@ -24,7 +24,7 @@ from chunkflow.stage_two import BandSums, receive_and_blend
 from chunkflow.stages import DONATIONS, Resources, cast_output, inference_and_donate, reference
 from chunkflow.storage import open_store, open_volume
 from chunkflow.storage.donation_codec import MAGIC, PAYLOAD_ALIGN, decode_donation, encode_donation
-from tests.helpers import CONV3_SAME, make_input
+from tests.helpers import CONV3_SAME, examples, make_input
 from tests.test_geometry import float32_sum_tolerance
 
 
@@ -241,7 +241,7 @@ def test_donations_written_before_the_padding_still_decode():
 
 
 # ---- property: stage one + stage two == reference, and == the previous implementation bit for bit -------------------
-@settings(max_examples=10, deadline=None,
+@settings(max_examples=examples(10), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(shape=st.tuples(st.integers(4, 20), st.integers(6, 40), st.integers(6, 40)),
        patch=st.tuples(st.integers(2, 8), st.integers(3, 16), st.integers(3, 16)),
