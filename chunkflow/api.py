@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from chunkflow.bbox import Bbox, Vec
+from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.errors import GeometryError, UsageError
 from chunkflow.in_memory import sliding_window
 from chunkflow.job import Job
@@ -197,7 +197,7 @@ def block_index(job: Job, block: Block) -> Vec:
         index = Vec(block)
         if all(0 <= i < n for i, n in zip(index, layout.grid_shape)):
             return index
-        raise GeometryError(f"block index {_zyx(index)} is outside this job's grid of {_zyx(layout.grid_shape)} "
+        raise GeometryError(f"block index {zyx_text(index)} is outside this job's grid of {zyx_text(layout.grid_shape)} "
                             "blocks (z,y,x)")
     raise GeometryError(f"block {block!r} is neither a block name x0-x1_y0-y1_z0-z1 nor a z,y,x block index")
 
@@ -236,7 +236,3 @@ def _store_url(store: object) -> str:
 def _flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise UsageError(f"{name} {value!r} must be True or False")
-
-
-def _zyx(v: Sequence[int]) -> str:
-    return ",".join(str(int(x)) for x in v)

@@ -88,6 +88,14 @@ class Vec(tuple):
         return f"Vec({self[0]}, {self[1]}, {self[2]})"
 
 
+def zyx_text(values: Iterable[float], *, floats: bool = False) -> str:
+    """A ZYX size, offset or index as messages show it, ``16,128,128``. ``floats=True`` keeps
+    fractions (``4.5,8,8``: voxel sizes in nm); otherwise each value is shown as an integer."""
+    if floats:
+        return ",".join(f"{float(v):g}" for v in values)
+    return ",".join(str(int(v)) for v in values)
+
+
 def _shown(value) -> str:
     """A parsed command-line value as the user typed it (Fire turns ``8.5,64,64`` into a tuple)."""
     if isinstance(value, (tuple, list)):

@@ -19,6 +19,7 @@ from chunkflow.cli_view import view as view_command
 from chunkflow.cli_fleet import barrier, produce, status
 from chunkflow.cli_stages import check_command_line, report_failures
 from chunkflow.backends import check_device
+from chunkflow.bbox import zyx_text
 from chunkflow.engines import check_options, make_engine, run_job
 from chunkflow.job import JobError
 from chunkflow.job_params import JobParameters, takes_job_parameters
@@ -56,8 +57,8 @@ def plan(params: JobParameters, dry_run: bool = False, quiet: bool = False) -> N
     job = plan_job(params)
     layout = job.layout
     print(f"job {job.job_hash} planned in {job.store}")
-    print(f"  {layout.num_blocks} blocks of {_zyx(job.block)} ({_zyx(layout.grid_shape)} z,y,x), "
-          f"{layout.num_patches} patches, output chunks {_zyx(job.storage_chunk)}")
+    print(f"  {layout.num_blocks} blocks of {zyx_text(job.block)} ({zyx_text(layout.grid_shape)} z,y,x), "
+          f"{layout.num_patches} patches, output chunks {zyx_text(job.storage_chunk)}")
     print(f"  stage one:  python -m inference_and_donate run {job.store} --blocks all")
     print(f"  stage two:  python -m receive_and_blend run {job.store} --blocks all")
 
@@ -151,10 +152,6 @@ def _default_store(output: str) -> str:
     if "://" in local:
         raise JobError(f"give --donations for a remote output such as {output} (a local directory or gs://bucket/prefix)")
     return local.rstrip("/") + ".donations"
-
-
-def _zyx(v) -> str:
-    return ",".join(str(int(x)) for x in v)
 
 
 COMMANDS = {"plan": plan, "run": run, "reference": reference, "demo": demo, "show": show, "inspect": inspect_command,

@@ -39,7 +39,7 @@ def user_errors(fn):
         except Exception as err:  # noqa: BLE001 - a bug: one line, not a traceback
             if os.environ.get("CHUNKFLOW_DEBUG"):
                 raise
-            print(f"chunkflow: bug: {type(err).__name__}: {one_line(err)} (unexpected: a bug in chunkflow, the "
+            print(f"chunkflow: bug: {one_line(err, typed=True)} (unexpected: a bug in chunkflow, the "
                   "model or the machine, not a mistake in the command; CHUNKFLOW_DEBUG=1 shows the traceback)",
                   file=sys.stderr)
             sys.exit(1)

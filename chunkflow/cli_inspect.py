@@ -12,13 +12,14 @@ import os
 import sys
 
 from chunkflow.geometry import parse_key
-from chunkflow.inspect import check_piece, format_block, format_table, human_bytes, inspect_store
+from chunkflow.donation_report import check_piece, format_block, format_table, inspect_store
 from chunkflow.job import MANIFEST
 from chunkflow.planning import load_job
 from chunkflow.stages import DONATIONS
 from chunkflow.storage import ObjectStore, open_store
 from chunkflow.storage.donation_codec import DonationError, read_header
 from chunkflow.errors import UsageError
+from chunkflow.units import human_bytes
 
 
 

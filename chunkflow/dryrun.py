@@ -29,7 +29,7 @@ import numpy as np
 
 from chunkflow.units import human_bytes
 from chunkflow.backends import Backend
-from chunkflow.bbox import Bbox, Vec
+from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.geometry import AxisPlan, Layout
 from chunkflow.job_params import documented_fields
 
@@ -182,7 +182,7 @@ def report_lines(summary: PlanSummary, layout: Layout, calibration: Calibration 
     """The dry run's printout."""
     s = summary
     lines = [
-        f"dry run: nothing was written. {s.blocks:,} blocks of {_zyx(layout.block)} ({_zyx(layout.grid_shape)} z,y,x) "
+        f"dry run: nothing was written. {s.blocks:,} blocks of {zyx_text(layout.block)} ({zyx_text(layout.grid_shape)} z,y,x) "
         f"over {layout.bbox.name} ({s.output_voxels:,} voxels)",
         f"  tasks: {s.stage_one_tasks:,} stage one (inference-and-donate), {s.stage_two_tasks:,} stage two "
         f"(receive-and-blend)",
@@ -192,7 +192,7 @@ def report_lines(summary: PlanSummary, layout: Layout, calibration: Calibration 
         f"{s.donations - s.donations_between_blocks:,} to a block's own band), {human_bytes(s.donated_bytes)} "
         f"uncompressed = {s.donated_bytes / s.output_bytes:.3f} x the output",
         f"  output: {human_bytes(s.output_bytes)}",
-        f"  largest stage-one task: chunk {_zyx(s.largest_chunk)}, ~{human_bytes(s.task_bytes)} of buffers "
+        f"  largest stage-one task: chunk {zyx_text(s.largest_chunk)}, ~{human_bytes(s.task_bytes)} of buffers "
         f"(input + output chunk + one batch; plus one more input chunk where the next block's input is "
         f"prefetched, and the model)",
     ]
@@ -276,10 +276,6 @@ def hypothetical(shape: str, input_patch: str, block: str, overlap: str = "0,0,0
                         in_patch, batch_size)
     calibration = calibrate(backend, in_patch, channels, batch_size, calibrate_batches) if calibrate_batches else None
     return "\n".join(report_lines(summary, layout, calibration))
-
-
-def _zyx(v) -> str:
-    return ",".join(str(int(x)) for x in v)
 
 
 if __name__ == "__main__":

@@ -122,12 +122,23 @@ class Interrupted(Exception):
                    status)
 
 
-def one_line(err: BaseException) -> str:
-    """The exception's message on one line (every line of it, joined), or its type if it has none."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+def one_line(err: BaseException, *, first_only: bool = False, typed: bool = False, limit: int = MAX_MESSAGE) -> str:
+    """The exception's message on one line, or its type's name if it has none.
+
+    Every line of the message, joined; ``first_only`` keeps only the first (for libraries that
+    append a response body or a traceback after it). ``typed`` puts the type's name in front
+    (``OSError: ...``). A message longer than ``limit`` characters is cut, ending in ``...``.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
-        text = err.args[0]
-    return text[:MAX_MESSAGE] if text else type(err).__name__
+        lines = [err.args[0]]
+    text = lines[0] if first_only and lines else " ".join(lines)
+    name = type(err).__name__
+    if typed and text:
+        text = f"{name}: {text}"
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text or name
 
 
 def is_refusal(err: BaseException) -> bool:

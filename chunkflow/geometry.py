@@ -29,7 +29,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
-from chunkflow.bbox import Bbox, Vec
+from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.errors import GeometryError
 
 KEY_SEPARATOR = "%"
@@ -183,24 +183,24 @@ class Layout:
         for label, value in (("patch", self.patch), ("block", self.block), ("storage chunk", self.storage_chunk)):
             for a in range(3):
                 if value[a] <= 0:
-                    raise GeometryError(f"{label} size {_zyx(value)} must be positive along {names[a]}")
+                    raise GeometryError(f"{label} size {zyx_text(value)} must be positive along {names[a]}")
         for a in range(3):
             if self.overlap[a] < 0:
-                raise GeometryError(f"overlap {_zyx(self.overlap)} must not be negative along {names[a]}")
+                raise GeometryError(f"overlap {zyx_text(self.overlap)} must not be negative along {names[a]}")
             if self.overlap[a] >= self.patch[a]:
                 raise GeometryError(
-                    f"overlap {_zyx(self.overlap)} must be smaller than the output patch {_zyx(self.patch)} along {names[a]}")
+                    f"overlap {zyx_text(self.overlap)} must be smaller than the output patch {zyx_text(self.patch)} along {names[a]}")
             if self.overlap[a] >= self.block[a]:
                 raise GeometryError(
-                    f"overlap {_zyx(self.overlap)} must be smaller than the block {_zyx(self.block)} along {names[a]}")
+                    f"overlap {zyx_text(self.overlap)} must be smaller than the block {zyx_text(self.block)} along {names[a]}")
             if self.patch[a] > self.bbox.shape[a]:
                 raise GeometryError(
-                    f"output patch {_zyx(self.patch)} is larger than the volume {_zyx(self.bbox.shape)} along {names[a]}")
+                    f"output patch {zyx_text(self.patch)} is larger than the volume {zyx_text(self.bbox.shape)} along {names[a]}")
             if self.block[a] % self.storage_chunk[a]:
                 raise GeometryError(
-                    f"block {_zyx(self.block)} is not a multiple of the output storage chunk "
-                    f"{_zyx(self.storage_chunk)} along {names[a]}; use e.g. "
-                    f"{_zyx(_round_up(self.block, self.storage_chunk))}")
+                    f"block {zyx_text(self.block)} is not a multiple of the output storage chunk "
+                    f"{zyx_text(self.storage_chunk)} along {names[a]}; use e.g. "
+                    f"{zyx_text(_round_up(self.block, self.storage_chunk))}")
 
     def _check_unique_keys(self) -> None:
         """Every key a block expects must be unique.
@@ -218,7 +218,7 @@ class Layout:
             keys = [d.key for d in self.donations_to(Vec(idx))]
             if len(keys) != len(set(keys)):
                 raise GeometryError(
-                    f"block {_zyx(self.block)} with patch {_zyx(self.patch)} and overlap {_zyx(self.overlap)} "
+                    f"block {zyx_text(self.block)} with patch {zyx_text(self.patch)} and overlap {zyx_text(self.overlap)} "
                     "makes two donors send the same region to one block (this can happen when blocks are smaller "
                     "than the output patch); use a block at least as large as the output patch")
 
@@ -264,7 +264,7 @@ class Layout:
         """The index of the block whose box is exactly ``box``; GeometryError otherwise."""
         idx = Vec(ax.block_index(s) for ax, s in zip(self.axes, box.start))
         if not all(0 <= i < n for i, n in zip(idx, self.grid_shape)) or self.block_box(idx) != box:
-            raise GeometryError(f"{box.name} is not a block of this job (blocks are {_zyx(self.block)} from "
+            raise GeometryError(f"{box.name} is not a block of this job (blocks are {zyx_text(self.block)} from "
                                 f"{self.bbox.name})")
         return idx
 
@@ -396,10 +396,6 @@ def _distinct_axis_pieces(ax: AxisPlan) -> bool:
         if len(pieces) != len(set(pieces)):
             return False
     return True
-
-
-def _zyx(v) -> str:
-    return ",".join(str(int(x)) for x in v)
 
 
 def _round_up(v: Vec, m: Vec) -> Vec:

@@ -20,7 +20,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 
-from chunkflow.bbox import Bbox, Vec
+from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.blend import BLEND_MODES
 from chunkflow.errors import JobError
 from chunkflow.geometry import GeometryError, Layout
@@ -142,13 +142,13 @@ def validate_parameters(input_patch: Vec, output_patch: Vec, blend: str, output_
     names = ("z", "y", "x")
     for a in range(3):
         if input_patch[a] <= 0 or output_patch[a] <= 0:
-            raise JobError(f"patch sizes must be positive: input {_zyx(input_patch)}, output {_zyx(output_patch)}")
+            raise JobError(f"patch sizes must be positive: input {zyx_text(input_patch)}, output {zyx_text(output_patch)}")
         if output_patch[a] > input_patch[a]:
-            raise JobError(f"output patch {_zyx(output_patch)} is larger than the input patch "
-                           f"{_zyx(input_patch)} along {names[a]}")
+            raise JobError(f"output patch {zyx_text(output_patch)} is larger than the input patch "
+                           f"{zyx_text(input_patch)} along {names[a]}")
         if (input_patch[a] - output_patch[a]) % 2:
-            raise JobError(f"output patch {_zyx(output_patch)} is not centred in the input patch "
-                           f"{_zyx(input_patch)} along {names[a]}: their difference must be even")
+            raise JobError(f"output patch {zyx_text(output_patch)} is not centred in the input patch "
+                           f"{zyx_text(input_patch)} along {names[a]}: their difference must be even")
     for label, value, valid in (("blend mode", blend, BLEND_MODES), ("output dtype", output_dtype, OUTPUT_DTYPES),
                                 ("pad mode", pad_mode, PAD_MODES), ("precision", precision, PRECISIONS)):
         if value not in valid:
@@ -159,12 +159,8 @@ def default_storage_chunk(block: Vec, target: Vec = Vec(16, 64, 64)) -> Vec:
     """The largest divisor of each block side that is at most ``target`` (small chunks keep
     the stage-two band thin; dividing the block keeps every block write aligned)."""
     if any(b <= 0 for b in block):
-        raise GeometryError(f"block size {_zyx(block)} must be positive along every axis")
+        raise GeometryError(f"block size {zyx_text(block)} must be positive along every axis")
 
     def best(b: int, t: int) -> int:
         return max(d for d in range(1, min(b, t) + 1) if b % d == 0)
     return Vec(best(b, t) for b, t in zip(block, target))
-
-
-def _zyx(v) -> str:
-    return ",".join(str(int(x)) for x in v)

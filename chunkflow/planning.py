@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from chunkflow.backends import check_device, load_backend, model_checksum, require_device
-from chunkflow.bbox import Vec
+from chunkflow.bbox import Vec, zyx_text
 from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobError, default_storage_chunk,
@@ -130,8 +130,8 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
         load_backend(p.model, p.weights, device=p.device, precision=p.precision)
     out_channels, produced = backend.output_shape(tuple(in_patch), source.num_channels)
     if Vec(produced) not in (out_patch, in_patch):
-        raise JobError(f"model {p.model} turns an input patch of {_zyx(in_patch)} into {_zyx(produced)}; give "
-                       f"--output-patch {_zyx(produced)} (or a patch the model supports)")
+        raise JobError(f"model {p.model} turns an input patch of {zyx_text(in_patch)} into {zyx_text(produced)}; give "
+                       f"--output-patch {zyx_text(produced)} (or a patch the model supports)")
 
     output, sharded = p.output, p.sharded
     existing = _existing_output(output)
@@ -144,9 +144,9 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
                            "or give a new output)")
         sharded = existing.sharded  # a sharded output is written whole blocks at a time, flag or not
         if tuple(existing.resolution) != tuple(source.resolution):
-            raise JobError(f"output {output} has voxels of {_zyx_f(existing.resolution)} nm (z,y,x), the input at "
-                           f"mip {p.mip} has {_zyx_f(source.resolution)} nm; give an output at the input's "
-                           "resolution")
+            raise JobError(f"output {output} has voxels of {zyx_text(existing.resolution, floats=True)} nm (z,y,x), "
+                           f"the input at mip {p.mip} has {zyx_text(source.resolution, floats=True)} nm; give an "
+                           "output at the input's resolution")
         chunk = existing.chunk_size
         check_output_region(bbox, existing.bbox, chunk, output, source.bbox)
         have = getattr(existing, "compression", None)
@@ -243,11 +243,3 @@ def _existing_output(url: str):
         return open_volume(url)
     except StorageError:
         return None
-
-
-def _zyx_f(v) -> str:
-    return ",".join(f"{float(x):g}" for x in v)
-
-
-def _zyx(v) -> str:
-    return ",".join(str(int(x)) for x in v)

@@ -11,7 +11,7 @@ then every block boundary is a chunk boundary and no two tasks ever share a chun
 """
 from __future__ import annotations
 
-from chunkflow.bbox import Bbox, Vec
+from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.errors import JobError
 
 
@@ -62,12 +62,12 @@ def check_output_region(region: Bbox, output_bbox: Bbox, chunk: Vec, output: str
                        "give a new output (it is created covering the region) or a region inside it")
     if is_aligned(region, output_bbox, chunk):
         return
-    grid = ",".join(str(int(c)) for c in chunk)
+    grid = zyx_text(chunk)
     suggestion = aligned_region(region, output_bbox, chunk)
     if input_bbox.contains(suggestion):
         hint = f"; use --bbox {suggestion.name} instead"
     else:
         hint = "; no aligned region inside the input holds it: give a new output for this region"
-    start = ",".join(str(int(v)) for v in output_bbox.start)
+    start = zyx_text(output_bbox.start)
     raise JobError(f"region {region.name} is not aligned to the storage chunks ({grid} z,y,x from {start}) of the "
                    f"existing output {output}, so its writes would share chunks with the rest of that output{hint}")

@@ -17,7 +17,7 @@ import pytest
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import LocalEngine, run_job
-from chunkflow.inspect import inspect_store
+from chunkflow.donation_report import inspect_store
 from chunkflow.planning import plan
 from chunkflow.stages import DONATIONS, Resources, reference
 from chunkflow.storage import create_volume, open_store, open_volume

@@ -21,7 +21,7 @@ import pytest
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import LocalEngine, run_job, run_stage
-from chunkflow.inspect import inspect_store
+from chunkflow.donation_report import inspect_store
 from chunkflow.job import MANIFEST, JobError
 from chunkflow.planning import plan
 from chunkflow.errors import MissingDonations

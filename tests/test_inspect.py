@@ -27,7 +27,7 @@ from PIL import Image
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import LocalEngine, run_stage
-from chunkflow.inspect import format_table, inspect_store
+from chunkflow.donation_report import format_table, inspect_store
 from chunkflow.inspect_png import TINTS, CORE, MISSING
 from chunkflow.planning import plan
 from chunkflow.stages import DONATIONS

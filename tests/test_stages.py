@@ -1,4 +1,4 @@
-"""Stage one with two blocks in flight per worker (write-behind and prefetch by slots), and the
+"""chunkflow.stages (stage one): two blocks in flight per worker (write-behind and prefetch by slots), and the
 parallel writes of one block: the same bytes as one block at a time, the done marker last,
 nothing written after a failure or an interrupt has been raised."""
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from chunkflow.bbox import Bbox, Vec
+from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.demo.synthetic import make_em_volume
 from chunkflow.engines import LocalEngine, run_job
 from chunkflow.planning import plan
@@ -63,7 +63,7 @@ def run_demo(workdir: Path, shape: str = "32,256,256", block: str = "16,128,128"
     layout = job.layout
     lines = [
         f"chunkflow demo in {workdir}",
-        f"volume {_zyx(size)} (z,y,x) uint8, synthetic EM at {RESOLUTION[0]:g}x{RESOLUTION[1]:g}x{RESOLUTION[2]:g} nm,"
+        f"volume {zyx_text(size)} (z,y,x) uint8, synthetic EM at {RESOLUTION[0]:g}x{RESOLUTION[1]:g}x{RESOLUTION[2]:g} nm,"
         f" made in {made:.1f} s",
         f"model builtin:membrane, patch {INPUT_PATCH}, overlap {OVERLAP}, blend {blend}, blocks {block}",
         *summary.lines(),
@@ -159,7 +159,3 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # Pillow < 10.1, or built without FreeType
         return ImageFont.load_default()
-
-
-def _zyx(v) -> str:
-    return ",".join(str(int(x)) for x in v)

@@ -70,7 +70,7 @@ def last_attempt(store: ObjectStore, stage: int, block: str) -> tuple[int, dict 
 
 def failed_record(err: BaseException, attempt: int, max_attempts: int | None) -> dict:
     """What a failed marker records about ``err``; ``gave_up`` once ``attempt`` reaches ``max_attempts``."""
-    record = {"attempt": attempt, "error": one_line(err)[:2000], "kind": type(err).__name__,
+    record = {"attempt": attempt, "error": one_line(err, limit=2000), "kind": type(err).__name__,
               "refusal": is_refusal(err), "finished": time.time()}
     if max_attempts is not None:
         record.update(max_attempts=max_attempts, gave_up=attempt >= max_attempts)

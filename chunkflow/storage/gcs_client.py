@@ -19,8 +19,7 @@ import logging
 import os
 from typing import Any
 
-from chunkflow.errors import StorageError
-from chunkflow.storage.gcs_errors import first_line
+from chunkflow.errors import StorageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +87,12 @@ def make_client(url: str, credentials: str | None, project: str | None, pool_siz
             client = storage.Client(project=project)
     except (OSError, ValueError, GoogleAuthError) as exc:
         if credentials:
-            raise StorageError(f"cannot load Google credentials {credentials!r}: {first_line(exc)}") from exc
+            raise StorageError(f"cannot load Google credentials {credentials!r}: "
+                               f"{one_line(exc, first_only=True)}") from exc
         if not isinstance(exc, DefaultCredentialsError):
-            raise StorageError(f"cannot create a GCS client for {url}: {first_line(exc)}") from exc
+            raise StorageError(f"cannot create a GCS client for {url}: {one_line(exc, first_only=True)}") from exc
         if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
-            raise StorageError(f"GOOGLE_APPLICATION_CREDENTIALS for {url}: {first_line(exc)}") from exc
+            raise StorageError(f"GOOGLE_APPLICATION_CREDENTIALS for {url}: {one_line(exc, first_only=True)}") from exc
         raise StorageError(
             f"no Google credentials for {url}: set GOOGLE_APPLICATION_CREDENTIALS=KEY.json (every "
             "command and worker), run `gcloud auth application-default login`, or give inspect --credentials KEY.json"

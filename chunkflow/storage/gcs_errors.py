@@ -16,15 +16,9 @@ from __future__ import annotations
 import re
 from urllib.parse import urlparse
 
-from chunkflow.errors import StorageError
+from chunkflow.errors import StorageError, one_line
 
-__all__ = ["api_message", "attempted", "first_line", "gcs_error"]
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's text (its type name when it has none)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+__all__ = ["api_message", "attempted", "gcs_error"]
 
 
 def api_message(exc: BaseException) -> str:
@@ -34,7 +28,7 @@ def api_message(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     if found and code:
         return f"{int(code)} {found.group(1)}"
-    return re.sub(r"^(\d{3}) [A-Z]+ \S+: ", r"\1 ", first_line(exc))
+    return re.sub(r"^(\d{3}) [A-Z]+ \S+: ", r"\1 ", one_line(exc, first_only=True))
 
 
 def endpoint_host(endpoint: str) -> str:
@@ -64,17 +58,17 @@ def gcs_error(exc: BaseException, what: str, bucket: str, endpoint: str) -> Stor
     if isinstance(cause, (gexc.Forbidden, gexc.Unauthorized)):
         return StorageError(f"permission denied: {what}: {api_message(cause)}")
     if isinstance(cause, RefreshError):
-        return StorageError(f"credentials refused by the token endpoint ({what}): {first_line(cause)}")
+        return StorageError(f"credentials refused by the token endpoint ({what}): {one_line(cause, first_only=True)}")
     if isinstance(cause, TransportError) and not isinstance(cause, requests.exceptions.RequestException):
         # google.auth's own transport: the access-token request, not the GCS endpoint
-        return StorageError(f"cannot get an access token ({what}): {first_line(cause)}")
+        return StorageError(f"cannot get an access token ({what}): {one_line(cause, first_only=True)}")
     if isinstance(cause, requests.exceptions.Timeout):  # a ConnectionError subclass too
         return StorageError(f"timed out: {what} at {host}")
     if isinstance(cause, (requests.exceptions.ConnectionError, ConnectionError, TransportError)):
         reason = "connection refused" if "refused" in str(cause).lower() else "cannot connect"
         return StorageError(f"{reason}: GCS endpoint {host} ({what})")
     if isinstance(exc, gexc.RetryError) and "timeout" in str(exc).lower():
-        return StorageError(f"timed out retrying: {what} at {host}: {first_line(cause)}")
+        return StorageError(f"timed out retrying: {what} at {host}: {one_line(cause, first_only=True)}")
     if isinstance(exc, gexc.RetryError):
-        return StorageError(f"gave up retrying: {what}: {first_line(cause)}")
+        return StorageError(f"gave up retrying: {what}: {one_line(cause, first_only=True)}")
     return StorageError(f"failed: {what}: {type(cause).__name__}: {api_message(cause)}")

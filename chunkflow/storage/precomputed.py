@@ -28,18 +28,13 @@ from typing import Sequence
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.errors import MissingInput, StorageError
+from chunkflow.errors import MissingInput, StorageError, one_line
 from chunkflow.storage.sharding import precomputed_shard_size, precomputed_sharding_spec, write_precomputed_shards
 from chunkflow.storage.volumes import Volume
 
 log = logging.getLogger(__name__)
 
 _CV_OPTIONS = dict(non_aligned_writes=False, progress=False, parallel=1)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 # -- output compression (docs/formats_precomputed.md) -----------------------------------------
@@ -218,7 +213,7 @@ class PrecomputedVolume(Volume):
         except InfoUnavailableError:
             return None
         except Exception as exc:  # noqa: BLE001 - cloud-files raises many kinds; report one line
-            raise StorageError(f"cannot open volume {url}: {_one_line(exc)}") from exc
+            raise StorageError(f"cannot open volume {url}: {one_line(exc, first_only=True, typed=True)}") from exc
         scales = cv.info["scales"]
         if mip >= len(scales):
             levels = ", ".join(f"{i} ({'x'.join(f'{r:g}' for r in s['resolution'][::-1])} nm)"
@@ -279,7 +274,7 @@ class PrecomputedVolume(Volume):
             cv = cls._cloudvolume(location, info=info, fill_missing=True)
             cv.commit_info()
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot create volume {url}: {_one_line(exc)}") from exc
+            raise StorageError(f"cannot create volume {url}: {one_line(exc, first_only=True, typed=True)}") from exc
         return cls(url, cv)
 
     @property
@@ -300,7 +295,8 @@ class PrecomputedVolume(Volume):
             listing = CloudFiles(self._cv.cloudpath).list(prefix=self._cv.meta.key(self.mip) + "/")
             return next(iter(itertools.islice(listing, 1)), None) is not None
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot list the chunks of {self.url}: {_one_line(exc)}") from exc
+            raise StorageError(f"cannot list the chunks of {self.url}: "
+                               f"{one_line(exc, first_only=True, typed=True)}") from exc
 
     def _read(self, bbox: Bbox) -> np.ndarray:
         from cloudvolume.exceptions import EmptyVolumeException
@@ -315,7 +311,8 @@ class PrecomputedVolume(Volume):
                     "meant to be zeros") from None
             cutout = self._read_filling(bbox)
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"read of box {bbox.name} from {self.url} failed: {_one_line(exc)}") from exc
+            raise StorageError(f"read of box {bbox.name} from {self.url} failed: "
+                               f"{one_line(exc, first_only=True, typed=True)}") from exc
         # X,Y,Z,C -> C,Z,Y,X; make it C-contiguous so callers get ordinary arrays.
         return np.ascontiguousarray(np.asarray(cutout).transpose(3, 2, 1, 0))
 
@@ -340,5 +337,6 @@ class PrecomputedVolume(Volume):
                 return
             self._cv[self._slices_xyz(bbox)] = xyzc
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"write of box {bbox.name} to {self.url} failed: {_one_line(exc)}") from exc
+            raise StorageError(f"write of box {bbox.name} to {self.url} failed: "
+                               f"{one_line(exc, first_only=True, typed=True)}") from exc
         log.debug("wrote %s to %s", bbox.name, self.url)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from chunkflow.bbox import Bbox, Vec
+from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.errors import JobError, StorageError
 
 if TYPE_CHECKING:
@@ -44,10 +44,6 @@ def _axis_bits(grid_xyz: tuple[int, int, int]) -> list[int]:
 
 def _grid_xyz(shape: Vec, chunk: Vec) -> tuple[int, int, int]:
     return tuple(-(-int(s) // int(c)) for s, c in zip(shape.xyz(), chunk.xyz()))  # type: ignore[return-value]
-
-
-def _zyx(v) -> str:
-    return ",".join(str(int(x)) for x in v)
 
 
 def precomputed_shard_size(spec: dict, shape: Vec, chunk: Vec) -> Vec | None:
@@ -86,7 +82,7 @@ def precomputed_sharding_spec(shard: Vec, chunk: Vec, shape: Vec, data_encoding:
     grid = _grid_xyz(shape, chunk)
     k = sum(int(s // c).bit_length() - 1 for s, c in zip(shard, chunk))
     if precomputed_shard_size({"hash": "identity", "preshift_bits": k, "shard_bits": 64}, shape, chunk) != shard:
-        raise StorageError(f"shard {_zyx(shard)} is not a box of compressed Morton codes of chunks {_zyx(chunk)}")
+        raise StorageError(f"shard {zyx_text(shard)} is not a box of compressed Morton codes of chunks {zyx_text(chunk)}")
     minishard = min(MAX_MINISHARD_BITS, (k + 1) // 2)
     return {"@type": SHARDED_FORMAT, "hash": "identity", "preshift_bits": k - minishard, "minishard_bits": minishard,
             "shard_bits": max(0, sum(_axis_bits(grid)) - k), "minishard_index_encoding": "gzip",
@@ -102,9 +98,9 @@ def choose_precomputed_shard(block: Vec, chunk: Vec, region: Bbox, patch: Vec) -
     spans = [block[a] >= shape[a] for a in range(3)]
     if not all(spans[a] or _power_of_two(block[a] // chunk[a]) for a in range(3)):
         better = Vec(block[a] if spans[a] else _nearest_power_of_two(block[a], chunk[a], patch[a]) for a in range(3))
-        raise JobError(f"--sharded: block {_zyx(block)} is not a power-of-two number of output chunks "
-                       f"{_zyx(chunk)} along every axis (precomputed shards are power-of-two boxes of chunks that "
-                       f"must tile the block); use e.g. --block {_zyx(better)}")
+        raise JobError(f"--sharded: block {zyx_text(block)} is not a power-of-two number of output chunks "
+                       f"{zyx_text(chunk)} along every axis (precomputed shards are power-of-two boxes of chunks that "
+                       f"must tile the block); use e.g. --block {zyx_text(better)}")
     limit = _axis_bits(_grid_xyz(shape, chunk))
     bits, level = [0, 0, 0], 0
 
@@ -154,19 +150,19 @@ def check_shards_tile(region: Bbox, volume: "Volume", block: Vec, output: str) -
 
     shard = volume.shard_size
     if shard is None:
-        fits = f"use --block {_zyx(volume.bbox.shape)} (one block for the whole output)" \
+        fits = f"use --block {zyx_text(volume.bbox.shape)} (one block for the whole output)" \
             if region == volume.bbox else "give a new output (plan creates one with --sharded)"
         raise JobError(f"output {output} is sharded so that one shard file holds chunks that are not one box (hash "
                        f"or shard bits), so no block can own a shard; {fits}")
     if not is_aligned(region, volume.bbox, shard):
-        raise JobError(f"region {region.name} is not aligned to the shards ({_zyx(shard)} z,y,x from "
-                       f"{_zyx(volume.bbox.start)}) of the sharded output {output}; use --bbox "
+        raise JobError(f"region {region.name} is not aligned to the shards ({zyx_text(shard)} z,y,x from "
+                       f"{zyx_text(volume.bbox.start)}) of the sharded output {output}; use --bbox "
                        f"{aligned_region(region, volume.bbox, shard).name}")
     bad = [a for a in range(3) if block[a] % shard[a] and block[a] < region.shape[a]]
     if bad:
         better = Vec(max(shard[a], round(block[a] / shard[a]) * shard[a]) if a in bad else block[a] for a in range(3))
-        raise JobError(f"output {output} is sharded in shards of {_zyx(shard)} (z,y,x), which blocks of "
-                       f"{_zyx(block)} do not tile (each shard needs one writer); use e.g. --block {_zyx(better)}")
+        raise JobError(f"output {output} is sharded in shards of {zyx_text(shard)} (z,y,x), which blocks of "
+                       f"{zyx_text(block)} do not tile (each shard needs one writer); use e.g. --block {zyx_text(better)}")
 
 
 def shard_boxes(box: Bbox, volume: Bbox, shard: Vec) -> Iterator[Bbox]:

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.errors import StorageError
+from chunkflow.errors import StorageError, one_line
 from chunkflow.storage import ome_zarr as ome
 from chunkflow.storage.volumes import Volume
 
@@ -48,11 +48,6 @@ _DEFAULT_RESOLUTION = (1.0, 1.0, 1.0)
 ZARR_COMPRESSIONS = ("default", "none", "zstd", "blosc", "gzip")
 #: how far up from a level path to look for its image group (``image.zarr/scale0/image``)
 _PARENT_DEPTH = 3
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def zarr_compressions(dtype: Any = None, num_channels: int | None = None) -> tuple[str, ...]:
@@ -122,7 +117,8 @@ def _group_attrs(location: str) -> tuple[dict, int] | None:
     except (NodeNotFoundError, FileNotFoundError, ContainsArrayError):
         return None
     except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"cannot read the group metadata at {location}: {_one_line(exc)}") from exc
+        raise StorageError(f"cannot read the group metadata at {location}: "
+                           f"{one_line(exc, first_only=True, typed=True)}") from exc
     return dict(group.attrs), group.metadata.zarr_format
 
 
@@ -185,7 +181,7 @@ class ZarrVolume(Volume):
         except (NodeNotFoundError, FileNotFoundError):
             return None
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot open volume {url}: {_one_line(exc)}") from exc
+            raise StorageError(f"cannot open volume {url}: {one_line(exc, first_only=True, typed=True)}") from exc
         if isinstance(node, zarr.Group):
             return cls._open_image(url, node, mip)
         for parent, below in _parents(location):
@@ -279,7 +275,7 @@ class ZarrVolume(Volume):
             log.info("volume %s was created concurrently", url)
             return existing
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot create volume {url}: {_one_line(exc)}") from exc
+            raise StorageError(f"cannot create volume {url}: {one_line(exc, first_only=True, typed=True)}") from exc
         log.debug("created OME-Zarr %s (compression %s)", url, compression)
         return cls(url, array, ome.LevelGeometry(bbox.start, tuple(resolution),  # type: ignore[arg-type]
                                                  ome.Layout(("c", "z", "y", "x"), channel=0)))
@@ -291,7 +287,8 @@ class ZarrVolume(Volume):
         try:
             data = np.asarray(self._array[self._selection(bbox)])
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"read of box {bbox.name} from {self.url} failed: {_one_line(exc)}") from exc
+            raise StorageError(f"read of box {bbox.name} from {self.url} failed: "
+                               f"{one_line(exc, first_only=True, typed=True)}") from exc
         return data if self._has_channel else data[None]
 
     def _write(self, bbox: Bbox, data: np.ndarray) -> None:
@@ -299,5 +296,6 @@ class ZarrVolume(Volume):
         try:
             self._array[self._selection(bbox)] = value
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"write of box {bbox.name} to {self.url} failed: {_one_line(exc)}") from exc
+            raise StorageError(f"write of box {bbox.name} to {self.url} failed: "
+                               f"{one_line(exc, first_only=True, typed=True)}") from exc
         log.debug("wrote %s to %s", bbox.name, self.url)

@@ -1,4 +1,4 @@
-"""What a donation store holds, block by block: ``chunkflow inspect``.
+"""What a donation store holds, block by block: the report behind ``chunkflow inspect``.
 
 The report comes from two listings by prefix (``donations/`` and ``done/``) and the
 manifest, whatever the number of objects: no request per block, no object body. The
