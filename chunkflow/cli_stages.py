@@ -109,9 +109,10 @@ def _run_blocks(stage: int, job: str, blocks: str, device: str | None = None, ba
     planned = load_job(job).with_runtime(device=device, batch_size=batch_size)
     selected = select_blocks(planned, blocks)
     if stage == 1:
-        from chunkflow.backends import require_device
+        from chunkflow.backends import require_device, verify_model
 
         require_device(planned.device)  # before any block's markers are written
+        verify_model(planned.model, planned.weights, planned.model_checksum)  # and the model is the planned one
     summary = run_stage(planned, stage, LocalEngine(), selected, force=force,
                         progress=not quiet, cleanup=cleanup, check=False)
     print(f"stage {'one' if stage == 1 else 'two'}: {summary.tasks} blocks run, {summary.skipped} already done, "
@@ -144,12 +145,18 @@ def worker_command(stage: int):
         worker waits for it while others hold leases. A task that fails is handed back for another
         attempt and the worker goes on; after --max-attempts it is given up (deleted from the
         queue, its failed marker kept), and this worker exits 2 at the end (1 if the last error of
-        a task given up was a bug), one line per task given up. Exits 2 at once on a task of
-        another job.
+        a task given up was a bug), one line per task given up.
+
+        A worker serves one job: --job's, or else the job of the first task of its stage that it
+        leases (it binds itself to that job). A task of another job is handed back to the queue at
+        once, with one warning line per job; without --wait, a worker that then finds only other
+        jobs' tasks stops once its own job's stage is complete. Exits 2 at once on a task whose
+        job's manifest changed after the tasks were produced.
 
         Args:
             queue: fq:///shared/dir or sqs://NAME (region AWS_DEFAULT_REGION, endpoint AWS_ENDPOINT_URL_SQS).
-            job: serve only this job (its store); tasks of any other job are refused.
+            job: serve only this job (its store); default: the job of the first task leased.
+                Tasks of any other job are handed back (docs/security.md).
             lease: seconds a task stays invisible to others; renewed every lease/3 s while it runs,
                 so it only bounds how soon a dead worker's task comes back.
             wait: keep polling when the queue is empty (a long-lived fleet worker).

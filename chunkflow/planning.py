@@ -10,7 +10,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from chunkflow.backends import check_device, load_backend, model_checksum, require_device
+from chunkflow.backends import check_device, load_backend, model_checksum, require_device, verify_model
 from chunkflow.bbox import Vec, zyx_text
 from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
@@ -58,6 +58,9 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
     job, existing_output, source = make_job(replace(params, donations=store.url), device_here)
     previous = _existing_job(store)
     if previous is not None and previous.job_hash != job.job_hash:
+        if (previous.model, previous.weights) == (job.model, job.weights) \
+                and previous.model_checksum != job.model_checksum:
+            verify_model(previous.model, previous.weights, previous.model_checksum)  # one line naming the file
         raise JobError(f"{store.url} already holds job {previous.job_hash} with other parameters; give a new "
                        f"--donations location (or delete that one)")
     output = params.output

@@ -174,11 +174,17 @@ class Resources:
 
     @property
     def backend(self) -> Backend:
+        """The job's model, loaded on first use pinned to the manifest's ``model_checksum`` (a file
+        changed since planning is refused, :mod:`chunkflow.backends.pin`). A backend given to the
+        constructor is used as is; a callable given there (a worker's shared model cache) is asked
+        for the model each time."""
         with self._loading:  # two blocks in flight must not load the model twice
             if self._backend is None:
                 require_device(self.job.device)
-                self._backend = load_backend(self.job.model, self.job.weights, self.job.device, self.job.precision)
-            return self._backend
+                self._backend = load_backend(self.job.model, self.job.weights, self.job.device, self.job.precision,
+                                             checksum=self.job.model_checksum)
+            backend = self._backend
+        return backend if isinstance(backend, Backend) or not callable(backend) else backend()
 
     @property
     def pool(self) -> ThreadPoolExecutor:

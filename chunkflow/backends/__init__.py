@@ -23,6 +23,8 @@ entry point contract is exercised by every run. A factory is any callable
 imported lazily, so ``identity`` and ``onnx`` work where torch is not installed.
 
 Every unusable argument raises :class:`ModelError` with one line naming the value and what is valid.
+With ``checksum`` (what every worker passes: the job's ``model_checksum``) the files are verified first
+and the built-in backends load the verified bytes (:mod:`.pin`).
 """
 from __future__ import annotations
 
@@ -41,11 +43,13 @@ from chunkflow.backends.base import (
     model_checksum,
     require_device,
 )
+from chunkflow.backends.pin import ModelChanged, pinned, read_verified, verify_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Backend",
+    "ModelChanged",
     "ModelError",
     "PRECISIONS",
     "BUILTIN_BACKENDS",
@@ -54,6 +58,7 @@ __all__ = [
     "model_checksum",
     "require_device",
     "resolve_backend_name",
+    "verify_model",
 ]
 
 ENTRY_POINT_GROUP = "chunkflow.backends"
@@ -124,12 +129,17 @@ def _find_factory(name: str, model: str) -> Factory:
 
 
 def load_backend(
-    model: str, weights: str | None = None, device: str = "cpu", precision: str = "float32"
+    model: str, weights: str | None = None, device: str = "cpu", precision: str = "float32",
+    checksum: str | None = None,
 ) -> Backend:
     """Load ``model`` on ``device`` at ``precision`` and return a ready :class:`Backend`.
 
     ``device`` is ``cpu``, ``cuda`` or ``cuda:N``; ``precision`` is ``float32``, ``float16``
-    (CUDA only) or ``bfloat16``. Raises :class:`ModelError` (one line) for anything unusable.
+    (CUDA only) or ``bfloat16``. ``checksum`` (a job's ``model_checksum``; every worker passes it):
+    the model and weights files are read once and checked against it before anything is loaded or
+    imported, and loaded from those bytes (:mod:`chunkflow.backends.pin`); a changed file raises
+    :class:`~chunkflow.backends.pin.ModelChanged`. Raises :class:`ModelError` (one line) for
+    anything unusable.
     """
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"model must be a non-empty string, got {model!r}")
@@ -139,7 +149,11 @@ def load_backend(
     name = resolve_backend_name(model)
     factory = _find_factory(name, model)
     weights = str(weights) if weights else None
-    backend = factory(model, weights, device, precision)
+    if checksum is None:
+        backend = factory(model, weights, device, precision)
+    else:
+        with pinned(read_verified(model, weights, checksum)):
+            backend = factory(model, weights, device, precision)
     if not isinstance(backend, Backend):
         raise ModelError(f"backend {name!r} returned {type(backend).__name__}, not a chunkflow Backend")
     logger.debug("loaded model %s with the %s backend on %s (%s)", model, backend.name, device, precision)

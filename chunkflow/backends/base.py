@@ -33,12 +33,14 @@ __all__ = [
     "check_precision",
     "check_file",
     "cuda_unavailable",
+    "checksum_of",
     "model_checksum",
+    "model_files",
 ]
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(:(\d+))?$")
-_BACKEND_PREFIXES = ("pytorch", "torchscript", "onnx")  # "onnx:/path/net.onnx" names the backend explicitly
+_BACKENDS_WITH_FILES = ("pytorch", "torchscript", "onnx")  # "onnx:/path/net.onnx" names the backend explicitly
 CUDA_UNAVAILABLE = "CUDA is not available on this machine; use --device cpu"
 
 
@@ -161,12 +163,50 @@ class Backend(ABC):
         return f"<{type(self).__name__} {self.name} on {self.device} ({self.precision})>"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def model_files(model: str, weights: str | None = None) -> list[Path]:
+    """The files whose bytes :func:`model_checksum` hashes for ``model`` and ``weights``, in order
+    (none for ``identity`` or a plugin name that is not a file). Raises ModelError for a missing one."""
+    files: list[Path] = []
+    for kind, item in _checksum_items(model, weights):
+        if kind == "file":
+            files.append(item)  # type: ignore[arg-type]
+    return files
+
+
+def _checksum_items(model: str, weights: str | None) -> list[tuple[str, "str | Path"]]:
+    """What the checksum of a model string covers: ``("text", s)`` or ``("file", path)`` items."""
+    if model == "identity" or model.startswith("identity:"):
+        return [("text", model)]
+    if model.startswith(BUILTIN_PREFIX):
+        source, shipped = builtin_paths(model)
+        return [("text", model), ("file", source),
+                ("file", check_file(weights, "weights file") if weights else shipped)]
+    prefix, sep, rest = model.partition(":")
+    if sep and rest and not Path(model).expanduser().is_file() and (
+            prefix in _BACKENDS_WITH_FILES or Path(rest).expanduser().is_file()):
+        model = rest  # "onnx:/x/net.onnx", a plugin's "tensorrt:/x/engine.plan": hash the file itself
+    path = Path(model).expanduser()
+    items: list[tuple[str, str | Path]]
+    if path.is_file():
+        items = [("file", path)]
+    elif Path(model).suffix.lower() in (".py", ".pt", ".ts", ".jit", ".pth", ".onnx"):
+        check_file(model)  # raises: a missing model file
+        items = []
+    else:
+        items = [("text", model)]
+    if weights:
+        items.append(("file", check_file(weights, "weights file")))
+    return items
+
+
+def checksum_of(model: str, weights: str | None, read: Callable[[Path], bytes]) -> str:
+    """:func:`model_checksum` with every file's bytes obtained through ``read`` (so a caller can
+    keep the very bytes it hashed, see :mod:`chunkflow.backends.pin`)."""
+    parts = [hashlib.sha256(item.encode() if kind == "text" else read(item)).hexdigest()  # type: ignore[union-attr,arg-type]
+             for kind, item in _checksum_items(model, weights)]
+    if len(parts) == 1:
+        return parts[0]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def model_checksum(model: str, weights: str | None = None) -> str:
@@ -179,27 +219,4 @@ def model_checksum(model: str, weights: str | None = None) -> str:
       so retraining the demo net changes the checksum (and so the job hash), as it should.
     - A plugin name that is not a file: sha256 of the string (plus the weights file if given).
     """
-    if model == "identity" or model.startswith("identity:"):
-        parts = [hashlib.sha256(model.encode()).hexdigest()]
-    elif model.startswith(BUILTIN_PREFIX):
-        source, shipped = builtin_paths(model)
-        parts = [hashlib.sha256(model.encode()).hexdigest(), _sha256_file(source)]
-        parts.append(_sha256_file(check_file(weights, "weights file")) if weights else _sha256_file(shipped))
-    else:
-        prefix, sep, rest = model.partition(":")
-        if sep and rest and not Path(model).expanduser().is_file() and (
-                prefix in _BACKEND_PREFIXES or Path(rest).expanduser().is_file()):
-            model = rest  # "onnx:/x/net.onnx", a plugin's "tensorrt:/x/engine.plan": hash the file itself
-        path = Path(model).expanduser()
-        if path.is_file():
-            parts = [_sha256_file(path)]
-        elif Path(model).suffix.lower() in (".py", ".pt", ".ts", ".jit", ".pth", ".onnx"):
-            check_file(model)  # raises: a missing model file
-            parts = []
-        else:
-            parts = [hashlib.sha256(model.encode()).hexdigest()]
-        if weights:
-            parts.append(_sha256_file(check_file(weights, "weights file")))
-    if len(parts) == 1:
-        return parts[0]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return checksum_of(model, weights, lambda path: path.read_bytes())

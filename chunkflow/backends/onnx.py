@@ -25,10 +25,10 @@ from chunkflow.backends.base import (
     ModelError,
     check_batch,
     check_device,
-    check_file,
     check_precision,
     cuda_unavailable,
 )
+from chunkflow.backends.pin import model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class OnnxBackend(Backend):
                 f"precision {precision!r} is not supported by the onnx backend (the graph runs as "
                 "exported); valid: float32"
             )
-        p = check_file(path)
+        data = model_bytes(path)
         providers: list[str | tuple[str, dict[str, int]]]
         if self.device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -67,7 +67,7 @@ class OnnxBackend(Backend):
         else:
             providers = ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(p), providers=providers)
+            self.session = ort.InferenceSession(data, providers=providers)
         except Exception as exc:
             first = " ".join(str(exc).split())[:300]
             raise ModelError(f"{str(path)!r} is not a loadable ONNX model: {first}") from exc

@@ -14,6 +14,9 @@ Model files this module loads (``load_backend`` routes them here by suffix):
   If the file is a plain state dict instead, the error says so and what to pass instead.
 - **``builtin:membrane``**: the demo U-Net of :mod:`chunkflow.demo.unet` with its shipped weights.
 
+Every file is read whole through :func:`~chunkflow.backends.pin.model_bytes` and loaded from memory: in a
+worker those are the bytes it verified against the job's ``model_checksum``.
+
 Why these choices: inference runs under ``torch.inference_mode()`` with the model in ``eval()``;
 on CUDA the batch goes through pinned host memory with ``non_blocking`` copies so transfers overlap
 with the GPU; reduced precision uses ``torch.autocast`` (float16/bfloat16 on CUDA, bfloat16 on CPU)
@@ -24,9 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
+import io
+import linecache
 import logging
 import sys
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -39,10 +44,10 @@ from chunkflow.backends.base import (
     ModelError,
     check_batch,
     check_device,
-    check_file,
     check_precision,
     cuda_unavailable,
 )
+from chunkflow.backends.pin import model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -198,15 +203,23 @@ def _pinned(slot: dict[str, Any], name: str, shape: tuple[int, ...]) -> torch.Te
 
 
 def _import_python_file(path: Path) -> Any:
-    """Execute a model .py file as an anonymous module (registered only while it runs)."""
+    """Execute a model .py file as an anonymous module (registered only while it runs), from its
+    bytes as :func:`~chunkflow.backends.pin.model_bytes` gives them (the verified ones in a worker)."""
     name = "chunkflow_model_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ModelError(f"model file {str(path)!r} cannot be imported as Python")
-    module = importlib.util.module_from_spec(spec)
+    source = model_bytes(path)
+    filename = str(path.resolve())
+    try:
+        code = compile(source, filename, "exec")
+    except (SyntaxError, ValueError) as exc:
+        raise ModelError(f"model file {str(path)!r} failed to import: {_one_line(exc)}") from exc
+    text = source.decode("utf-8", errors="replace")
+    # tracebacks and torch.jit.script read the source through linecache: the bytes run, not the disk's
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    module = types.ModuleType(name)
+    module.__file__ = filename
     sys.modules[name] = module  # dataclasses and typing need the module registered while it runs
     try:
-        spec.loader.exec_module(module)
+        exec(code, module.__dict__)  # noqa: S102 - a model file is code by design (docs/security.md)
     except Exception as exc:
         raise ModelError(f"model file {str(path)!r} failed to import: {_one_line(exc)}") from exc
     finally:
@@ -216,8 +229,7 @@ def _import_python_file(path: Path) -> Any:
 
 def load_python_model(path: str | Path) -> torch.nn.Module:
     """Build the network defined by ``build_model()`` in a Python file (see module docstring)."""
-    p = check_file(path)
-    module = _import_python_file(p)
+    module = _import_python_file(Path(path).expanduser())
     build = getattr(module, "build_model", None)
     if not callable(build):
         raise ModelError(f"model file {str(path)!r} defines no build_model() function")
@@ -231,9 +243,9 @@ def load_python_model(path: str | Path) -> torch.nn.Module:
 
 
 def _read_state_dict(weights: str | Path) -> Mapping[str, Any]:
-    p = check_file(weights, "weights file")
+    data = model_bytes(weights, "weights file")
     try:
-        state = torch.load(p, weights_only=True, map_location="cpu")
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:
         raise ModelError(f"weights file {str(weights)!r} is not a readable state dict: {_one_line(exc)}") from exc
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
@@ -289,12 +301,12 @@ def make_torchscript_backend(
     """Factory for a TorchScript file (``torchscript:`` prefix optional); optional extra state dict."""
     resolve_device(device, precision)
     path = _strip_prefix(model, "torchscript")
-    p = check_file(path)
+    data = model_bytes(path)
     try:
-        net = torch.jit.load(str(p), map_location="cpu")
+        net = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:
         try:
-            state = torch.load(p, weights_only=True, map_location="cpu")
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception:
             state = None
         if isinstance(state, Mapping):

@@ -34,6 +34,7 @@ import io
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE = 120
 PROTOCOLS = ("fq://", "sqs://")
+#: seconds a task of another job that a worker handed back stays invisible (so its next lease finds another)
+HAND_BACK_SECONDS = 2
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,102 @@ def resolve_job(spec: TaskSpec, expected: Job | None, jobs: dict[str, Job]) -> J
         raise QueueError(f"the task was produced for job {spec.job} but {spec.store} now holds job "
                          f"{job.job_hash}: the manifest changed after the tasks were produced")
     return job
+
+
+class JobBinding:
+    """The one job a queue worker serves: the job given with ``--job``, or else the job of the first
+    task of its own stage that it leases (a worker never mixes jobs; docs/security.md says why).
+
+    Shared by a worker's task slots; :meth:`claim` binds and checks under one lock, so two slots
+    leasing tasks of two jobs at once end up serving the same one.
+    """
+
+    def __init__(self, job: Job | None = None):
+        self.job = job
+        self._lock = threading.Lock()
+        self._told: set[str] = set()
+        self._foreign_since: float | None = None  # since when this worker has leased only other jobs' tasks
+        self._checked = 0.0  # when :meth:`finished` last listed the job's markers
+
+    def claim(self, spec: TaskSpec, jobs: dict[str, Job], bind: bool) -> Job | None:
+        """The job of ``spec`` if this worker serves it (binding to it first when unbound and ``bind``),
+        None for a task of another job. QueueError or JobError for a task whose job's manifest changed."""
+        with self._lock:
+            if self.job is None:
+                job = resolve_job(spec, None, jobs)
+                if bind:
+                    self.job = job
+                    log.info("this worker serves job %s (%s), the job of its first task; it hands back tasks of "
+                             "other jobs", job.job_hash, job.store)
+                return job
+            if spec.job != self.job.job_hash:
+                if self._foreign_since is None:
+                    self._foreign_since = time.monotonic()
+                return None
+            self._foreign_since = None
+            return resolve_job(spec, self.job, jobs)
+
+    def hand_back(self, queue, task, spec: TaskSpec) -> None:
+        """Give a task of another job back to the queue (invisible for :data:`HAND_BACK_SECONDS`, so
+        this worker's next lease finds another task); one warning line per other job."""
+        quietly(queue.renew, task, HAND_BACK_SECONDS)
+        with self._lock:
+            first = spec.job not in self._told
+            self._told.add(spec.job)
+        if first and self.job is not None:
+            log.warning("handing back tasks of job %s (%s): this worker serves job %s (%s) only; give that job "
+                        "workers of its own (worker QUEUE --job STORE)", spec.job, spec.store, self.job.job_hash,
+                        self.job.store)
+
+    def nothing_left(self, stage: int, lease: float, poll: float) -> bool:
+        """Whether a worker without ``--wait``, handing back other jobs' tasks, should stop: its job's
+        ``stage`` is complete (every block done or given up; listed at most once per ``poll``), or it
+        has leased only other jobs' tasks for ``lease`` seconds (a dead worker's task of its job would
+        have come back by then, so this queue holds nothing more for it)."""
+        now = time.monotonic()
+        if self._foreign_since is not None and now - self._foreign_since > lease:
+            log.info("no task of job %s in %.0f s, only other jobs' tasks: stopping", self.job.job_hash, lease)
+            return True
+        if now - self._checked < poll:
+            return False
+        self._checked = now
+        if self._finished(stage):
+            log.info("job %s is complete for %s; the queue holds other jobs' tasks: stopping", self.job.job_hash,
+                     STAGE_NAMES[stage])
+            return True
+        return False
+
+    def _finished(self, stage: int) -> bool:
+        store, names = Resources(self.job).store, _all_names(self.job)
+        pending = names - done_blocks(store, stage, self.job)
+        if not pending:
+            return True
+        watch = FailedWatch(store, stage)
+        watch.update(pending)
+        return pending <= set(watch.given_up)
+
+
+def other_stage(queue, task, spec: TaskSpec, stage: int, job: Job, wait: bool = False) -> str:
+    """A task of the other stage (of ``job``), leased by a worker of ``stage``; what the worker does next.
+
+    "deleted": a stray duplicate of a finished stage-one task, deleted; keep working.
+    "handed back" (``wait``): the task is left for the other stage's workers; keep polling.
+    "stop": a stage-one worker meets stage two, so stage one is over (the task is handed back).
+    Raises QueueError, the task handed back, for a stage-two worker meeting a stage-one task that
+    is not done.
+    """
+    if spec.stage == 1 and Resources(job).store.exists(f"done/stage1/{spec.block}"):
+        queue.delete(task)  # a stray duplicate of a finished stage-one task
+        return "deleted"
+    queue.cancel(task)
+    if wait:
+        return "handed back"
+    if spec.stage == 2:
+        log.info("%s holds stage-two tasks: stage one is over", spec.label)
+        return "stop"
+    raise QueueError("a stage-one task that is not done: receive_and_blend workers take stage-two tasks, which "
+                     "`chunkflow barrier` produces once stage one is complete (or give this worker --wait to "
+                     "leave stage-one tasks to inference_and_donate workers)")
 
 
 def task_spec(task, queue_url: str) -> TaskSpec:

@@ -19,16 +19,17 @@ from functools import partial
 
 from taskqueue import QueueEmptyError
 
+from chunkflow.backends.pin import ModelChanged
 from chunkflow.engines.attempts import Heartbeat, failed_record, failure_line, gave_up, marker_name, read_record
 from chunkflow.engines.failures import debugging, one_line
 from chunkflow.engines.lease import LeaseKeeper, lease_ahead
-from chunkflow.engines.queue import (DEFAULT_LEASE, TaskSpec, block_index, check_number, open_queue, quietly,
-                                     resolve_job, task_spec, whole)
+from chunkflow.engines.queue import (DEFAULT_LEASE, JobBinding, TaskSpec, block_index, check_number, open_queue,
+                                     other_stage, quietly, task_spec, whole)
 from chunkflow.engines.task import STAGE_NAMES, TaskResult, run_task, worker_resources
 from chunkflow.errors import Interrupted, JobError, QueueError
 from chunkflow.job import Job
 from chunkflow.planning import load_job
-from chunkflow.stages import Resources, Stats
+from chunkflow.stages import Stats
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class _Fleet:
     queue: object
     queue_url: str
     stage: int
-    expected: Job | None
+    binding: JobBinding
     lease: float
     poll: float
     wait: bool
@@ -148,16 +149,19 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
     """Lease and run ``stage`` tasks until the queue is empty (or forever with ``wait``).
 
     "Empty" counts leased tasks too: a worker that finds nothing to lease while others hold
-    leases keeps polling, so it picks up the task of a worker that died. With ``job_store``
-    the worker serves that job only and refuses tasks of any other. A task of the other stage
-    ends a worker without ``wait`` (see :func:`_other_stage`); with ``wait`` it is handed back
+    leases keeps polling, so it picks up the task of a worker that died. A worker serves one job:
+    ``job_store``'s, or else the job of the first task of its stage that it leases
+    (:class:`~chunkflow.engines.queue.JobBinding`). A task of another job is handed back at once
+    (one warning line per job); a worker without ``wait`` that meets only other jobs' tasks stops
+    once its own job's stage is complete (every block done or given up). A task of the other stage
+    ends a worker without ``wait`` (see :func:`~chunkflow.engines.queue.other_stage`); with ``wait`` it is handed back
     for the other stage's workers and this one keeps polling. ``cleanup`` (stage two): delete a
     block's donations once it is written, and the leftovers of a block already done.
 
     A task that raises is handed back (visible again after :func:`retry_delay`) and the worker
     goes on; the ``max_attempts``-th attempt of a task gives it up (deleted from the queue, its
-    failed marker kept). A task of another job or of a changed manifest still ends the worker
-    (QueueError, the task handed back).
+    failed marker kept). A task of a changed manifest still ends the worker (QueueError, the task
+    handed back).
 
     ``slots``: tasks run at once, each leased, renewed and deleted on its own (default
     :data:`STAGE_ONE_SLOTS` for stage one, 1 for stage two). Two stage-one slots keep the model
@@ -181,7 +185,7 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
         check_number("max-tasks", max_tasks, "a whole number, at least 1", whole)
     if batch_size is not None:
         check_number("batch-size", batch_size, "a whole number, at least 1", whole)
-    fleet = _Fleet(open_queue(queue_url, **kwargs), queue_url, stage, load_job(job_store) if job_store else None,
+    fleet = _Fleet(open_queue(queue_url, **kwargs), queue_url, stage, JobBinding(load_job(job_store) if job_store else None),
                    lease, poll, wait, force, cleanup, max_tasks, device, batch_size,
                    lookahead and stage == 1 and slots == 1, max_attempts)
     started = time.perf_counter()
@@ -257,10 +261,22 @@ def _lease_loop(fleet: _Fleet, summary: WorkerSummary | None = None) -> WorkerSu
                     time.sleep(fleet.poll)
                     continue
             spec = task_spec(task, queue_url)
+            try:
+                job = fleet.binding.claim(spec, fleet.jobs, bind=spec.stage == stage)
+                block = block_index(job, spec.block) if job is not None and spec.stage == stage else None
+            except (QueueError, JobError) as err:
+                quietly(queue.cancel, task)
+                raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
+            if job is None:  # a task of another job
+                fleet.unclaim()
+                fleet.binding.hand_back(queue, task, spec)
+                if not fleet.wait and fleet.binding.nothing_left(stage, fleet.lease, fleet.poll):
+                    break
+                continue
             if spec.stage != stage:
                 fleet.unclaim()
                 try:
-                    action = _other_stage(queue, task, spec, stage, fleet.jobs, fleet.expected, fleet.wait)
+                    action = other_stage(queue, task, spec, stage, job, fleet.wait)
                 except (QueueError, JobError) as err:
                     raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
                 if action == "stop":
@@ -273,19 +289,13 @@ def _lease_loop(fleet: _Fleet, summary: WorkerSummary | None = None) -> WorkerSu
                     time.sleep(fleet.poll)
                 continue
             empty = 0
-            try:
-                job = resolve_job(spec, fleet.expected, fleet.jobs)
-                block = block_index(job, spec.block)
-            except (QueueError, JobError) as err:
-                queue.cancel(task)
-                raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
             if job.job_hash not in fleet.runtime:
                 fleet.runtime[job.job_hash] = job.with_runtime(device=fleet.device, batch_size=fleet.batch_size)
             job = fleet.runtime[job.job_hash]
             upcoming = None
             if fleet.lookahead and fleet.claim():
                 ahead, upcoming = lease_ahead(queue, fleet.lease,
-                                              partial(_prefetchable, spec, fleet.expected, fleet.jobs, queue_url))
+                                              partial(_prefetchable, spec, fleet.binding, fleet.jobs, queue_url))
                 if ahead is None:
                     fleet.unclaim()
             attempt = Attempt(queue, task, job, spec, block, fleet.lease, fleet.max_attempts, fleet.tries)
@@ -334,8 +344,9 @@ class Attempt:
                               prefetch_next=upcoming, max_attempts=self.max_attempts, heartbeat=heartbeat)
         except BaseException as err:
             keeper.stop()
-            if not isinstance(err, Exception) or isinstance(err, Interrupted) or debugging():
-                # SIGTERM, Ctrl-C, a block stopped because another slot of this worker was: hand it back now
+            if not isinstance(err, Exception) or isinstance(err, (Interrupted, ModelChanged)) or debugging():
+                # SIGTERM, Ctrl-C, a block stopped because another slot of this worker was, or a model file
+                # changed since planning (no task of the job can run): hand it back now
                 quietly(self.queue.cancel, self.task)
                 raise
             self._failed(err, started)
@@ -397,41 +408,12 @@ class Attempt:
             summary.failed += 1
 
 
-def _prefetchable(current: TaskSpec, expected: Job | None, jobs: dict[str, Job], queue_url: str, task):
+def _prefetchable(current: TaskSpec, binding: JobBinding, jobs: dict[str, Job], queue_url: str, task):
     """The block of ``task`` (leased ahead) to prefetch while ``current`` runs: a stage-one task of
-    the same job that :func:`resolve_job` accepts; else None, and the worker loop takes it up
-    after the current task as if it had leased it then (hands it back, refuses it, stops)."""
+    the same job; else None, and the worker loop takes it up after the current task as if it had
+    leased it then (hands it back, refuses it, stops)."""
     spec = task_spec(task, queue_url)
     if spec.stage != current.stage or (spec.store, spec.job) != (current.store, current.job):
         return None
-    return block_index(resolve_job(spec, expected, jobs), spec.block)
-
-
-def _other_stage(queue, task, spec: TaskSpec, stage: int, jobs: dict[str, Job], expected: Job | None = None,
-                 wait: bool = False) -> str:
-    """A task of the other stage, leased by a worker of ``stage``; returns what the worker does next.
-
-    "deleted": a stray duplicate of a finished stage-one task, deleted; keep working.
-    "handed back" (``wait``): the task is left for the other stage's workers; keep polling.
-    "stop": a stage-one worker meets stage two, so stage one is over (the task is handed back).
-    Raises QueueError or JobError, the task handed back, for a task of another job than
-    ``expected`` (or of a changed manifest), or a stage-two worker meeting a stage-one task
-    that is not done.
-    """
-    try:
-        job = resolve_job(spec, expected, jobs)
-    except (QueueError, JobError):
-        quietly(queue.cancel, task)
-        raise
-    if spec.stage == 1 and Resources(job).store.exists(f"done/stage1/{spec.block}"):
-        queue.delete(task)  # a stray duplicate of a finished stage-one task
-        return "deleted"
-    queue.cancel(task)
-    if wait:
-        return "handed back"
-    if spec.stage == 2:
-        log.info("%s holds stage-two tasks: stage one is over", spec.label)
-        return "stop"
-    raise QueueError("a stage-one task that is not done: receive_and_blend workers take stage-two tasks, which "
-                     "`chunkflow barrier` produces once stage one is complete (or give this worker --wait to "
-                     "leave stage-one tasks to inference_and_donate workers)")
+    job = binding.claim(spec, jobs, bind=False)
+    return None if job is None else block_index(job, spec.block)

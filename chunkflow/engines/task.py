@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from chunkflow.backends import Backend, load_backend
+from chunkflow.backends import Backend, load_backend, verify_model
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import faults
 from chunkflow.engines.attempts import Heartbeat, exhausted, failed_record, last_attempt
@@ -60,7 +60,7 @@ def marker(kind: str, stage: int, block: Bbox) -> str:
 
 
 _RESOURCES: dict[tuple, Resources] = {}
-_BACKENDS: dict[tuple, Backend] = {}
+_BACKENDS: dict[tuple, tuple[Backend, set[str]]] = {}  # model key -> (loaded model, jobs it was verified for)
 _CACHES = threading.RLock()  # a worker runs two stage-one tasks at once: both must find the same entries
 
 
@@ -78,22 +78,31 @@ def worker_resources(job: Job) -> Resources:
 
 
 class _SharedBackend:
-    """Loads the job's model on first use into a one-entry cache (one model per worker process:
-    a new model replaces the old one, which frees its GPU memory)."""
+    """Hands a job's stage one the process's one loaded model (``Resources.backend`` calls it):
+    a one-entry cache, so a new model replaces the old one, which frees its GPU memory.
+
+    The model is loaded pinned to the job's ``model_checksum`` (the files verified, then loaded from
+    the verified bytes). Another job asking for the same model gets the loaded one only after the
+    files have been verified again for that job, so a model file replaced between two jobs is
+    refused, not served from the cache. The lock makes a worker's task slots load or verify once.
+    """
 
     def __init__(self, job: Job):
         self._job = job
 
-    def __getattr__(self, name: str):
-        if name.startswith("__"):  # copy/pickle probes must not load a model
-            raise AttributeError(name)
+    def __call__(self) -> Backend:
         job = self._job
         key = (job.model, job.weights, job.model_checksum, job.device, job.precision)
         with _CACHES:
-            if key not in _BACKENDS:
+            entry = _BACKENDS.get(key)
+            if entry is None:
                 _BACKENDS.clear()
-                _BACKENDS[key] = load_backend(job.model, job.weights, job.device, job.precision)
-            return getattr(_BACKENDS[key], name)
+                loaded = load_backend(job.model, job.weights, job.device, job.precision, checksum=job.model_checksum)
+                entry = _BACKENDS[key] = (loaded, {job.job_hash})
+            elif job.job_hash not in entry[1]:
+                verify_model(job.model, job.weights, job.model_checksum)
+                entry[1].add(job.job_hash)
+            return entry[0]
 
 
 def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: bool = False,
