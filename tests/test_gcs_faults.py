@@ -162,11 +162,12 @@ def test_worker_killed_mid_upload_leaves_no_donation_and_a_rerun_completes(gcs_s
         proc.kill()
         proxy.close()
     assert proc.returncode == -signal.SIGKILL
-    # the cut upload published nothing, the two before it are complete, and only blocks whose every
-    # donation is stored are marked done (the donor of the cut one is not)
+    # the cut upload published nothing, the two before it are complete (uploads run in parallel, so
+    # others may have completed meanwhile), and only blocks whose every donation is stored are
+    # marked done (the donor of the cut one is not)
     assert proxy.key is not None
     donated = {name[len(DONATIONS):] for name in store.list(DONATIONS)}
-    assert proxy.key not in donated and len(donated) == 2
+    assert proxy.key not in donated and len(donated) >= 2
     done = {name.rsplit("/", 1)[1] for name in store.list("done/stage1/")}
     gives = {job.layout.block_box(b).name: {d.key for d in job.layout.donations_from(b)}
              for b in job.layout.block_indices()}
