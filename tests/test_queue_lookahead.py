@@ -188,7 +188,9 @@ def test_two_slots_run_every_task_once_and_exactly(tmp_path):
     threads = _record_reads(job)
     summary = work(one, 1, lease=30, poll=0.1)
     assert summary.tasks == job.layout.num_blocks == 8 and summary.stats.patches == job.layout.num_patches
-    assert set(threads) <= {"chunkflow-slot-0", "chunkflow-slot-1"} and len(set(threads)) == 2
+    # every input is read on a slot's thread (that two slots overlap is shown in tests/test_stages.py;
+    # which slot leases which task is up to the queue, and one slot may take them all)
+    assert set(threads) <= {"chunkflow-slot-0", "chunkflow-slot-1"} and len(threads) == 8
     assert open_queue(one).enqueued == 0
     produce(job, two, stage=2)
     assert work(two, 2, poll=0.1).tasks == 8
