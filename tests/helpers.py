@@ -52,3 +52,13 @@ class CountingBackend:
 
     def output_shape(self, *args, **kwargs):
         return self.backend.output_shape(*args, **kwargs)
+
+
+def stored_bytes(tmp_path: Path, name: str = "job") -> dict[str, bytes]:
+    """The donations and output chunks of the job stored at ``tmp_path/name`` (output
+    ``tmp_path/name_out``), by path; done markers hold timings, so they are left out."""
+    files = {}
+    for root in (tmp_path / name / "donations", tmp_path / (name + "_out")):
+        files.update({p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+                      if p.is_file()})
+    return files

@@ -30,7 +30,7 @@ from chunkflow.planning import plan
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import Resources, inference_and_donate, reference
 from chunkflow.storage import open_volume
-from tests.helpers import CONV3, examples, make_input
+from tests.helpers import CONV3, examples, make_input, stored_bytes
 
 GPU = os.environ.get("CHUNKFLOW_GPU_TEST_DEVICE", "cuda")  # "cpu": a dry run of the gpu tests (conftest.py)
 
@@ -330,15 +330,6 @@ def _job(tmp_path, name="job", **kw):
                 **kw)
 
 
-def _data(tmp_path, name="job"):
-    """Donations and output chunks (done markers hold timings, so they are left out)."""
-    files = {}
-    for root in (tmp_path / name / "donations", tmp_path / (name + "_out")):
-        files.update({p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-                      if p.is_file()})
-    return files
-
-
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_two_stage_run_on_the_device_path_equals_the_reference(tmp_path, monkeypatch, batch_size):
     """Invariant 1 with the device path: the same bytes as the numpy path, and the reference."""
@@ -347,13 +338,13 @@ def test_two_stage_run_on_the_device_path_equals_the_reference(tmp_path, monkeyp
     monkeypatch.setenv(DEVICE_BLEND_ENV, "0")
     for idx in blocks:
         inference_and_donate(job, idx, Resources(job))
-    numpy_bytes = _data(tmp_path)
+    numpy_bytes = stored_bytes(tmp_path)
     expected = reference(job, Resources(job))
     monkeypatch.setenv(DEVICE_BLEND_ENV, "1")
     res = Resources(job)
     assert uses_device_blend(res.backend)
     patches = sum(inference_and_donate(job, idx, res).patches for idx in blocks)
-    assert _data(tmp_path) == numpy_bytes
+    assert stored_bytes(tmp_path) == numpy_bytes
     assert 0 < patches < job.layout.num_patches  # the blank corner is skipped
     for idx in blocks:
         receive_and_blend(job, idx, res)

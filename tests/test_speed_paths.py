@@ -19,7 +19,7 @@ from chunkflow.planning import plan
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import InputPrefetcher, Resources, inference_and_donate, inference_and_donate_many, reference
 from chunkflow.storage import StorageError, open_volume
-from tests.helpers import CONV3, make_input
+from tests.helpers import CONV3, make_input, stored_bytes
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32", "float64"])
@@ -93,15 +93,6 @@ def _job(tmp_path, name="job", **kw):
                 **kw)
 
 
-def _data(tmp_path, name="job"):
-    """Donations and output chunks (done markers hold timings, so they are left out)."""
-    files = {}
-    for root in (tmp_path / name / "donations", tmp_path / (name + "_out")):
-        files.update({p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-                      if p.is_file()})
-    return files
-
-
 def test_prefetching_run_writes_the_same_bytes_as_plain_calls(tmp_path, monkeypatch):
     monkeypatch.setattr(blend, "SLAB_VOXELS", 600)  # many N slabs per chunk too
     job = _job(tmp_path, batch_size=3)
@@ -112,10 +103,10 @@ def test_prefetching_run_writes_the_same_bytes_as_plain_calls(tmp_path, monkeypa
     assert sum(s.patches for _, s in stats) == job.layout.num_patches
     phases = set().union(*(s.seconds for _, s in stats))
     assert {"read", "model", "blend", "normalise", "write", "donate"} <= phases
-    prefetched = _data(tmp_path)
+    prefetched = stored_bytes(tmp_path)
     for idx in blocks:
         inference_and_donate(job, idx, Resources(job))
-    assert _data(tmp_path) == prefetched
+    assert stored_bytes(tmp_path) == prefetched
     for idx in blocks:
         receive_and_blend(job, idx, res)
     output = open_volume(job.output).read(job.layout.bbox)
@@ -128,9 +119,9 @@ def test_stale_prefetch_is_discarded(tmp_path):
     blocks = list(job.layout.block_indices())
     res.prefetch(blocks[-1])  # a block this worker does not run next
     inference_and_donate(job, blocks[0], res, prefetch_next=blocks[1])
-    with_stale = _data(tmp_path)
+    with_stale = stored_bytes(tmp_path)
     inference_and_donate(job, blocks[0], Resources(job))
-    assert _data(tmp_path) == with_stale
+    assert stored_bytes(tmp_path) == with_stale
     inference_and_donate(job, blocks[1], res)  # takes the prefetch made while block 0 ran
     assert res.prefetcher._pending is None
 
@@ -236,9 +227,9 @@ def test_overlapped_batches_give_the_same_bytes_and_run_ahead(tmp_path):
     deferred = Resources(job, DeferredConv(load_backend(CONV3)))
     blocks = list(job.layout.block_indices())
     inference_and_donate(job, blocks[0], plain)
-    expected = _data(tmp_path)
+    expected = stored_bytes(tmp_path)
     inference_and_donate(job, blocks[0], deferred)
-    assert _data(tmp_path) == expected
+    assert stored_bytes(tmp_path) == expected
     events = deferred.backend.events
     assert events.index(("submit", 1)) < events.index(("wait", 0))  # the next batch runs while one is summed
     assert [k for what, k in events if what == "wait"] == list(range(deferred.backend.submitted))

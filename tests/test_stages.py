@@ -17,7 +17,7 @@ from chunkflow.planning import plan
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import Resources, inference_and_donate, inference_and_donate_many, reference
 from chunkflow.storage import open_volume
-from tests.helpers import CONV3, examples, make_input
+from tests.helpers import CONV3, examples, make_input, stored_bytes
 
 
 def _job(tmp_path, name="job", model=CONV3, **kw):
@@ -28,15 +28,6 @@ def _job(tmp_path, name="job", model=CONV3, **kw):
         options.pop("output_patch")
     options.update(kw)
     return plan(url, f"file://{tmp_path / (name + '_out')}", str(tmp_path / name), model, "10,22,22", **options)
-
-
-def _data(tmp_path, name="job"):
-    """Donations and output chunks (done markers hold timings, so they are left out)."""
-    files = {}
-    for root in (tmp_path / name / "donations", tmp_path / (name + "_out")):
-        files.update({p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-                      if p.is_file()})
-    return files
 
 
 def _done(tmp_path, name="job"):
@@ -70,13 +61,13 @@ def test_slots_write_the_same_bytes_as_one_block_at_a_time(tmp_path, slots):
     blocks = list(job.layout.block_indices())
     for block in blocks:
         inference_and_donate(job, block, Resources(job))
-    plain = _data(tmp_path)
+    plain = stored_bytes(tmp_path)
     for path in (tmp_path / "job" / "done" / "stage1").glob("*"):
         path.unlink()
     results = list(inference_and_donate_many(job, iter(blocks), Resources(job), slots=slots))
     assert [b for b, _ in results] == blocks  # in order
     assert sum(s.patches for _, s in results) == job.layout.num_patches
-    assert _data(tmp_path) == plain
+    assert stored_bytes(tmp_path) == plain
     assert len(_done(tmp_path)) == len(blocks)
 
 
@@ -119,9 +110,9 @@ def test_a_failed_donation_leaves_no_done_marker_and_stops_nothing_halfway(tmp_p
             got.append(block)
     assert got == blocks[:1]
     assert job.layout.block_box(blocks[1]).name not in _done(tmp_path)
-    snapshot, done = _data(tmp_path), _done(tmp_path)
+    snapshot, done = stored_bytes(tmp_path), _done(tmp_path)
     time.sleep(0.3)  # nothing still running in the background writes after the error was raised
-    assert _data(tmp_path) == snapshot and _done(tmp_path) == done
+    assert stored_bytes(tmp_path) == snapshot and _done(tmp_path) == done
 
 
 def test_stopping_the_consumer_stops_the_block_in_flight(tmp_path):
@@ -134,9 +125,9 @@ def test_stopping_the_consumer_stops_the_block_in_flight(tmp_path):
     run.close()  # the caller stops (Ctrl-C in the engine's loop closes the generator the same way)
     done = _done(tmp_path)
     assert job.layout.block_box(first).name in done and len(done) <= 2
-    snapshot = _data(tmp_path)
+    snapshot = stored_bytes(tmp_path)
     time.sleep(0.3)
-    assert _data(tmp_path) == snapshot and _done(tmp_path) == done
+    assert stored_bytes(tmp_path) == snapshot and _done(tmp_path) == done
     assert not res.cancelled.is_set()  # a later run in this process is not cancelled
     rest = [b for b in blocks if job.layout.block_box(b).name not in done]
     for block, _ in inference_and_donate_many(job, rest, res, slots=2):
@@ -150,11 +141,11 @@ def test_stopping_the_consumer_stops_the_block_in_flight(tmp_path):
 def test_a_cancelled_block_raises_interrupted_before_writing(tmp_path):
     job = _job(tmp_path)
     res = Resources(job)
-    before = _data(tmp_path)  # the output's info, written by plan
+    before = stored_bytes(tmp_path)  # the output's info, written by plan
     res.cancelled.set()
     with pytest.raises(Interrupted):
         inference_and_donate(job, next(iter(job.layout.block_indices())), res)
-    assert _data(tmp_path) == before and _done(tmp_path) == []
+    assert stored_bytes(tmp_path) == before and _done(tmp_path) == []
 
 
 @settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
