@@ -48,6 +48,7 @@ from chunkflow.backends.base import (
     cuda_unavailable,
 )
 from chunkflow.backends.pin import model_bytes
+from chunkflow.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +62,6 @@ __all__ = [
 ]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """Squeeze an exception message onto one line (state-dict errors span many)."""
-    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_device(device: str, precision: str) -> torch.device:
@@ -211,7 +206,7 @@ def _import_python_file(path: Path) -> Any:
     try:
         code = compile(source, filename, "exec")
     except (SyntaxError, ValueError) as exc:
-        raise ModelError(f"model file {str(path)!r} failed to import: {_one_line(exc)}") from exc
+        raise ModelError(f"model file {str(path)!r} failed to import: {one_line(exc, limit=300)}") from exc
     text = source.decode("utf-8", errors="replace")
     # tracebacks and torch.jit.script read the source through linecache: the bytes run, not the disk's
     linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
@@ -221,7 +216,7 @@ def _import_python_file(path: Path) -> Any:
     try:
         exec(code, module.__dict__)  # noqa: S102 - a model file is code by design (docs/security.md)
     except Exception as exc:
-        raise ModelError(f"model file {str(path)!r} failed to import: {_one_line(exc)}") from exc
+        raise ModelError(f"model file {str(path)!r} failed to import: {one_line(exc, limit=300)}") from exc
     finally:
         sys.modules.pop(name, None)
     return module
@@ -236,7 +231,7 @@ def load_python_model(path: str | Path) -> torch.nn.Module:
     try:
         net = build()
     except Exception as exc:
-        raise ModelError(f"build_model() in {str(path)!r} failed: {_one_line(exc)}") from exc
+        raise ModelError(f"build_model() in {str(path)!r} failed: {one_line(exc, limit=300)}") from exc
     if not isinstance(net, torch.nn.Module):
         raise ModelError(f"build_model() in {str(path)!r} returned {type(net).__name__}, not a torch.nn.Module")
     return net
@@ -247,7 +242,7 @@ def _read_state_dict(weights: str | Path) -> Mapping[str, Any]:
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:
-        raise ModelError(f"weights file {str(weights)!r} is not a readable state dict: {_one_line(exc)}") from exc
+        raise ModelError(f"weights file {str(weights)!r} is not a readable state dict: {one_line(exc, limit=300)}") from exc
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
@@ -264,7 +259,7 @@ def load_state_dict_file(net: torch.nn.Module, weights: str | Path) -> None:
     try:
         net.load_state_dict(state, strict=True)
     except Exception as exc:
-        raise ModelError(f"weights file {str(weights)!r} does not fit the model: {_one_line(exc)}") from exc
+        raise ModelError(f"weights file {str(weights)!r} does not fit the model: {one_line(exc, limit=300)}") from exc
 
 
 def _strip_prefix(model: str, *prefixes: str) -> str:
@@ -314,7 +309,7 @@ def make_torchscript_backend(
                 f"{str(path)!r} is a PyTorch state dict, not TorchScript; pass the network's .py file "
                 "(defining build_model()) as the model and this file as the weights"
             ) from exc
-        raise ModelError(f"{str(path)!r} is not a TorchScript file: {_one_line(exc)}") from exc
+        raise ModelError(f"{str(path)!r} is not a TorchScript file: {one_line(exc, limit=300)}") from exc
     if weights:
         load_state_dict_file(net, weights)
     return TorchBackend(net, device, precision, name="torchscript")
