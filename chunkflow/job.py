@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 from chunkflow.bbox import Bbox, Vec, zyx_text
@@ -45,7 +45,7 @@ class Job:
     input: str
     output: str
     store: str
-    bbox: str
+    bbox: Bbox  # the output region; a name ``x0-x1_y0-y1_z0-z1`` in the manifest (and accepted here)
     input_patch: tuple[int, int, int]
     output_patch: tuple[int, int, int]
     overlap: tuple[int, int, int]
@@ -75,21 +75,34 @@ class Job:
     job_hash: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.bbox, str):
+            try:
+                object.__setattr__(self, "bbox", Bbox.from_name(self.bbox))
+            except GeometryError as err:
+                raise JobError(f"job bbox: {err}") from None
+        elif not isinstance(self.bbox, Bbox):
+            raise JobError(f"job bbox {self.bbox!r} is neither a Bbox nor a name x0-x1_y0-y1_z0-z1")
         for name in ("input_patch", "output_patch", "overlap", "block", "storage_chunk"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         if not self.job_hash:
             object.__setattr__(self, "job_hash", self.compute_hash())
 
     # ---- identity ---------------------------------------------------------------------------
+    def values(self) -> dict:
+        """The manifest's fields as JSON-able values (the bbox as its name)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["bbox"] = self.bbox.name
+        return values
+
     def compute_hash(self) -> str:
-        payload = {k: v for k, v in asdict(self).items() if k not in _UNHASHED}
+        payload = {k: v for k, v in self.values().items() if k not in _UNHASHED}
         for name, default in _DEFAULTS_OUTSIDE_OLD_HASHES.items():
             if payload[name] == default:  # hashes of jobs planned before the field existed still hold
                 del payload[name]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.values(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest") -> "Job":
@@ -110,13 +123,13 @@ class Job:
     def at(self, store: str) -> "Job":
         """The same job read from ``store`` (the store's location is not part of the hash, so a
         copied or remounted store keeps working: workers use where they found the manifest)."""
-        values = asdict(self)
+        values = self.values()
         values["store"] = store
         return Job(**values)
 
     def with_runtime(self, device: str | None = None, batch_size: int | None = None) -> "Job":
         """The same job with other runtime settings (these never change the output)."""
-        values = asdict(self)
+        values = self.values()
         if device is not None:
             values["device"] = device
         if batch_size is not None:
@@ -128,7 +141,7 @@ class Job:
     # ---- derived geometry -------------------------------------------------------------------
     @cached_property
     def layout(self) -> Layout:
-        return Layout(Bbox.from_name(self.bbox), Vec(self.output_patch), Vec(self.overlap), Vec(self.block),
+        return Layout(self.bbox, Vec(self.output_patch), Vec(self.overlap), Vec(self.block),
                       Vec(self.storage_chunk), whole_block_writes=self.sharded)
 
     @property

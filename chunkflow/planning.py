@@ -169,7 +169,7 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
     if not p.fill_missing and not source.has_data():
         raise MissingInput(f"input {p.input} holds no chunks at all (its info file promises {bbox.name}); plan with "
                            "--fill-missing if it is meant to be zeros")
-    job = Job(input=p.input, output=output, store=p.donations, bbox=bbox.name, input_patch=in_patch,
+    job = Job(input=p.input, output=output, store=p.donations, bbox=bbox, input_patch=in_patch,
               output_patch=out_patch, overlap=overlap_v, block=block_v, storage_chunk=chunk, blend=p.blend,
               model=p.model, weights=p.weights, model_checksum=model_checksum(p.model, p.weights),
               in_channels=source.num_channels, out_channels=out_channels, output_dtype=p.dtype,

@@ -137,7 +137,7 @@ def output_shard(job: "Job") -> Vec | None:
         return None
     from chunkflow.storage.volume_urls import volume_format
 
-    region, block, chunk = Bbox.from_name(job.bbox), Vec(job.block), Vec(job.storage_chunk)
+    region, block, chunk = job.bbox, Vec(job.block), Vec(job.storage_chunk)
     if volume_format(job.output) == "zarr":
         return Vec(min(b, -(-s // c) * c) for b, s, c in zip(block, region.shape, chunk))
     return choose_precomputed_shard(block, chunk, region, Vec(job.output_patch))
