@@ -12,7 +12,8 @@ import os
 import sys
 
 from chunkflow.geometry import parse_key
-from chunkflow.donation_report import check_piece, format_block, format_table, inspect_store
+from chunkflow.donation_format import format_block, format_table
+from chunkflow.donation_report import LIMIT, check_piece, inspect_store, region_box
 from chunkflow.job import MANIFEST
 from chunkflow.planning import load_job
 from chunkflow.stages import DONATIONS
@@ -25,11 +26,12 @@ from chunkflow.units import human_bytes
 
 def inspect(store: str, block: str | None = None, piece: str | None = None, json: bool = False,
             png: str | None = None, z: int | None = None, channel: int = 0, verify: bool = False,
-            headers: bool = False, credentials: str | None = None, workers: int = 16) -> None:
+            headers: bool = False, credentials: str | None = None, workers: int = 16, region: str | None = None,
+            sample: int | None = None, limit: int = LIMIT, quiet: bool = False) -> None:
     """Report per block: donations expected, present, missing, bytes, job hash and checksum status.
 
-    Lists the store by prefix and reads no object body unless asked, so it stays fast on
-    buckets with 100k objects.
+    Streams three listings of the store by prefix into per-block counters and reads no object body
+    unless asked, so it stays fast and small on jobs of millions of blocks.
 
     Args:
         store: the job's store (the --donations given to plan), a directory or gs://bucket/prefix.
@@ -39,15 +41,20 @@ def inspect(store: str, block: str | None = None, piece: str | None = None, json
         png: write a PNG slice to this path: of --piece, or of --block (summed donations beside the output).
         z: global z of the PNG slice (default: the middle of the piece or block).
         channel: channel of the PNG slice.
-        verify: fetch every donation and check checksum, shape and job hash (reads all bodies).
+        verify: fetch every present donation (or a --sample of them) and check checksum, shape and job hash.
         headers: read each donation's header (a ranged GET of its first 4 KiB): job hash and raw size.
         credentials: a service-account JSON file for gs:// (default: Application Default Credentials).
         workers: concurrent reads for --verify/--headers.
+        region: only the blocks intersecting this box (x0-x1_y0-y1_z0-z1), each with a row and its pieces.
+        sample: read a random sample of this many present donations instead of all (with --verify, or alone).
+        limit: a row per block when at most this many are selected, else rows for this many problem blocks.
+        quiet: no progress bars (they are shown on stderr only when it is a terminal).
     """
     from chunkflow.cli_common import user_errors
 
     try:
-        user_errors(_inspect)(store, block, piece, json, png, z, channel, verify, headers, credentials, workers)
+        user_errors(_inspect)(store, block, piece, json, png, z, channel, verify, headers, credentials, workers,
+                              region, sample, limit, quiet)
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly, as the Python docs advise.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -55,7 +62,7 @@ def inspect(store: str, block: str | None = None, piece: str | None = None, json
 
 
 def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: bool, headers: bool, credentials,
-             workers: int) -> None:
+             workers: int, region, sample, limit, quiet: bool) -> None:
     from chunkflow.cli_common import setup_logging
 
     setup_logging(quiet=True)
@@ -65,6 +72,13 @@ def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: boo
         _integer("z", z)
     _integer("channel", channel, minimum=0)
     _integer("workers", workers, minimum=1)
+    _integer("limit", limit, minimum=0)
+    if sample is not None:
+        _integer("sample", sample, minimum=1)
+    if region is not None:
+        region = _region_text(region)
+        if block is not None:
+            raise UsageError("--block and --region cannot be used together: --block NAME is one block")
     store = open_store(url, credentials=credentials) if url.startswith("gs://") else open_store(url)
     if png is not None:
         _png(store, block, piece, str(png), z, channel)
@@ -73,11 +87,13 @@ def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: boo
         _piece(store, str(piece), as_json)
         return
     report = inspect_store(store, block=None if block is None else str(block), verify=verify,
-                           headers=True if headers else None, workers=workers)
+                           headers=True if headers else None, workers=workers, region=region, sample=sample,
+                           limit=limit, progress=not quiet and sys.stderr.isatty())
     if as_json:
         print(jsonlib.dumps(report.to_json(), indent=2))
     else:
-        print("\n".join(format_block(report) if block is not None else format_table(report)))
+        detail = block is not None or region is not None
+        print("\n".join(format_block(report) if detail else format_table(report)))
     if not report.healthy:
         sys.exit(1)
 
@@ -89,6 +105,13 @@ def _integer(flag: str, value, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise UsageError(f"--{flag} {value} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}")
     return value
+
+
+def _region_text(region) -> str:
+    """``--region`` as typed (Fire may have made a number or a tuple of it), checked as a box name."""
+    text = ",".join(map(str, region)) if isinstance(region, (tuple, list)) else str(region)
+    region_box(text)
+    return text
 
 
 def _png(store: ObjectStore, block, piece, path: str, z, channel) -> None:

@@ -1,15 +1,24 @@
 """What a donation store holds, block by block: the report behind ``chunkflow inspect``.
 
-The report comes from two listings by prefix (``donations/`` and ``done/``) and the
-manifest, whatever the number of objects: no request per block, no object body. The
-manifest's layout says which keys every block expects; the listing says which exist
-and their sizes. From the keys alone one also knows each piece's raw size (voxels x
-channels x dtype), hence the compression ratio, without fetching anything.
+The report comes from three listings by prefix (``donations/``, ``done/stage1/``,
+``done/stage2/``) and the manifest, whatever the number of objects: no request per block, no object body. The
+listings are streamed into per-block counters (:mod:`chunkflow.donation_summary`), so
+memory follows the number of blocks, not of objects. The manifest's layout says which keys
+every block expects (:mod:`chunkflow.donation_kinds`); the listing says which exist and
+their sizes. From the keys alone one also knows each piece's raw size, hence the
+compression ratio, without fetching anything.
 
-Bodies are read only when asked: ``verify`` fetches every listed donation (a bounded
-thread pool, one piece in memory per thread) and checks checksum, shape and job hash
-with the same decoder stage two uses; ``headers`` (the default for one block) reads
-only the first :data:`HEAD_BYTES` of each piece with a ranged GET.
+A report always has the totals (blocks by state, donations, bytes, examples of each state,
+the first problem blocks). It has a row per block (:class:`BlockReport`) for every selected
+block when the selection (the whole job, ``region`` or ``block``) has at most ``limit``
+blocks, otherwise for the first ``limit`` problem blocks only; rows list their pieces one by
+one only in the first case.
+
+Bodies are read only when asked: ``verify`` fetches listed donations (a bounded thread pool,
+one piece in memory per thread) and checks checksum, shape and job hash with the same decoder
+stage two uses; ``headers`` (the default for one block) reads only the first
+:data:`HEAD_BYTES` of each piece with a ranged GET; ``sample`` reads a uniform random sample of
+that many present donations instead of all of them.
 
 A listed name under ``donations/`` that is not a strict ``{block}%{piece}`` key (``..``,
 ``/``, non-integer ranges, ...) is reported as malformed and never used as a path: it
@@ -17,25 +26,35 @@ is not read, not parsed into a box, not deleted. Nothing here writes to the stor
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import heapq
+import logging
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from chunkflow.units import human_bytes
 from chunkflow.bbox import Bbox
-from chunkflow.geometry import GeometryError, parse_key
+from chunkflow.donation_reads import HEAD_BYTES, UNCHECKED, Reservoir, check_piece, read_pieces
+from chunkflow.donation_summary import DONE, JobTally, PrefixTally
+from chunkflow.errors import UsageError
+from chunkflow.geometry import GeometryError
 from chunkflow.job import MANIFEST, Job
 from chunkflow.planning import load_job
 from chunkflow.stages import DONATIONS
 from chunkflow.storage import ObjectStore, StorageError
-from chunkflow.storage.donation_codec import DonationError, decode_donation, header_end, read_header
-from chunkflow.errors import UsageError
+from chunkflow.units import human_bytes
 
+__all__ = ["BlockReport", "PieceReport", "StoreReport", "inspect_store", "check_piece", "HEAD_BYTES", "DONE",
+           "STATES", "region_box"]
 
-DONE = "done/"
-HEAD_BYTES = 4096
-UNCHECKED = "-"
+log = logging.getLogger(__name__)
+
+STATES = ("complete", "blended", "incomplete", "bad")
+#: rows for every selected block up to this many blocks, else rows for this many problem blocks
+LIMIT = 1000
+#: examples of each state, and problem block names, in the totals
+EXAMPLES = 3
+PROBLEMS = 20
 
 
 @dataclass
@@ -90,37 +109,50 @@ class StoreReport:
     job_hash: str | None
     donation_dtype: str | None
     compression: str | None
-    blocks: list[BlockReport]
-    malformed: list[tuple[str, str]]
-    orphans: list[str]
+    blocks: list[BlockReport]          # rows: see ``rows``
+    malformed: list[tuple[str, str]]   # the first KEEP; ``malformed_count`` in all
+    orphans: list[str]                 # the first KEEP; ``orphan_count`` in all
     objects: int
     stored_bytes: int
     raw_bytes: int
     checked: str
+    state_counts: dict[str, int] = field(default_factory=dict)
+    num_blocks: int = 0
+    rows: str = "all"                  # "all": a row per selected block; "problems": the first problem blocks
+    limit: int = LIMIT
+    grid: list[int] | None = None
+    selection: dict = field(default_factory=dict)
+    stages: dict[str, int] = field(default_factory=dict)
+    donations: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    problems: dict = field(default_factory=dict)
+    malformed_count: int = 0
+    orphan_count: int = 0
+    sample: dict | None = None
 
     @property
     def healthy(self) -> bool:
-        """Every block complete or blended, and no malformed, stray or refused object."""
-        return not self.malformed and not self.orphans and all(b.state in ("complete", "blended") for b in self.blocks)
+        """Every selected block complete or blended, and no malformed, stray or refused object."""
+        c = self.counts()
+        return not self.malformed_count and not self.orphan_count and not c["incomplete"] and not c["bad"]
 
     def counts(self) -> dict[str, int]:
-        result = {s: 0 for s in ("complete", "blended", "incomplete", "bad")}
-        for b in self.blocks:
-            result[b.state] += 1
-        return result
+        return dict(self.state_counts)
 
     def summary(self) -> str:
         c = self.counts()
-        present = sum(b.present for b in self.blocks)
-        expected = sum(b.expected or 0 for b in self.blocks)
+        d = self.donations
         ratio = f" (raw {human_bytes(self.raw_bytes)}, ratio {self.raw_bytes / self.stored_bytes:.2f}x)" \
             if self.raw_bytes and self.stored_bytes else ""
         anomalies = ""
-        if self.malformed or self.orphans:
-            anomalies = f"; {len(self.malformed)} malformed and {len(self.orphans)} stray keys"
-        return (f"{len(self.blocks)} blocks: {c['complete']} complete, {c['blended']} blended, "
-                f"{c['incomplete']} incomplete, {c['bad']} bad; donations {present}/{expected} present, "
-                f"{human_bytes(self.stored_bytes)} stored{ratio}; {self.objects} objects listed{anomalies}")
+        if self.malformed_count or self.orphan_count:
+            anomalies = f"; {self.malformed_count} malformed and {self.orphan_count} stray keys"
+        sample = ""
+        if self.sample is not None:
+            sample = f"; read a random sample of {self.sample['read']} of {self.sample['of']} donations"
+        return (f"{self.num_blocks} blocks: {c['complete']} complete, {c['blended']} blended, "
+                f"{c['incomplete']} incomplete, {c['bad']} bad; donations {d['present']}/{d['expected']} present, "
+                f"{human_bytes(self.stored_bytes)} stored{ratio}; {self.objects} objects listed{anomalies}{sample}")
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -129,50 +161,74 @@ class StoreReport:
             if raw["pieces"] is None:
                 del raw["pieces"]
         data["malformed"] = [{"name": n, "reason": r} for n, r in self.malformed]
-        data["counts"] = self.counts()
+        data["counts"] = data.pop("state_counts")
         data["healthy"] = self.healthy
         data["summary"] = self.summary()
         return data
 
 
 def inspect_store(store: ObjectStore, block: str | None = None, verify: bool = False, headers: bool | None = None,
-                  workers: int = 16) -> StoreReport:
+                  workers: int = 16, region: str | None = None, sample: int | None = None, limit: int = LIMIT,
+                  progress: bool = False, seed: int | None = None) -> StoreReport:
     """Report on ``store``: a planned job (manifest present) or a prefix holding donations.
 
     ``block`` restricts the report to one block (by name) and lists its pieces; their
-    headers are then read by default. ``verify`` fetches and fully checks every piece.
+    headers are then read by default. ``region`` (``x0-x1_y0-y1_z0-z1``) restricts it to the
+    blocks intersecting that box. ``verify`` fetches and fully checks the present pieces (all of
+    them, or a random ``sample`` of that many; ``sample`` alone implies ``verify``). ``limit``
+    bounds the rows (see the module docstring); ``progress`` shows tqdm bars on stderr.
     """
+    if block is not None and region is not None:
+        raise UsageError("--block and --region cannot be used together: --block NAME is one block")
     job = load_job(store) if store.exists(MANIFEST) else None
     wanted = _block_name(block, job) if block is not None else None
-    # One block: list only its own keys (they all start with its name), not the whole bucket.
-    listed, malformed, objects = _list_donations(store, f"{DONATIONS}{wanted}%" if wanted else DONATIONS)
-    done = {name for name, _ in store.list_with_sizes(DONE)} if wanted is None else {
-        name for stage in (1, 2) for name, _ in store.list_with_sizes(f"{DONE}stage{stage}/{wanted}")
-        if name.endswith(f"/{wanted}")}
-    objects += len(done) + (job is not None)
-    if job is None and not listed and not malformed and wanted is None:
-        raise StorageError(f"no chunkflow job and no donations at {store.url}")
-    blocks, orphans = (_job_blocks(job, listed, done, wanted) if job is not None
-                       else _prefix_blocks(listed, done, wanted))
-    if wanted is not None and not blocks:
-        raise StorageError(f"no donations or done markers for block {wanted} in {store.url}")
-    if verify:
-        read = "body"
-    elif headers if headers is not None else wanted is not None:
-        read = "head"
+    box = region_box(region, job) if region is not None else None
+    read = "body" if verify or (sample is not None and not headers) else (
+        "head" if (headers if headers is not None else wanted is not None) else None)
+    reservoir = Reservoir(sample, seed) if sample is not None and read else None
+    if job is not None:
+        selected = _job_selection(job, wanted, box)
+        count = job.layout.num_blocks if selected is None else int(selected.sum())
+        tally: JobTally | PrefixTally = JobTally(job, selected, keep_sizes=count <= limit, sample=reservoir)
     else:
-        read = None
+        select = ((lambda name: name == wanted) if wanted else
+                  _region_selector(box) if box is not None else (lambda name: True))
+        tally = PrefixTally(select, limit, sample=reservoir)
+    with _bar(progress, "listing", "name") as bar:
+        # One block: list only its own keys (they all start with its name), not the whole store.
+        tally.add_donations(store.list_with_sizes(f"{DONATIONS}{wanted}%" if wanted else DONATIONS), bar.update)
+        for stage in (1, 2):   # two listings, not one of done/: a directory store holds one directory at a time
+            names = store.list(f"{DONE}stage{stage}/{wanted or ''}")
+            tally.add_done((n for n in names if n.endswith(f"/{wanted}")) if wanted else names, bar.update)
+    if isinstance(tally, PrefixTally):
+        tally.trim()
+        if tally.n == 0 and not tally.malformed_count and wanted is None:
+            raise StorageError(f"no chunkflow job and no donations at {store.url}")
+        if wanted is not None and not tally.selected.any():
+            raise StorageError(f"no donations or done markers for block {wanted} in {store.url}")
+    present = tally.present()
+    population = int(present[tally.selected].sum())
+    log.debug("inspect %s: %d names listed, %d blocks, %d present donations selected", store.url, tally.listed,
+              tally.n, population)
     if read:
-        _check(store, blocks, job, read == "body", workers)
-    if wanted is None:
-        stored = sum(size for keys in listed.values() for size in keys.values())
-    else:
-        stored = sum(b.stored_bytes for b in blocks)
-    return StoreReport(
-        url=store.url, job_hash=job.job_hash if job else None, donation_dtype=job.donation_dtype if job else None,
-        compression=job.donation_compression if job else None, blocks=blocks, malformed=malformed,
-        orphans=orphans, objects=objects, stored_bytes=stored, raw_bytes=sum(b.raw_bytes for b in blocks),
-        checked={"body": "verified", "head": "headers", None: "listing"}[read])
+        tally.start_reads(tally.n, read == "body")
+        if reservoir is not None:
+            items = iter(sorted(reservoir.items))
+        elif isinstance(tally, JobTally):
+            items = tally.present_items()
+        else:
+            items = tally.valid_items(store.list_with_sizes(f"{DONATIONS}{wanted}%" if wanted else DONATIONS))
+        total = len(reservoir.items) if reservoir is not None else population
+        with _bar(progress, "verifying" if read == "body" else "headers", "piece", total) as bar:
+            read_pieces(store, items, job, read == "body", workers, tally.record, bar.update)
+    return _report(store, job, tally, present, read, limit, wanted, region, reservoir, population)
+
+
+def _bar(progress: bool, desc: str, unit: str, total: int | None = None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress, leave=False,
+                mininterval=0.5)
 
 
 def _block_name(block: str, job: Job | None) -> str:
@@ -188,71 +244,128 @@ def _block_name(block: str, job: Job | None) -> str:
     return box.name
 
 
-def _list_donations(store: ObjectStore, prefix: str = DONATIONS
-                    ) -> tuple[dict[str, dict[str, int]], list[tuple[str, str]], int]:
-    """One listing of ``prefix`` (``donations/``, or one block's keys): valid keys grouped by
-    block name, malformed names, count."""
-    by_block: dict[str, dict[str, int]] = {}
-    malformed: list[tuple[str, str]] = []
-    count = 0
-    for name, size in store.list_with_sizes(prefix):
-        count += 1
-        key = name[len(DONATIONS):]
+def region_box(region: str, job: Job | None = None) -> Bbox:
+    """``--region`` as a box; with ``job``, one that intersects its volume."""
+    try:
+        box = Bbox.from_name(str(region))
+    except ValueError:
+        raise UsageError(f"--region {region!r} is not a box x0-x1_y0-y1_z0-z1 of integers with each start below "
+                         "its stop (e.g. 0-1024_0-1024_0-64)") from None
+    if job is not None and box.intersect(job.layout.bbox).is_empty():
+        raise UsageError(f"--region {region} does not intersect the job's volume {job.layout.bbox.name}")
+    return box
+
+
+def _region_selector(region: Bbox) -> Callable[[str], bool]:
+    """Whether a block name (prefix mode) is a box that intersects ``region``."""
+    def select(name: str) -> bool:
         try:
-            block, _ = parse_key(key)
-        except ValueError as err:
-            malformed.append((name, str(err)))
-            continue
-        by_block.setdefault(block.name, {})[key] = size
-    return by_block, malformed, count
+            return not Bbox.from_name(name).intersect(region).is_empty()
+        except ValueError:
+            return False
+    return select
 
 
-def _job_blocks(job: Job, listed: dict[str, dict[str, int]], done: set[str],
-                wanted: str | None) -> tuple[list[BlockReport], list[str]]:
+def _job_selection(job: Job, wanted: str | None, box: Bbox | None) -> np.ndarray | None:
+    """The selected blocks as a bool per block (raster order); None for all of them."""
     layout = job.layout
-    itemsize = np.dtype(job.donation_dtype).itemsize
-    names: dict = {}  # block index -> name, so each donor's name is computed once
-    reports = []
-    for idx in layout.block_indices():
-        box = layout.block_box(idx)
-        names[idx] = box.name
-        if wanted is not None and box.name != wanted:
-            continue
-        present = listed.get(box.name, {})
-        pieces = []
-        for d in layout.donations_to(idx):
-            size = present.get(d.key)
-            donor = names.get(d.donor) or names.setdefault(d.donor, layout.block_box(d.donor).name)
-            pieces.append(PieceReport(d.key, d.piece.name, donor, size is not None,
-                                      size or 0, d.piece.size * job.out_channels * itemsize))
-        expected = {p.key for p in pieces}
-        report = BlockReport(
-            block=box.name, stage1=f"{DONE}stage1/{box.name}" in done, stage2=f"{DONE}stage2/{box.name}" in done,
-            expected=len(pieces), present=sum(p.present for p in pieces),
-            missing=[p.key for p in pieces if not p.present],
-            unexpected=sorted(k for k in present if k not in expected),
-            stored_bytes=sum(p.size for p in pieces), raw_bytes=sum(p.raw for p in pieces if p.present),
-            pieces=pieces)
-        reports.append(report)
-    known = set(names.values())
-    orphans = sorted(DONATIONS + k for name, keys in listed.items() if name not in known for k in keys)
-    return reports, orphans
+    if wanted is None and box is None:
+        return None
+    mask = np.zeros(tuple(layout.grid_shape), dtype=bool)
+    if wanted is not None:
+        mask[tuple(layout.block_index_of(Bbox.from_name(wanted)))] = True
+    else:
+        clip = box.intersect(layout.bbox)
+        mask[tuple(slice(ax.block_index(lo), ax.block_index(hi - 1) + 1)
+                   for ax, lo, hi in zip(layout.axes, clip.start, clip.stop))] = True
+    return mask.ravel()
 
 
-def _prefix_blocks(listed: dict[str, dict[str, int]], done: set[str],
-                   wanted: str | None) -> tuple[list[BlockReport], list[str]]:
-    """Without a manifest nothing is expected: report what each block has."""
-    names = set(listed) | {n.rsplit("/", 1)[-1] for n in done}
-    reports = []
-    for name in sorted(names, key=_sort_key):
-        if wanted is not None and name != wanted:
-            continue
-        keys = listed.get(name, {})
-        pieces = [PieceReport(k, k.split("%")[1], None, True, size) for k, size in sorted(keys.items())]
-        reports.append(BlockReport(block=name, stage1=f"{DONE}stage1/{name}" in done,
-                                   stage2=f"{DONE}stage2/{name}" in done, expected=None, present=len(keys),
-                                   stored_bytes=sum(keys.values()), pieces=pieces))
-    return reports, []
+def _states(tally: JobTally | PrefixTally, present: np.ndarray) -> np.ndarray:
+    """Each block's state as an index into :data:`STATES` (the rule of :attr:`BlockReport.state`)."""
+    expected = tally.expected()
+    bad = tally.unexpected[:tally.n] > 0
+    if tally.refused is not None:
+        bad |= tally.refused > 0
+    blended = ~bad & tally.stage2
+    incomplete = ~bad & ~tally.stage2
+    if expected is not None:
+        incomplete &= present < expected
+    state = np.zeros(tally.n, dtype=np.uint8)
+    state[blended], state[incomplete], state[bad] = 1, 2, 3
+    return state
+
+
+def _report(store: ObjectStore, job: Job | None, tally: JobTally | PrefixTally, present: np.ndarray, read: str | None,
+            limit: int, wanted: str | None, region: str | None, reservoir: Reservoir | None,
+            population: int) -> StoreReport:
+    sel = tally.selected
+    state = _states(tally, present)
+    expected = tally.expected()
+    raw = tally.raw()
+    chosen = np.flatnonzero(sel)
+    counts = np.bincount(state[chosen], minlength=len(STATES))
+    problem = chosen[state[chosen] >= 2]
+    order = _display_order(tally, chosen if len(chosen) <= limit else problem, limit)
+    rows = [_row(tally, int(i), int(present[i]), raw, expected) for i in order]
+    odd = sum(b for i, b in tally.odd_bytes.items() if (i < 0 and wanted is None and region is None) or
+              (i >= 0 and sel[i]))
+    examples = {s: [tally.name(int(i)) for i in chosen[state[chosen] == k][:EXAMPLES]] for k, s in enumerate(STATES)}
+    sampled = None if reservoir is None else {"requested": reservoir.size, "read": tally.read, "of": population}
+    return StoreReport(
+        url=store.url, job_hash=job.job_hash if job else None, donation_dtype=job.donation_dtype if job else None,
+        compression=job.donation_compression if job else None, blocks=rows, malformed=tally.malformed,
+        orphans=tally.orphans, objects=tally.listed + (job is not None),
+        stored_bytes=int(tally.stored[chosen].sum()) + odd, raw_bytes=int(raw[chosen].sum()),
+        checked={"body": "verified", "head": "headers", None: "listing"}[read],
+        state_counts={s: int(c) for s, c in zip(STATES, counts)}, num_blocks=len(chosen),
+        rows="all" if len(chosen) <= limit else "problems", limit=limit,
+        grid=list(tally.grid.shape) if isinstance(tally, JobTally) else None,
+        selection={"block": wanted, "region": region, "blocks": len(chosen)},
+        stages={"stage1": int(tally.stage1[chosen].sum()), "stage2": int(tally.stage2[chosen].sum())},
+        donations={"expected": int(expected[chosen].sum()) if expected is not None else 0,
+                   "present": int(present[chosen].sum()),
+                   "missing": int((expected[chosen] - present[chosen]).sum()) if expected is not None else 0,
+                   "unexpected": int(tally.unexpected[chosen].sum())},
+        examples=examples,
+        problems={"count": len(problem),
+                  "first": [tally.name(int(i)) for i in _display_order(tally, problem, PROBLEMS)]},
+        malformed_count=tally.malformed_count, orphan_count=tally.orphan_count, sample=sampled)
+
+
+def _display_order(tally: JobTally | PrefixTally, indices: np.ndarray, limit: int) -> list[int]:
+    """The first ``limit`` of ``indices`` in display order: raster order for a job, box order without one."""
+    if isinstance(tally, JobTally):
+        return [int(i) for i in indices[:limit]]
+    return heapq.nsmallest(limit, (int(i) for i in indices), key=lambda i: _sort_key(tally.names[i]))
+
+
+def _row(tally: JobTally | PrefixTally, i: int, present: int, raw: np.ndarray,
+         expected: np.ndarray | None) -> BlockReport:
+    job_column, checksum = tally.read_column(i)
+    sizes = tally.sizes.get(i, {}) if tally.sizes is not None else None
+    report = BlockReport(
+        block=tally.name(i), stage1=bool(tally.stage1[i]), stage2=bool(tally.stage2[i]),
+        expected=None if expected is None else int(expected[i]), present=present,
+        unexpected=sorted(tally.unexpected_keys.get(i, [])), stored_bytes=int(tally.stored[i]),
+        raw_bytes=int(raw[i]), job=job_column, checksum=checksum, errors=list(tally.errors.get(i, [])))
+    pieces = []
+    if isinstance(tally, JobTally):
+        for index, key, donor, piece_raw in sorted(tally.pieces.pieces_of(i), key=lambda p: p[1]):
+            if not tally.has_piece(i, index):
+                report.missing.append(key)
+            if sizes is not None:
+                pieces.append(PieceReport(key, key.split("%")[1], donor, key in sizes, sizes.get(key, 0), piece_raw))
+    elif sizes is not None:
+        pieces = [PieceReport(k, k.split("%")[1], None, True, size) for k, size in sorted(sizes.items())]
+    if sizes is not None:
+        for piece in pieces:
+            check = tally.checks.get(piece.key)
+            if check is not None:
+                piece.job, piece.checksum, piece.error = check[0], check[1], check[2]
+                piece.raw = piece.raw or check[3]
+        report.pieces = pieces
+    return report
 
 
 def _sort_key(name: str):
@@ -261,129 +374,3 @@ def _sort_key(name: str):
         return (0, tuple(box.start), name)
     except ValueError:
         return (1, (), name)
-
-
-def _check(store: ObjectStore, blocks: list[BlockReport], job: Job | None, full: bool, workers: int) -> None:
-    """Read the present pieces of ``blocks`` (whole or head) and fill in job/checksum columns.
-
-    Without a manifest there is no job to compare with: a block's job column then says
-    whether its pieces agree on one job hash (``ok``) or not (``mixed``).
-    """
-    pieces = [p for b in blocks for p in (b.pieces or []) if p.present]
-    hashes: dict[str, str] = {}
-    threads = max(1, min(workers, len(pieces) or 1))
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cf-inspect") as pool:
-        for piece, result in zip(pieces, pool.map(lambda p: _read_piece(store, p.key, job, full), pieces)):
-            piece.job, piece.checksum, piece.error, raw, found = result
-            piece.raw = piece.raw or raw
-            if found:
-                hashes[piece.key] = found
-    for b in blocks:
-        checked = [p for p in (b.pieces or []) if p.present]
-        if not checked:
-            continue
-        if job is None:
-            b.job = "ok" if len({hashes.get(p.key) for p in checked} - {None}) <= 1 else "mixed"
-            b.raw_bytes = sum(p.raw for p in checked)
-        else:
-            b.job = "foreign" if any(p.job == "foreign" for p in checked) else "ok"
-        if full:
-            b.checksum = "bad" if any(p.checksum == "bad" for p in checked) else "ok"
-        b.errors = [p.error for p in checked if p.error]
-
-
-def _read_piece(store: ObjectStore, key: str, job: Job | None,
-                full: bool) -> tuple[str, str, str | None, int, str | None]:
-    """Fetch one piece (whole, or its head) and :func:`check_piece` it.
-
-    Storage errors (permission, network) propagate: they are not a property of the piece.
-    """
-    name = DONATIONS + key
-    try:
-        data = store.get(name) if full else store.get_head(name, HEAD_BYTES)
-        end = header_end(data)
-        if not full and end is not None and end > len(data):
-            data = store.get_head(name, end)
-    except KeyError:
-        return UNCHECKED, UNCHECKED, f"donation {key} vanished while inspecting", 0, None
-    return check_piece(data, key, job, full)
-
-
-def check_piece(data: bytes, key: str, job: Job | None,
-                full: bool = True) -> tuple[str, str, str | None, int, str | None]:
-    """``(job, checksum, error, raw bytes, job hash in its header)`` of a donation's bytes.
-
-    ``full`` decodes and checks the checksum (``data`` must be the whole object);
-    otherwise only the header is read. Without a ``job`` the piece's own hash is used.
-    """
-    try:
-        header = read_header(data, key)
-        if header.key != key:
-            return UNCHECKED, "bad", f"donation {key} is mislabelled: its header names key {header.key}", 0, None
-        expected_hash = job.job_hash if job is not None else header.job_hash
-        if header.job_hash != expected_hash:
-            return ("foreign", UNCHECKED, f"donation {key} belongs to job {header.job_hash}, not {expected_hash}", 0,
-                    header.job_hash)
-        if full:
-            decode_donation(data, key, expected_hash, *((job.out_channels, job.donation_dtype) if job else ()))
-        return "ok", "ok" if full else UNCHECKED, None, header.nbytes_raw, header.job_hash
-    except DonationError as err:
-        return UNCHECKED, "bad", str(err), 0, None
-
-
-
-def printable(name: str) -> str:
-    """A listed name made safe for a terminal: control and non-ASCII characters escaped."""
-    return name if name.isascii() and name.isprintable() else ascii(name)[1:-1]
-
-
-def format_table(report: StoreReport) -> list[str]:
-    """The human-readable report: header, one row per block, anomalies, summary."""
-    lines = []
-    if report.job_hash:
-        lines.append(f"job {report.job_hash} in {report.url} (donations {report.donation_dtype}, "
-                     f"compression {report.compression}; checked: {report.checked})")
-    else:
-        lines.append(f"no manifest in {report.url}: donations found by key, nothing expected "
-                     f"(checked: {report.checked})")
-    width = max([len(b.block) for b in report.blocks] + [5])
-    lines.append(f"{'block':<{width}}  {'state':<10} {'stage':<5} {'expected':>8} {'present':>7} {'missing':>7} "
-                 f"{'bytes':>10} {'ratio':>6}  {'job':<7} checksum")
-    for b in report.blocks:
-        stage = "2" if b.stage2 else ("1" if b.stage1 else "-")
-        expected = "?" if b.expected is None else str(b.expected)
-        ratio = f"{b.raw_bytes / b.stored_bytes:.2f}" if b.raw_bytes and b.stored_bytes else "-"
-        lines.append(f"{b.block:<{width}}  {b.state:<10} {stage:<5} {expected:>8} {b.present:>7} {len(b.missing):>7} "
-                     f"{human_bytes(b.stored_bytes):>10} {ratio:>6}  {b.job:<7} {b.checksum}")
-    for b in report.blocks:
-        if b.state == "blended":
-            continue
-        for key in b.missing:
-            lines.append(f"missing   {key} (block {b.block})")
-        for err in b.errors:
-            lines.append(f"refused   {printable(err)}")
-        for key in b.unexpected:
-            lines.append(f"unexpected {DONATIONS}{printable(key)}: not a piece block {b.block} expects")
-    for name in report.orphans:
-        lines.append(f"stray     {printable(name)}: its block is not a block of this job")
-    for name, reason in report.malformed:
-        lines.append(f"malformed {printable(name)}: skipped, not read ({printable(reason)})")
-    lines.append(f"summary: {report.summary()}")
-    return lines
-
-
-def format_block(report: StoreReport) -> list[str]:
-    """One block in detail: a row per piece (``--block``)."""
-    lines = format_table(report)
-    summary = lines.pop()
-    for b in report.blocks:
-        lines.append(f"pieces of block {b.block}:")
-        width = max([len(p.key) for p in b.pieces or []] + [3])
-        lines.append(f"  {'key':<{width}}  {'from block':<20} {'status':<8} {'bytes':>10} {'raw':>10}  {'job':<7} "
-                     "checksum")
-        for p in b.pieces or []:
-            status = "present" if p.present else ("consumed" if b.stage2 else "MISSING")
-            lines.append(f"  {p.key:<{width}}  {p.donor or '?':<20} {status:<8} {human_bytes(p.size):>10} "
-                         f"{human_bytes(p.raw) if p.raw else '-':>10}  {p.job:<7} {p.checksum}")
-    lines.append(summary)
-    return lines

@@ -27,7 +27,8 @@ from PIL import Image
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import LocalEngine, run_stage
-from chunkflow.donation_report import format_table, inspect_store
+from chunkflow.donation_format import format_table
+from chunkflow.donation_report import inspect_store
 from chunkflow.inspect_png import TINTS, CORE, MISSING
 from chunkflow.planning import plan
 from chunkflow.stages import DONATIONS
@@ -124,6 +125,39 @@ def test_cli_table_json_and_block(local_job):
     assert good["ratio"] == round(good["nbytes_raw"] / good["stored_bytes"], 3)
 
 
+def test_cli_region_sample_and_limit(local_job):
+    job, keys = local_job
+    block = job.layout.block_box(TARGET).name
+    # the region touches TARGET and the block below it along x: exactly those two, each with its pieces
+    region = "30-40_40-50_10-12"
+    report = json.loads(cli(job.store, "--region", region, "--json").stdout)
+    boxes = [job.layout.block_box(idx) for idx in job.layout.block_indices()]
+    inside = [b.name for b in boxes if not b.intersect(Bbox.from_name(region)).is_empty()]
+    assert [b["block"] for b in report["blocks"]] == inside and len(inside) == 2 and block in inside
+    assert report["selection"] == {"block": None, "region": region, "blocks": 2} and report["rows"] == "all"
+    assert all(len(b["pieces"]) == b["expected"] for b in report["blocks"])
+    text = cli(job.store, "--region", region)
+    assert text.returncode == 1 and f"region {region}: 2 blocks intersect it" in text.stdout
+    assert f"pieces of block {block}:" in text.stdout and f"missing   {keys[0]} (block {block})" in text.stdout
+
+    # a sample that covers every donation of the job finds the corrupt one; a small one reads only that many
+    everything = json.loads(cli(job.store, "--verify", "--sample", "1000", "--json").stdout)
+    present = everything["donations"]["present"]
+    assert everything["sample"] == {"requested": 1000, "read": present, "of": present}
+    assert everything["counts"]["bad"] == 1 and everything["checked"] == "verified"
+    few = json.loads(cli(job.store, "--sample", "3", "--json", "--quiet").stdout)
+    assert few["sample"] == {"requested": 3, "read": 3, "of": present}
+
+    # rows: every block when the job has at most --limit blocks, else only the problem blocks
+    limited = json.loads(cli(job.store, "--json", "--limit", "2").stdout)
+    assert limited["rows"] == "problems" and [b["block"] for b in limited["blocks"]] == [block]
+    assert "pieces" not in limited["blocks"][0] and limited["blocks"][0]["missing"] == [keys[0]]
+    assert limited["counts"] == {"complete": job.layout.num_blocks - 1, "blended": 0, "incomplete": 1, "bad": 0}
+    table = cli(job.store, "--limit", "2")
+    assert "(rows for the first 1 of 1 incomplete or bad blocks" in table.stdout
+    assert table.stdout.splitlines()[-1].startswith(f"summary: {job.layout.num_blocks} blocks: 7 complete")
+
+
 def test_cli_png_of_a_block_and_of_a_piece(local_job, tmp_path):
     job, keys = local_job
     block = job.layout.block_box(TARGET).name
@@ -150,7 +184,9 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize("case", ["not a store", "no block", "bad z", "png without target", "png dir missing",
                                   "junk piece", "absent piece", "z not a number", "z not whole",
-                                  "channel not a number", "channel negative", "workers not a number", "workers 0"])
+                                  "channel not a number", "channel negative", "workers not a number", "workers 0",
+                                  "region not a box", "region empty box", "region outside", "region and block",
+                                  "sample 0", "sample not a number", "sample not whole", "limit negative"])
 def test_cli_local_errors_are_one_line_and_write_nothing(local_job, tmp_path, case):
     job, keys = local_job
     block = job.layout.block_box(TARGET).name
@@ -173,6 +209,17 @@ def test_cli_local_errors_are_one_line_and_write_nothing(local_job, tmp_path, ca
                              ["--channel -1 must be >= 0"]),
         "workers not a number": ([job.store, "--verify", "--workers", "abc"], ["--workers 'abc' is not an integer"]),
         "workers 0": ([job.store, "--verify", "--workers", "0"], ["--workers 0 must be a positive integer"]),
+        "region not a box": ([job.store, "--region", "abc"],
+                             ["--region 'abc' is not a box x0-x1_y0-y1_z0-z1 of integers"]),
+        "region empty box": ([job.store, "--region", "9-3_0-8_0-8"], ["--region '9-3_0-8_0-8' is not a box"]),
+        "region outside": ([job.store, "--region", "100-200_0-8_0-8"],
+                           [f"--region 100-200_0-8_0-8 does not intersect the job's volume {job.layout.bbox.name}"]),
+        "region and block": ([job.store, "--region", "0-8_0-8_0-8", "--block", block],
+                             ["--block and --region cannot be used together"]),
+        "sample 0": ([job.store, "--verify", "--sample", "0"], ["--sample 0 must be a positive integer"]),
+        "sample not a number": ([job.store, "--verify", "--sample", "abc"], ["--sample 'abc' is not an integer"]),
+        "sample not whole": ([job.store, "--sample", "2.5"], ["--sample 2.5 is not an integer"]),
+        "limit negative": ([job.store, "--limit=-1"], ["--limit -1 must be >= 0"]),
     }[case]
     one_line_error(cli(*args), *fragments)
     assert not png.exists() and not (tmp_path / "nowhere").exists() and not (tmp_path / "no").exists()
