@@ -20,6 +20,7 @@ from chunkflow.cli_fleet import barrier, produce, status
 from chunkflow.cli_stages import check_command_line, report_failures
 from chunkflow.backends import check_device
 from chunkflow.bbox import zyx_text
+from chunkflow.cost_model import DEFAULT_PRICES, Prices, takes_prices
 from chunkflow.engines import check_options, make_engine, run_job
 from chunkflow.job import JobError
 from chunkflow.job_params import JobParameters, takes_job_parameters
@@ -40,18 +41,20 @@ REFERENCE_OMITS = {"donations": "", "block": None, "storage_chunk": None, "donat
 
 @user_errors
 @takes_job_parameters(flags=True)
-def plan(params: JobParameters, dry_run: bool = False, quiet: bool = False) -> None:
+@takes_prices
+def plan(params: JobParameters, dry_run: bool = False, quiet: bool = False, prices: Prices = DEFAULT_PRICES) -> None:
     """Validate a job, create its output volume, and write its manifest into the donation store.
 
     Args:
-        dry_run: validate and print tasks, patches, donations, bytes and a calibrated time estimate; write nothing.
+        dry_run: validate and print tasks, patches, donations, object operations, bytes, a calibrated time
+            estimate and what the job costs at the --price-* flags' prices; write nothing.
         quiet: no progress bars or log lines.
     """
     setup_logging(quiet)
     if dry_run:
         from chunkflow.dryrun import dry_run_job
         job, _, _ = make_job(params)
-        for line in dry_run_job(job):
+        for line in dry_run_job(job, prices=prices):
             print(line)
         return
     job = plan_job(params)

@@ -13,16 +13,21 @@ on this machine's device, and ``patches in the grid x seconds per patch`` is the
 the whole job on one such worker. The blending, I/O and donation overhead around the model is
 not in it (the benchmarks in ``docs/benchmarks.md`` measure it).
 
+The same per-axis sums count the objects the job reads and writes (:func:`io_counts`: input
+chunks, output chunks or shards), and :mod:`chunkflow.cost_model` adds the markers and turns it
+all into requests, bytes at the peak, worker-hours and dollars at the ``--price-*`` flags' prices.
+
 A hypothetical volume needs no data: ``python -m chunkflow.dryrun --shape 100000,100000,100000
 --input-patch 20,256,256 --overlap 4,64,64 --block 112,1152,1152`` (model ``identity`` unless
 given).
 """
 from __future__ import annotations
 
+import json as _json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
@@ -30,7 +35,9 @@ import numpy as np
 from chunkflow.units import human_bytes
 from chunkflow.backends import Backend
 from chunkflow.bbox import Bbox, Vec, zyx_text
-from chunkflow.geometry import AxisPlan, Layout
+from chunkflow.cost_model import (DEFAULT_PRICES, CostEstimate, JobCounts, Prices, cost_lines, estimate,
+                                  takes_prices)
+from chunkflow.geometry import AxisPlan, GeometryError, Layout
 from chunkflow.job_params import documented_fields
 
 log = logging.getLogger(__name__)
@@ -158,6 +165,68 @@ def _core_pieces(layout: Layout) -> int:
 
 
 @dataclass(frozen=True)
+class IoCounts:
+    """Object counts of a job's data (markers aside): what :mod:`chunkflow.cost_model` prices."""
+
+    input_reads: int     # input storage chunks read, summed over stage-one tasks
+    output_objects: int  # output objects (storage chunks, or shards) written, each once
+    core_objects: int    # of those, the ones stage one writes (its cores)
+
+
+def _cells(start: int, stop: int, origin: int, size: int) -> int:
+    """How many cells of the grid ``origin + k * size`` the range ``[start, stop)`` meets."""
+    return 0 if stop <= start else (stop - 1 - origin) // size - (start - origin) // size + 1
+
+
+def io_counts(layout: Layout, context: Sequence[int] = (0, 0, 0), input_box: Bbox | None = None,
+              input_chunk: Sequence[int] | None = None, output_unit: Sequence[int] | None = None) -> IoCounts:
+    """Input chunks read and output objects written by the whole job, from per-axis sums.
+
+    Args:
+        layout: the job's layout.
+        context: the model's context margin per side, ZYX: a stage-one task reads its chunk grown by it.
+        input_box: the input volume's bounds (default: the layout's region); reads stop there (the rest is padding).
+        input_chunk: the input's storage chunk, ZYX, on a grid from ``input_box.start`` (default: the output's).
+        output_unit: the output's unit of writing, ZYX, on a grid from the region's start: its storage chunk
+            (the default) or, for a sharded output, its shard.
+
+    Returns:
+        The counts: each a sum over blocks of a product of per-axis terms, so a product of per-axis sums.
+    """
+    box = input_box if input_box is not None else layout.bbox
+    grid = Vec(input_chunk) if input_chunk is not None else layout.storage_chunk
+    unit = Vec(output_unit) if output_unit is not None else layout.storage_chunk
+    sums = []  # per axis: (input chunks read, output objects, core objects)
+    for a, ax in enumerate(layout.axes):
+        r = o = c = 0
+        for k in range(ax.num_blocks):
+            bs, be = ax.block_range(k)
+            o += _cells(bs, be, ax.start, unit[a])
+            ch = ax.chunk(k)
+            if ch is not None:
+                r += _cells(max(ch[0] - context[a], box.start[a]), min(ch[1] + context[a], box.stop[a]),
+                            box.start[a], grid[a])
+                c += 0 if layout.whole_block_writes else _cells(ax.core_start(k), be, ax.start, unit[a])
+        sums.append((r, o, c))
+    return IoCounts(*(int(np.prod(column, dtype=object)) for column in zip(*sums)))
+
+
+def job_counts(summary: PlanSummary, io: IoCounts, calibration: Calibration | None = None) -> JobCounts:
+    """The numbers :func:`chunkflow.cost_model.estimate` takes, from the dry run's counts.
+
+    Args:
+        summary: the layout's counts (:func:`summarise`).
+        io: its object counts (:func:`io_counts`).
+        calibration: the model's timing, for the GPU hours (None: not estimated).
+    """
+    seconds = None if calibration is None else summary.patches_computed * calibration.seconds_per_patch
+    return JobCounts(stage_one_tasks=summary.stage_one_tasks, stage_two_tasks=summary.stage_two_tasks,
+                     input_reads=io.input_reads, output_objects=io.output_objects, core_objects=io.core_objects,
+                     donations=summary.donations, output_bytes=summary.output_bytes,
+                     donated_bytes=summary.donated_bytes, output_voxels=summary.output_voxels, model_seconds=seconds)
+
+
+@dataclass(frozen=True)
 class Calibration:
     seconds_per_patch: float
     patches: int
@@ -207,18 +276,43 @@ def report_lines(summary: PlanSummary, layout: Layout, calibration: Calibration 
 
 
 
-def dry_run_job(job, calibrate_batches: int = 3) -> list[str]:
-    """Report lines for a validated :class:`chunkflow.job.Job`, calibrating its model on its device."""
+def dry_run_job(job, calibrate_batches: int = 3, prices: Prices = DEFAULT_PRICES) -> list[str]:
+    """Report lines for a validated :class:`chunkflow.job.Job`, calibrating its model on its device.
+
+    Args:
+        job: the job.
+        calibrate_batches: batches timed for the estimate (0: no calibration, no GPU hours).
+        prices: the cost model's prices (:mod:`chunkflow.cost_model`).
+    """
     from chunkflow.backends import load_backend
 
     layout = job.layout
+    dtype, input_box, input_chunk = _input_geometry(job)
     summary = summarise(layout, job.out_channels, job.output_dtype, job.donation_dtype, job.in_channels,
-                        _input_dtype(job.input), job.context_margin, job.input_patch, job.batch_size)
+                        dtype, job.context_margin, job.input_patch, job.batch_size)
+    io = io_counts(layout, job.context_margin, input_box, input_chunk, _output_unit(job))
     calibration = None
     if calibrate_batches > 0:
         backend = load_backend(job.model, job.weights, job.device, job.precision)
         calibration = calibrate(backend, job.input_patch, job.in_channels, job.batch_size, calibrate_batches)
-    return report_lines(summary, layout, calibration) + _mask_lines(job)
+    cost = estimate(job_counts(summary, io, calibration), prices)
+    return report_lines(summary, layout, calibration) + cost_lines(cost, human_bytes) + _mask_lines(job)
+
+
+def report_dict(summary: PlanSummary, layout: Layout, calibration: Calibration | None, cost: CostEstimate) -> dict:
+    """The report's numbers, for JSON: the layout's counts, the calibration and the cost model's numbers.
+
+    Args:
+        summary: the layout's counts.
+        layout: the layout.
+        calibration: the model's timing (None: not calibrated).
+        cost: the cost model's estimate.
+    """
+    counts = asdict(summary)
+    counts.update(largest_chunk=list(summary.largest_chunk), redundancy=summary.redundancy,
+                  grid_shape=list(layout.grid_shape), block=list(layout.block), region=layout.bbox.name)
+    return {"plan": counts, "calibration": None if calibration is None else asdict(calibration),
+            "cost": cost.as_dict()}
 
 
 def _mask_lines(job) -> list[str]:
@@ -233,20 +327,38 @@ def _mask_lines(job) -> list[str]:
     skipped = layout.num_patches - kept
     return [f"mask {job.mask} (mip {job.mask_mip}): {int(masked.sum()):,} of {layout.num_blocks:,} blocks get no "
             f"stage-one task, {skipped:,} of {layout.num_patches:,} patches ({skipped / layout.num_patches:.0%}) "
-            "are not computed"]
+            "are not computed (the counts and costs above are without the mask)"]
 
 
-def _input_dtype(url: str) -> str:
+def _input_geometry(job) -> tuple[str, Bbox, Vec]:
+    """The input's dtype, bounds and storage chunk at the job's mip."""
     from chunkflow.storage import open_volume
 
-    return str(open_volume(url).dtype)
+    volume = open_volume(job.input, mip=job.mip)
+    return str(volume.dtype), volume.bbox, volume.chunk_size
+
+
+def _output_unit(job) -> Vec | None:
+    """The shard a sharded output is written in (None: its storage chunk)."""
+    if not job.layout.whole_block_writes:
+        return None
+    from chunkflow.storage import StorageError, open_volume
+    from chunkflow.storage.sharding import output_shard
+
+    try:
+        shard = open_volume(job.output).shard_size
+    except StorageError:
+        shard = None
+    return shard if shard is not None else output_shard(job)
 
 
 @documented_fields
+@takes_prices
 def hypothetical(shape: str, input_patch: str, block: str, overlap: str = "0,0,0", output_patch: str | None = None,
-                 start: str = "0,0,0", storage_chunk: str | None = None, model: str = "identity",
-                 weights: str | None = None, device: str = "cpu", batch_size: int = 1, channels: int = 1,
-                 dtype: str = "float32", calibrate_batches: int = 3) -> str:
+                 start: str = "0,0,0", storage_chunk: str | None = None, input_chunk: str | None = None,
+                 model: str = "identity", weights: str | None = None, device: str = "cpu", batch_size: int = 1,
+                 channels: int = 1, dtype: str = "float32", calibrate_batches: int = 3,
+                 prices: Prices = DEFAULT_PRICES, json: bool = False) -> str:
     """Dry run against a volume that does not exist: ``--shape Z,Y,X`` (and ``--start``).
 
     The flags a planned job also has take the help of its parameters
@@ -255,8 +367,11 @@ def hypothetical(shape: str, input_patch: str, block: str, overlap: str = "0,0,0
     Args:
         shape: the hypothetical volume's size, ZYX, e.g. 100000,100000,100000.
         start: its first voxel, ZYX.
+        input_chunk: its storage chunk, ZYX, for the count of input reads (default: the output's storage chunk).
         channels: its channels (the model's input channels).
         calibrate_batches: batches of random patches timed on --device for the estimate (0: no estimate).
+        prices: the cost model's prices: the --price-* flags (:func:`chunkflow.cost_model.takes_prices`).
+        json: print the numbers as one JSON object instead of the report.
 
     Returns:
         The report, one line per count.
@@ -270,12 +385,18 @@ def hypothetical(shape: str, input_patch: str, block: str, overlap: str = "0,0,0
     chunk = Vec.parse(storage_chunk, "storage chunk") if storage_chunk else default_storage_chunk(block_v)
     layout = Layout(Bbox.from_shape(Vec.parse(start), Vec.parse(shape, "shape")), out_patch,
                     Vec.parse(overlap, "overlap"), block_v, chunk)
+    in_chunk = Vec.parse(input_chunk, "input chunk") if input_chunk else chunk
+    if min(in_chunk) <= 0:
+        raise GeometryError(f"input chunk {zyx_text(in_chunk)} must be positive along z, y and x, e.g. 64,64,64")
     backend = load_backend(model, weights, device)
     out_channels, _ = backend.output_shape(tuple(in_patch), channels)
-    summary = summarise(layout, out_channels, dtype, "float32", channels, "uint8", (in_patch - out_patch) // 2,
-                        in_patch, batch_size)
+    context = (in_patch - out_patch) // 2
+    summary = summarise(layout, out_channels, dtype, "float32", channels, "uint8", context, in_patch, batch_size)
     calibration = calibrate(backend, in_patch, channels, batch_size, calibrate_batches) if calibrate_batches else None
-    return "\n".join(report_lines(summary, layout, calibration))
+    cost = estimate(job_counts(summary, io_counts(layout, context, layout.bbox, in_chunk), calibration), prices)
+    if json:
+        return _json.dumps(report_dict(summary, layout, calibration, cost), indent=2)
+    return "\n".join(report_lines(summary, layout, calibration) + cost_lines(cost, human_bytes))
 
 
 if __name__ == "__main__":

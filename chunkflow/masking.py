@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import JobError
+
+if TYPE_CHECKING:
+    from chunkflow.block_set import BlockGrid, BlockSet
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +137,21 @@ def load_block_map(job, store) -> np.ndarray | None:
     return decode_block_map(data, job.layout.num_blocks, where)
 
 
-def masked_names(job, store) -> set[str]:
-    """Names of the blocks the mask leaves no patch."""
+def masked_set(job, store, grid: "BlockGrid | None" = None) -> "BlockSet | None":
+    """The blocks the mask leaves no patch, as a :class:`~chunkflow.block_set.BlockSet` read
+    straight from the block map (same raster order); None for a job without a mask."""
+    from chunkflow.block_set import BlockGrid, BlockSet
+
     masked = load_block_map(job, store)
     if masked is None:
-        return set()
-    return {job.layout.block_box(b).name for b, m in zip(job.layout.block_indices(), masked) if m}
+        return None
+    return BlockSet(grid if grid is not None else BlockGrid(job.layout), np.ascontiguousarray(masked, dtype=bool))
+
+
+def masked_names(job, store) -> set[str]:
+    """Names of the blocks the mask leaves no patch."""
+    masked = masked_set(job, store)
+    return set() if masked is None else set(masked)
 
 
 def block_position(block: Vec, grid: Sequence[int]) -> int:

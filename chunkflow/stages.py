@@ -380,10 +380,23 @@ def cast_output(data: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def is_done(store: ObjectStore, stage: int, block: Bbox) -> bool:
-    return store.exists(done_marker(stage, block))
+    """Whether the block's done marker exists; if so its log entry is written again (idempotent), for
+    a worker killed between the two writes of :func:`mark_done` leaves a done block no poller of
+    the log hears of until a retry finds it done here (:mod:`chunkflow.done_log`)."""
+    from chunkflow.done_log import announce
+
+    if not store.exists(done_marker(stage, block)):
+        return False
+    announce(store, stage, block.name)
+    return True
 
 
 def mark_done(store: ObjectStore, stage: int, block: Bbox, job: Job, stats: Stats) -> None:
+    """Write the block's done marker (the authority), then its entry in the done log, which is how
+    ``status`` and ``barrier`` learn of it without listing every marker (:mod:`chunkflow.done_log`)."""
+    from chunkflow.done_log import announce
+
     record = {"job": job.job_hash, "block": block.name, "patches": stats.patches, "voxels": stats.voxels,
               "donated_bytes": stats.donated_bytes, "seconds": stats.seconds, "finished": time.time()}
     store.put(done_marker(stage, block), json.dumps(record).encode())
+    announce(store, stage, block.name)

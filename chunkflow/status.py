@@ -3,7 +3,11 @@
 Read from the job's own markers (see :mod:`chunkflow.engines.task`), which every engine
 keeps, and optionally from a task queue's counters:
 
-- done: ``done/stage{n}/{block}`` exists;
+- done: ``done/stage{n}/{block}`` exists, read at the cost of what changed since the last
+  look (:mod:`chunkflow.done_log`: a checkpoint, then the done log since it; the checkpoint is
+  written back when it moved on). A block with a running marker that the log does not count
+  done has its done marker checked (up to ``SAMPLE`` of them): a worker killed between its done
+  marker and its log entry leaves such a block;
 - running: a ``running/`` marker and no done marker. A worker killed mid-task leaves its
   running marker until a retry finishes, so ``oldest_running_s`` helps to spot the dead, and a
   queue worker's marker whose heartbeat (refreshed at every lease renewal) is older than its
@@ -26,8 +30,11 @@ import math
 import random
 import time
 
+import numpy as np
+
+from chunkflow.block_set import BlockGrid, BlockSet
+from chunkflow.done_log import DoneView
 from chunkflow.engines.attempts import failure_line, failures, gave_up, is_stale, marker_names
-from chunkflow.engines.runner import done_blocks
 from chunkflow.engines.task import STAGE_NAMES
 from chunkflow.job import Job
 from chunkflow.storage import ObjectStore, open_store
@@ -44,18 +51,26 @@ def job_status(job: Job, queue_url: str | None = None, now: float | None = None,
     """A JSON-able report of ``job``'s progress (and of ``queue_url``'s counters when given)."""
     store = open_store(job.store)
     now = time.time() if now is None else now
-    names = {job.layout.block_box(b).name for b in job.layout.block_indices()}
-    report: dict = {"job": job.job_hash, "store": job.store, "blocks": len(names), "stages": {}}
+    grid = BlockGrid(job.layout)
+    total = grid.size
+    report: dict = {"job": job.job_hash, "store": job.store, "blocks": total, "stages": {}}
     for stage in (1, 2):
-        done = done_blocks(store, stage, job) & names
-        running = marker_names(store, "running", stage) & names - done
-        failed = marker_names(store, "failed", stage) & names - done - running
+        view = DoneView(store, stage, job, grid)
+        done = view.refresh()
+        running = {b for b in marker_names(store, "running", stage) if grid.flat(b) is not None}
+        unheard = sorted(b for b in running if b not in done)
+        if view.probe(unheard if len(unheard) <= SAMPLE else random.sample(unheard, SAMPLE)):
+            done = view.done
+        view.save()
+        running = {b for b in running if b not in done}
+        failed = {b for b in marker_names(store, "failed", stage) if b not in done and b not in running
+                  and grid.flat(b) is not None}
         runs = _records(store, "running", stage, running)
         stale = sorted(r["block"] for r in runs if r.get("block") in running and is_stale(r, now))
         shown = failures(store, stage, sorted(failed)[:SHOWN])
         report["stages"][str(stage)] = {
-            "name": STAGE_NAMES[stage], "total": len(names), "done": len(done), "running": len(running),
-            "failed": len(failed), "eta_s": _eta(store, stage, done, len(names), now),
+            "name": STAGE_NAMES[stage], "total": total, "done": len(done), "running": len(running),
+            "failed": len(failed), "eta_s": _eta(store, stage, done, total, now),
             "oldest_running_s": _oldest(runs, now), "failed_blocks": sorted(failed)[:SHOWN],
             "stale": len(stale), "stale_blocks": stale[:SHOWN],
             "gave_up_blocks": sorted(b for b, r in shown.items() if gave_up(r)),
@@ -78,12 +93,19 @@ def queue_status(queue_url: str, **queue_kwargs) -> dict:
     return counters
 
 
+#: the table's count columns and their narrowest widths; a column widens to two spaces more than its longest number
+COLUMNS = {"total": 7, "done": 7, "running": 9, "failed": 8}
+
+
 def format_status(report: dict) -> list[str]:
+    """The table ``chunkflow status`` prints (one line per stage, then the details)."""
+    stages = list(report["stages"].values())
+    widths = {k: max([w] + [len(str(s[k])) + 2 for s in stages]) for k, w in COLUMNS.items()}
     lines = [f"job {report['job']} in {report['store']}: {report['blocks']} blocks"]
-    lines.append(f"  {'stage':<22}{'total':>7}{'done':>7}{'running':>9}{'failed':>8}  ETA")
-    for s in report["stages"].values():
+    lines.append(f"  {'stage':<22}" + "".join(f"{k:>{w}}" for k, w in widths.items()) + "  ETA")
+    for s in stages:
         eta = "done" if s["done"] == s["total"] else ("?" if s["eta_s"] is None else _duration(s["eta_s"]))
-        lines.append(f"  {s['name']:<22}{s['total']:>7}{s['done']:>7}{s['running']:>9}{s['failed']:>8}  {eta}")
+        lines.append(f"  {s['name']:<22}" + "".join(f"{s[k]:>{w}}" for k, w in widths.items()) + f"  {eta}")
         if s["oldest_running_s"] is not None and s["running"]:
             lines.append(f"    oldest running task started {_duration(s['oldest_running_s'])} ago")
         if s["stale"]:
@@ -101,7 +123,7 @@ def format_status(report: dict) -> list[str]:
     return lines
 
 
-def _records(store: ObjectStore, kind: str, stage: int, names: set[str]) -> list[dict]:
+def _records(store: ObjectStore, kind: str, stage: int, names: set[str] | list[str]) -> list[dict]:
     chosen = sorted(names) if len(names) <= SAMPLE else random.sample(sorted(names), SAMPLE)
     blobs = store.get_many([f"{kind}/stage{stage}/{n}" for n in chosen])
     records = []
@@ -115,13 +137,22 @@ def _records(store: ObjectStore, kind: str, stage: int, names: set[str]) -> list
     return records
 
 
-def _eta(store: ObjectStore, stage: int, done: set[str], total: int, now: float) -> float | None:
+def _sample(done: BlockSet, n: int) -> list[str]:
+    """The names of ``n`` blocks of ``done`` drawn at random (all of them if fewer): flat indices
+    are drawn, and only those named."""
+    flats = np.flatnonzero(done.bits)
+    if len(flats) > n:
+        flats = flats[sorted(random.sample(range(len(flats)), n))]
+    return [done.grid.name(int(i)) for i in flats]
+
+
+def _eta(store: ObjectStore, stage: int, done: BlockSet, total: int, now: float) -> float | None:
     if len(done) == total:
         return 0.0
     if not done:
         return None
     tasks = []  # (finished, started) of the sampled done markers
-    for r in _records(store, "done", stage, done):
+    for r in _records(store, "done", stage, _sample(done, SAMPLE)):
         finished, seconds = r.get("finished"), r.get("seconds", {})
         if not isinstance(finished, (int, float)) or not isinstance(seconds, dict):
             continue

@@ -105,6 +105,8 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert f"= {expected['patches_computed'] / layout.num_patches:.3f}" in printed
     assert f"donations: {expected['donations']} objects" in printed
     assert "ms per patch" in printed and "hours" in printed
+    assert f"output objects + {expected['donations']} donations + " in printed  # the cost model's lines
+    assert "per teravoxel" in printed and "list prices as of 2025" in printed
 
 
 def test_cli_dry_run_refuses_a_bad_job_like_plan(tmp_path, capsys):

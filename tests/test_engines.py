@@ -125,7 +125,8 @@ def test_resume_after_half_the_blocks_runs_only_the_rest(tmp_path, capsys):
 
 def test_killed_run_resumes(tmp_path, capsys):
     """SIGKILL a `chunkflow run` right after its first block is done; the rerun does the rest.
-    The local engine runs two blocks at once, so the other slot may have finished a few more."""
+    The local engine pipelines stage one on two slots (up to four blocks in flight: two reading or
+    on the model, two writing behind), so the others may have finished a few more."""
     job = small_job(tmp_path)
     pauses = tmp_path / "pauses"
     pauses.mkdir()
@@ -142,10 +143,10 @@ def test_killed_run_resumes(tmp_path, capsys):
     assert 1 <= done < job.layout.num_blocks
     running = {n.rsplit("/", 1)[1] for n in store.list("running/stage1/")}
     finished = {n.rsplit("/", 1)[1] for n in store.list("done/stage1/")}
-    assert finished & running and len(running) <= 2  # the dead process's markers stay behind...
+    assert finished & running and len(running) <= 4  # the dead process's markers stay behind...
     fire.Fire(COMMANDS, ["status", job.store, "--json"])
-    # ...but the parked block is done; only the other slot's block, killed mid-run, may look running
-    assert json.loads(capsys.readouterr().out)["stages"]["1"]["running"] == len(running - finished) <= 1
+    # ...but the parked block is done; only the other blocks in flight, killed mid-run, may look running
+    assert json.loads(capsys.readouterr().out)["stages"]["1"]["running"] == len(running - finished) <= 3
     fire.Fire(COMMANDS, ["run", *run_flags(job), "--quiet"])
     assert f"stage one: {job.layout.num_blocks - done} tasks run, {done} already done" in capsys.readouterr().out
     assert_complete_and_exact(job)
@@ -164,6 +165,7 @@ def test_status_counts_running_and_failed_tasks(tmp_path, capsys):
 
 
 def test_eta_measures_recent_completions_not_the_idle_days_before_a_resume(tmp_path):
+    from chunkflow.done_log import announce
     from chunkflow.status import job_status
 
     job = small_job(tmp_path)
@@ -171,8 +173,9 @@ def test_eta_measures_recent_completions_not_the_idle_days_before_a_resume(tmp_p
     names = [job.layout.block_box(b).name for b in job.layout.block_indices()]
     now, days = time.time(), 3 * 86400
 
-    def done(name, finished, seconds=10.0):
+    def done(name, finished, seconds=10.0):  # as mark_done writes it: the marker, then its log entry
         store.put(f"done/stage1/{name}", json.dumps({"finished": finished, "seconds": {"model": seconds}}).encode())
+        announce(store, 1, name)
 
     for i, name in enumerate(names[:4]):  # the job ran for 40 s three days ago, 4 blocks in a row
         done(name, now - days + 10 * (i + 1))

@@ -18,6 +18,7 @@ import pytest
 import chunkflow
 from chunkflow.cli import COMMANDS, REFERENCE_OMITS
 from chunkflow.cli_stages import check_command_line, help_text
+from chunkflow.cost_model import PRICE_PARAMETERS
 from chunkflow.dryrun import hypothetical
 from chunkflow.job_params import JobParameters, takes_job_parameters, with_field_docs
 
@@ -26,7 +27,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(JobParameters)}
 
 #: each command's flags that are not job parameters, and the job parameters it leaves out
 OWN = {
-    "plan": ({"dry_run", "quiet"}, set()),
+    "plan": ({"dry_run", "quiet", *PRICE_PARAMETERS}, set()),
     "run": ({"force", "cleanup", "engine", "mode", "workers", "scheduler", "quiet"}, set()),
     "reference": ({"quiet"}, set(REFERENCE_OMITS)),
 }

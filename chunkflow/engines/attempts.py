@@ -136,7 +136,11 @@ def failure_line(block: str, record: dict) -> str:
 def reset_given_up(store: ObjectStore, stage: int, blocks: Iterable[str]) -> list[str]:
     """Delete the failed markers of the ``blocks`` given up, so that their attempts count from 1
     again (``produce`` calls this for the tasks it enqueues); returns those blocks."""
-    failed = marker_names(store, "failed", stage) & set(blocks)
+    failed = marker_names(store, "failed", stage)  # few: failures only, so that is what the set is made of
+    if not failed:
+        return []
+    chosen = blocks if isinstance(blocks, (set, frozenset)) else set(blocks)
+    failed = {b for b in failed if b in chosen}
     given_up = sorted(b for b, r in failures(store, stage, sorted(failed)).items() if gave_up(r))
     for block in given_up:
         store.delete(marker_name("failed", stage, block))

@@ -43,6 +43,8 @@ from typing import Callable
 from taskqueue import TaskQueue, queueable
 
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.block_set import BlockSet
+from chunkflow.done_log import SWEEP_AFTER_S, DoneView, done_set
 from chunkflow.engines.attempts import failure_line, failures, gave_up, marker_names, reset_given_up
 from chunkflow.engines.failures import one_line
 from chunkflow.engines.runner import done_blocks
@@ -59,6 +61,8 @@ DEFAULT_LEASE = 120
 PROTOCOLS = ("fq://", "sqs://")
 #: seconds a task of another job that a worker handed back stays invisible (so its next lease finds another)
 HAND_BACK_SECONDS = 2
+#: seconds between the checkpoints (``summary/stage1``) a waiting barrier writes
+SAVE_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -134,12 +138,12 @@ def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None
     store = Resources(job).store
     layout = job.layout
     if stage == 2:
-        missing = layout.num_blocks - len(done_blocks(store, 1, job) & _all_names(job))
+        missing = layout.num_blocks - len(done_set(store, 1, job, confirm=True))
         if missing:
             raise QueueError(f"stage one of job {job.job_hash} is not complete ({missing} of {layout.num_blocks} "
                              "blocks not done); `chunkflow barrier` waits for it and then produces stage two")
     queue = queue or open_queue(queue_url, progress=progress, create=True, **kwargs)
-    done = set() if force else done_blocks(store, stage, job)
+    done = set() if force else done_set(store, stage, job)
     names = [layout.block_box(b).name for b in (blocks if blocks is not None else layout.block_indices())]
     todo = [name for name in names if name not in done]
     tasks = [partial(chunkflow_block, store=job.store, job=job.job_hash, stage=stage, block=name) for name in todo]
@@ -163,36 +167,59 @@ def barrier(job: Job, queue_url: str, poll: float = 5.0, timeout: float | None =
 
     The done markers are the authority, not the stage-one queue: an empty queue may still
     have leased tasks in flight, and a queue may hold stray duplicates of finished tasks.
-    While it waits it logs each failed stage-one block (a warning line when first seen, another
-    when it is given up); QueueError (naming them) once every block not done is given up, or
-    after ``timeout`` seconds (None: no limit).
+    Each poll reads only what changed (:class:`chunkflow.done_log.DoneView`: the done log since
+    the last poll); once it counts every block, :func:`produce` lists every done marker before
+    it enqueues stage two (LostDoneMarkers, one line, if one is missing). A poll after
+    ``SWEEP_AFTER_S`` seconds in which no block finished lists every marker once (a block whose
+    log entry its killed worker never wrote). While it waits it logs each failed stage-one block
+    (a warning line when first seen, another when it is given up); QueueError (naming them) once
+    every block not done is given up, or after ``timeout`` seconds (None: no limit).
     """
     check_number("poll", poll, "a number of seconds above 0", lambda v: v > 0)
     if timeout is not None:
         check_number("timeout", timeout, "a number of seconds, at least 0", lambda v: v >= 0)
     queue = open_queue(queue_url, progress=progress, create=True, **kwargs)
-    store, names = Resources(job).store, _all_names(job)
+    store = Resources(job).store
+    view = DoneView(store, 1, job)
+    total = view.grid.size
     watch, started, last = FailedWatch(store, 1), time.monotonic(), -1
-    while True:
-        done = done_blocks(store, 1, job) & names
-        if len(done) != last:
-            log.info("barrier: stage one done for %d of %d blocks", len(done), len(names))
-            last = len(done)
-        if len(done) == len(names):
-            break
-        pending = names - done
-        for line in watch.update(pending):
-            log.warning("barrier: stage one failed for %s", line)
-        if pending <= set(watch.given_up):
-            raise QueueError(f"stage one of job {job.job_hash} cannot complete: {len(pending)} of {len(names)} "
-                             f"blocks were given up: {watch.describe(pending)}; fix the cause, then `chunkflow "
-                             f"produce {job.store} QUEUE` enqueues them again with fresh attempts")
-        if timeout is not None and time.monotonic() - started > timeout:
-            failed = sorted(watch.seen & pending)
-            named = f"; failed: {', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}" if failed else ""
-            raise QueueError(f"stage one of job {job.job_hash} is not complete after {timeout:g} s: "
-                             f"{len(pending)} of {len(names)} blocks not done{named} (see `chunkflow status`)")
-        time.sleep(poll)
+    moved, saved = started, -math.inf
+    try:
+        while True:
+            done = view.refresh()
+            now = time.monotonic()
+            if len(done) != last:
+                log.info("barrier: stage one done for %d of %d blocks", len(done), total)
+                last, moved = len(done), now
+            elif now - moved >= SWEEP_AFTER_S:  # no block finished for a while: list every done marker once
+                lost = view.rebuild()
+                if lost:
+                    raise view.lost_error(lost)
+                done, moved = view.done, now
+                if len(done) != last:
+                    log.info("barrier: stage one done for %d of %d blocks (every done marker listed)", len(done),
+                             total)
+                    last = len(done)
+            if len(done) == total:
+                break
+            pending = ~done
+            for line in watch.update(pending):
+                log.warning("barrier: stage one failed for %s", line)
+            if watch.covers(pending):
+                raise QueueError(f"stage one of job {job.job_hash} cannot complete: {len(pending)} of {total} "
+                                 f"blocks were given up: {watch.describe(pending)}; fix the cause, then `chunkflow "
+                                 f"produce {job.store} QUEUE` enqueues them again with fresh attempts")
+            if timeout is not None and now - started > timeout:
+                failed = sorted(b for b in watch.seen if b in pending)
+                named = f"; failed: {', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}" if failed else ""
+                raise QueueError(f"stage one of job {job.job_hash} is not complete after {timeout:g} s: "
+                                 f"{len(pending)} of {total} blocks not done{named} (see `chunkflow status`)")
+            if now - saved >= SAVE_EVERY_S:  # the checkpoint: at the first poll, then now and then
+                view.save()
+                saved = now
+            time.sleep(poll)
+    finally:
+        view.save()  # what this barrier read is the next poller's start, whatever ended it
     return produce(job, queue_url, stage=2, force=force, progress=progress, queue=queue)
 
 
@@ -205,9 +232,10 @@ class FailedWatch:
         self.seen: set[str] = set()
         self.given_up: dict[str, dict] = {}
 
-    def update(self, pending: set[str]) -> list[str]:
-        """Read the failed markers of ``pending`` blocks (not done) not given up yet; the new lines."""
-        failed = marker_names(self.store, "failed", self.stage) & pending
+    def update(self, pending: BlockSet | set[str]) -> list[str]:
+        """Read the failed markers of ``pending`` blocks (not done) not given up yet; the new lines.
+        One listing of the failed markers (few: failures only), whatever the number of blocks."""
+        failed = {b for b in marker_names(self.store, "failed", self.stage) if b in pending}
         self.given_up = {b: r for b, r in self.given_up.items() if b in failed}
         lines = []
         for block, record in failures(self.store, self.stage, sorted(failed - set(self.given_up))).items():
@@ -218,8 +246,12 @@ class FailedWatch:
                 self.given_up[block] = record
         return lines
 
-    def describe(self, blocks: set[str], most: int = 5) -> str:
-        shown = sorted(blocks)[:most]
+    def covers(self, pending: BlockSet | set[str]) -> bool:
+        """Whether every block of ``pending`` was given up."""
+        return len(pending) <= sum(1 for b in self.given_up if b in pending)
+
+    def describe(self, blocks: BlockSet | set[str], most: int = 5) -> str:
+        shown = blocks.first(most) if isinstance(blocks, BlockSet) else sorted(blocks)[:most]
         more = f"; and {len(blocks) - most} more" if len(blocks) > most else ""
         return "; ".join(failure_line(b, self.given_up[b]) for b in shown) + more
 
@@ -351,7 +383,9 @@ def block_index(job: Job, name: str) -> Vec:
 
 
 def _all_names(job: Job) -> set[str]:
-    return {job.layout.block_box(b).name for b in job.layout.block_indices()}
+    """The names of every block of ``job`` (a set of strings: for small jobs; polls use BlockSets)."""
+    texts = [[f"{a}-{b}" for a, b in map(ax.block_range, range(ax.num_blocks))] for ax in job.layout.axes]
+    return {f"{x}_{y}_{z}" for z in texts[0] for y in texts[1] for x in texts[2]}
 
 
 def quietly(fn: Callable[..., object], *args: object) -> None:

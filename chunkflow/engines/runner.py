@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from chunkflow.units import human_bytes
 from chunkflow.bbox import Vec
+from chunkflow.block_set import BlockSet
+from chunkflow.done_log import done_set
 from chunkflow.engines.base import EngineError, MODES, check_options, make_engine
 from chunkflow.errors import Interrupted
 from chunkflow.engines.failures import Failed, NotRun, TaskFailure, debugging, exit_status
@@ -159,14 +161,25 @@ class RunSummary:
 
 
 def done_blocks(store: ObjectStore, stage: int, job: Job | None = None) -> set[str]:
-    """Names of the blocks whose done marker for ``stage`` exists (one listing, not one request per
-    block); with ``job``, stage one also counts the blocks its mask leaves no patch (they have no
-    stage-one task)."""
+    """Names of the blocks whose done marker for ``stage`` exists (one listing of every marker, not
+    one request per block); with ``job``, stage one also counts the blocks its mask leaves no patch
+    (they have no stage-one task). Polls use :func:`chunkflow.done_log.done_set` instead: a bitmap,
+    at the cost of what changed since the last poll."""
     prefix = f"done/stage{stage}/"
     done = {name[len(prefix):] for name in store.list(prefix)}
     if job is not None and stage == 1:
         done |= masked_names(job, store)
     return done
+
+
+def _is_in(done: BlockSet | None, block: Vec) -> bool:
+    """Whether block index ``block`` is in ``done`` (None: nothing is, as with ``force``)."""
+    if done is None:
+        return False
+    shape = done.grid.shape
+    if not all(0 <= int(b) < n for b, n in zip(block, shape)):
+        return False
+    return bool(done.bits[done.grid.flat_of(block)])
 
 
 def _prepare(job: Job, engine) -> Job:
@@ -187,10 +200,10 @@ def run_stage(job: Job, stage: int, engine, blocks: Iterable[Vec] | None = None,
     job = _prepare(job, engine)
     summary = StageSummary()
     started = time.perf_counter()
-    done = set() if force else done_blocks(Resources(job).store, stage, job)
+    done = None if force else done_set(Resources(job).store, stage, job)
     todo, finished = [], []
     for block in (blocks if blocks is not None else job.layout.block_indices()):
-        (finished if job.layout.block_box(block).name in done else todo).append(block)
+        (finished if _is_in(done, block) else todo).append(block)
     if stage == 2 and cleanup:
         _sweep(job, finished, summary)
     else:
@@ -262,12 +275,12 @@ def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress
     layout = job.layout
     store = Resources(job).store
     blocks = list(blocks if blocks is not None else layout.block_indices())
-    done1 = set() if force else done_blocks(store, 1, job)
-    done2 = set() if force else done_blocks(store, 2)
-    firsts = [b for b in blocks if layout.block_box(b).name not in done1]
-    seconds = [b for b in blocks if layout.block_box(b).name not in done2]
+    done1 = None if force else done_set(store, 1, job)
+    done2 = None if force else done_set(store, 2, job, grid=done1.grid if done1 is not None else None)
+    firsts = [b for b in blocks if not _is_in(done1, b)]
+    seconds = [b for b in blocks if not _is_in(done2, b)]
     summary.stage1.skipped = len(blocks) - len(firsts)
-    finished = [b for b in blocks if layout.block_box(b).name in done2]
+    finished = [b for b in blocks if _is_in(done2, b)]
     if cleanup:
         _sweep(job, finished, summary.stage2)
     else:
@@ -276,7 +289,7 @@ def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress
     dependencies = {}
     for b in seconds:
         deps = layout.dependencies(b)
-        missing = [d for d in deps if d not in scheduled and layout.block_box(d).name not in done1]
+        missing = [d for d in deps if d not in scheduled and not _is_in(done1, d)]
         if missing:
             raise EngineError(f"stage two of {layout.block_box(b).name} needs stage one of "
                               f"{', '.join(layout.block_box(d).name for d in missing)}, which is neither done nor "

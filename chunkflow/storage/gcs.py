@@ -30,6 +30,9 @@ from chunkflow.storage.objects import ObjectStore
 
 __all__ = ["GCSStore"]
 
+#: names per list request
+LIST_PAGE = 1000
+
 
 class GCSStore(ObjectStore):
     """Objects under ``gs://bucket/prefix``; names are relative to the prefix."""
@@ -140,14 +143,19 @@ class GCSStore(ObjectStore):
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, "check", name) from exc
 
-    def list_with_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+    def list_with_sizes(self, prefix: str = "", start_offset: str | None = None) -> Iterator[tuple[str, int]]:
         validate_prefix(prefix)
         full = self.prefix + prefix
+        start = {} if start_offset is None else {"start_offset": self.prefix + start_offset}
         try:
-            # Paged lazily by the iterator; ``fields`` keeps pages to names and sizes.
+            # Paged lazily by the iterator, LIST_PAGE names a request (GCS's default and most; said
+            # explicitly, as emulators default to everything at once); ``fields`` keeps pages to names
+            # and sizes; ``start_offset`` (``startOffset``) skips the names before it server-side.
             blobs = self._client.list_blobs(
                 self.bucket_name,
                 prefix=full,
+                page_size=LIST_PAGE,
+                **start,
                 fields="items(name,size),nextPageToken",
                 retry=self._retry,
                 timeout=self._timeouts,
