@@ -37,7 +37,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 from taskqueue import TaskQueue, queueable
@@ -47,6 +46,7 @@ from chunkflow.block_set import BlockSet
 from chunkflow.done_log import SWEEP_AFTER_S, DoneView, done_set
 from chunkflow.engines.attempts import failure_line, failures, gave_up, marker_names, reset_given_up
 from chunkflow.engines.failures import one_line
+from chunkflow.engines.queue_insert import BlockTasks, insert_tasks
 from chunkflow.engines.runner import done_blocks
 from chunkflow.engines.task import STAGE_NAMES, run_task
 from chunkflow.errors import QueueError
@@ -146,14 +146,14 @@ def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None
     done = set() if force else done_set(store, stage, job)
     names = [layout.block_box(b).name for b in (blocks if blocks is not None else layout.block_indices())]
     todo = [name for name in names if name not in done]
-    tasks = [partial(chunkflow_block, store=job.store, job=job.job_hash, stage=stage, block=name) for name in todo]
+    tasks = BlockTasks(chunkflow_block, job.store, job.job_hash, stage, todo)
     fresh = reset_given_up(store, stage, todo)
     if fresh:
         log.info("%d %s blocks given up before are enqueued again with fresh attempts: %s", len(fresh),
                  STAGE_NAMES[stage], ", ".join(fresh[:10]) + (", ..." if len(fresh) > 10 else ""))
     if tasks:
         try:
-            queue.insert(tasks, total=len(tasks))
+            insert_tasks(queue, tasks, queue_url, progress=progress)
         except Exception as err:  # noqa: BLE001
             raise QueueError(f"cannot insert into {queue_url}: {one_line(err)}") from None
     log.info("%d %s tasks of job %s into %s (%d already done)", len(tasks), STAGE_NAMES[stage], job.job_hash,
