@@ -42,7 +42,7 @@ from typing import Callable
 from taskqueue import TaskQueue, queueable
 
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.block_set import BlockSet
+from chunkflow.block_set import BlockGrid, BlockSet
 from chunkflow.done_log import SWEEP_AFTER_S, DoneView, done_set
 from chunkflow.engines.attempts import failure_line, failures, gave_up, marker_names, reset_given_up
 from chunkflow.engines.failures import one_line
@@ -143,9 +143,14 @@ def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None
             raise QueueError(f"stage one of job {job.job_hash} is not complete ({missing} of {layout.num_blocks} "
                              "blocks not done); `chunkflow barrier` waits for it and then produces stage two")
     queue = queue or open_queue(queue_url, progress=progress, create=True, **kwargs)
-    done = set() if force else done_set(store, stage, job)
-    names = [layout.block_box(b).name for b in (blocks if blocks is not None else layout.block_indices())]
-    todo = [name for name in names if name not in done]
+    done = None if force else done_set(store, stage, job)
+    if blocks is not None:
+        names = [layout.block_box(b).name for b in blocks]
+        todo = [name for name in names if done is None or name not in done]
+        total = len(names)
+    else:  # every block: names from the bitmap, not one Layout.block_box per block (15 s a million)
+        todo = list(BlockSet.full(BlockGrid(layout)) if done is None else ~done)
+        total = layout.num_blocks
     tasks = BlockTasks(chunkflow_block, job.store, job.job_hash, stage, todo)
     fresh = reset_given_up(store, stage, todo)
     if fresh:
@@ -157,7 +162,7 @@ def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None
         except Exception as err:  # noqa: BLE001
             raise QueueError(f"cannot insert into {queue_url}: {one_line(err)}") from None
     log.info("%d %s tasks of job %s into %s (%d already done)", len(tasks), STAGE_NAMES[stage], job.job_hash,
-             queue_url, len(names) - len(tasks))
+             queue_url, total - len(tasks))
     return len(tasks)
 
 
