@@ -25,10 +25,10 @@ class BlockGrid:
         self.layout = layout
         self.shape = tuple(int(n) for n in layout.grid_shape)
         self.size = int(np.prod(self.shape))
-        # per axis: "start-stop" text of each block -> its index along that axis
-        self._ranges = [{f"{a}-{b}": k for k in range(ax.num_blocks) for a, b in [ax.block_range(k)]}
-                        for ax in layout.axes]
-        self._texts = [list(r) for r in self._ranges]  # index -> "start-stop"
+        #: per axis (z, y, x): the "start-stop" text of each block, by its index along that axis
+        self.axis_texts = [[f"{a}-{b}" for a, b in map(ax.block_range, range(ax.num_blocks))] for ax in layout.axes]
+        #: per axis: "start-stop" text -> the block's index along that axis
+        self.axis_index = [{t: k for k, t in enumerate(texts)} for texts in self.axis_texts]
         self._strides = (self.shape[1] * self.shape[2], self.shape[2], 1)
 
     def flat(self, name: str) -> int | None:
@@ -37,9 +37,9 @@ class BlockGrid:
         parts = name.split("_")
         if len(parts) != 3:
             return None
-        z = self._ranges[0].get(parts[2])
-        y = self._ranges[1].get(parts[1])
-        x = self._ranges[2].get(parts[0])
+        z = self.axis_index[0].get(parts[2])
+        y = self.axis_index[1].get(parts[1])
+        x = self.axis_index[2].get(parts[0])
         if z is None or y is None or x is None:
             return None
         return z * self._strides[0] + y * self._strides[1] + x
@@ -53,7 +53,7 @@ class BlockGrid:
 
     def name(self, flat: int) -> str:
         z, y, x = np.unravel_index(int(flat), self.shape)
-        return f"{self._texts[2][x]}_{self._texts[1][y]}_{self._texts[0][z]}"
+        return f"{self.axis_texts[2][x]}_{self.axis_texts[1][y]}_{self.axis_texts[0][z]}"
 
 
 class BlockSet:

@@ -63,7 +63,7 @@ class ExpectedPieces:
         self._nkinds = tuple(int(k.max()) + 1 for k in self._kind)
         self._starts = [[ax.block_range(k)[0] for k in range(ax.num_blocks)] for ax in layout.axes]
         #: per axis: "start-stop" of each block -> its index along that axis
-        self.block_text = [{"%d-%d" % ax.block_range(k): k for k in range(ax.num_blocks)} for ax in layout.axes]
+        self.block_text = self.grid.axis_index
         self._kinds: dict[int, _Kind] = {}
         self._counts: np.ndarray | None = None
 
@@ -122,16 +122,11 @@ class ExpectedPieces:
     def locate(self, block_name: str) -> tuple[int, dict[str, int]] | None:
         """``(flat index, {piece name: piece index})`` of the block called ``block_name``; None when
         it is not a block of the grid. The names are the exact (canonical) spellings."""
-        parts = block_name.split("_")
-        if len(parts) != 3:
+        flat = self.grid.flat(block_name)
+        if flat is None:
             return None
-        x = self.block_text[2].get(parts[0])
-        y = self.block_text[1].get(parts[1])
-        z = self.block_text[0].get(parts[2])
-        if x is None or y is None or z is None:
-            return None
-        _, names = self._names(z, y, x)
-        return (z * self.shape[1] + y) * self.shape[2] + x, {name: i for i, name in enumerate(names)}
+        _, names = self._names(*(int(v) for v in np.unravel_index(flat, self.shape)))
+        return flat, {name: i for i, name in enumerate(names)}
 
     def pieces_of(self, flat: int, donors: bool = True) -> list[tuple[int, str, str | None, int]]:
         """``(piece index, key, donor block name, raw bytes)`` of every piece block ``flat`` expects

@@ -240,7 +240,7 @@ class _Reader:
 
     def __init__(self, grid: BlockGrid):
         nz, ny, nx = grid.shape
-        texts = [[f"{a}-{b}" for a, b in map(ax.block_range, range(ax.num_blocks))] for ax in grid.layout.axes]
+        texts = grid.axis_texts
         self.grid = grid
         self.x = {t: i for i, t in enumerate(texts[2])}
         self.yz = {f"{ty}_{tz}": (z * ny + y) * nx for z, tz in enumerate(texts[0]) for y, ty in enumerate(texts[1])} \

@@ -389,7 +389,7 @@ def block_index(job: Job, name: str) -> Vec:
 
 def _all_names(job: Job) -> set[str]:
     """The names of every block of ``job`` (a set of strings: for small jobs; polls use BlockSets)."""
-    texts = [[f"{a}-{b}" for a, b in map(ax.block_range, range(ax.num_blocks))] for ax in job.layout.axes]
+    texts = BlockGrid(job.layout).axis_texts
     return {f"{x}_{y}_{z}" for z in texts[0] for y in texts[1] for x in texts[2]}
 
 
