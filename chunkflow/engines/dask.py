@@ -10,7 +10,9 @@ still fails comes back as :class:`~chunkflow.engines.failures.Failed` and the ot
 
 A bounded window: at most ``max(4, 2 x the cluster's worker threads)`` tasks are submitted at a
 time, topped up as results come back, so the scheduler holds a few futures per thread whatever
-the number of blocks (a million-block job is not a million futures). In ``stream`` the
+the number of blocks (a million-block job is not a million futures). What the scheduler keeps
+per task once it is gone is dropped every ``TIDY_EVERY`` results and at the end of each call
+(:func:`_tidy_scheduler`), so its memory stays flat however many tasks a job has. In ``stream`` the
 dependencies are tracked here, not as Dask graph edges: stage-one tasks are submitted in
 :func:`~chunkflow.engines.local.demand_order`, and a block's stage-two task once the stage-one
 results of all its dependencies are back.
@@ -37,6 +39,7 @@ import os
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from distributed import Client, KilledWorker, LocalCluster, as_completed
@@ -58,6 +61,7 @@ THREADS_PER_WORKER = 2  # task slots of a LocalCluster worker; a GPU worker decl
 WINDOW_PER_THREAD = 2
 MIN_WINDOW = 4
 WINDOW_REFRESH_S = 2.0
+TIDY_EVERY = 10_000  # results between two tidy-ups of the scheduler (_tidy_scheduler)
 
 
 def _guarded(fn: Callable[[T], R], task: T, retries: int) -> R | Failed:
@@ -101,6 +105,7 @@ class DaskEngine:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise EngineError(f"window {window!r} must be a positive integer")
         self.gpu, self.retries, self.cluster = gpu, retries, None
+        self._since_tidy = 0
         self._fixed_window, self._window, self._window_at = window, MIN_WINDOW, 0.0
         if scheduler:
             try:
@@ -171,11 +176,12 @@ class DaskEngine:
                     return
                 flight.add(self._submit(token, fn, item[1], label, item[0], gpu=gpu), item[1])
 
-        with flight:
+        with flight, self._tidying():
             fill()
             while flight:
                 task, result = flight.next()
                 fill()
+                self._count_result()
                 yield task, result
 
     def stream(self, first: Callable[[T], R], second: Callable[[T], R], firsts: Iterable[T],
@@ -210,7 +216,7 @@ class DaskEngine:
                     flight.add(self._submit(token, first, task, labels[1], counts[1], gpu=gpu), (1, task))
                     counts[1] += 1
 
-        with flight:
+        with flight, self._tidying():
             fill()
             while flight or not_run:
                 while not_run:
@@ -224,7 +230,29 @@ class DaskEngine:
                 else:
                     seconds[0] -= 1
                 fill()
+                self._count_result()
                 yield stage, task, result
+
+    def _count_result(self) -> None:
+        self._since_tidy += 1
+        if self._since_tidy >= TIDY_EVERY:
+            self.tidy()
+
+    @contextmanager
+    def _tidying(self) -> Iterator[None]:
+        """Tidy the scheduler when a map/stream call has yielded every result (not when it is
+        stopped early or interrupted: no round trip to a scheduler then)."""
+        yield
+        self.tidy()
+
+    def tidy(self) -> None:
+        """Drop what the scheduler keeps of tasks that are gone (:func:`_tidy_scheduler`); a
+        scheduler that refuses it (or is gone) is left as it is."""
+        self._since_tidy = 0
+        try:
+            self.client.run_on_scheduler(_tidy_scheduler)
+        except Exception as err:  # noqa: BLE001 - bookkeeping only: the run goes on
+            log.debug("could not tidy the Dask scheduler: %s", one_line(err))
 
     def _wait_for_gpu_workers(self, scheduler: str, wait: float) -> None:
         deadline, said = time.monotonic() + wait, False
@@ -293,6 +321,36 @@ class _InFlight:
         if pending:
             self.client.cancel(pending)
         self.owner.clear()
+
+
+def _tidy_scheduler(dask_scheduler=None) -> None:
+    """Run on the scheduler: drop two things Dask keeps per submitted task after the task is gone,
+    which would grow the scheduler's memory with the number of tasks (~0.6 KiB each; measured by
+    ``benchmarks/bench_control_plane.py``):
+
+    - ``client.submit`` adds ``{"type": "Future"}`` to its span's metadata once per call, and the
+      span lives as long as the scheduler: the list is cut to its distinct entries;
+    - ``dask.utils.key_split`` caches every task key it sees (up to 100,000): the cache is cleared.
+
+    Both are bookkeeping (the dashboard's span collections, a cache); a Dask without them, or
+    with other internals, is left alone."""
+    try:
+        from dask.utils import key_split
+
+        key_split.cache_clear()
+    except (ImportError, AttributeError):
+        pass
+    extensions = getattr(dask_scheduler, "extensions", None)
+    spans = extensions.get("spans") if isinstance(extensions, dict) else None
+    for span in list(getattr(spans, "spans", {}).values()):
+        metadata = getattr(span, "_metadata", None)
+        collections = metadata.get("collections") if isinstance(metadata, dict) else None
+        if isinstance(collections, list) and len(collections) > 1:
+            distinct: list = []
+            for entry in collections:
+                if entry not in distinct:
+                    distinct.append(entry)
+            collections[:] = distinct
 
 
 def _task_name(task) -> str:
