@@ -6,6 +6,7 @@ only this dispatcher knows them both.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Sequence
 
@@ -14,6 +15,7 @@ import numpy as np
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum
 from chunkflow.inference import blended_inference
+from chunkflow.stage_pipeline import Turn
 
 
 #: ``1`` runs :func:`run_blended` on the device path for any torch backend (also on the CPU, which
@@ -51,6 +53,7 @@ def run_blended(
     progress: Callable[[int], None] | None = None,
     seconds: dict[str, float] | None = None,
     normalise: bool = True,
+    turn: Turn | None = None,
 ) -> tuple[np.ndarray, int]:
     """:func:`blended_inference` through a backend, on the best path it offers.
 
@@ -61,6 +64,8 @@ def run_blended(
     same order; :data:`DEVICE_BLEND_ENV` overrides the choice.
 
     Args: as :func:`blended_inference`, with ``backend`` in place of ``predict``/``submit``.
+        ``turn`` (:class:`chunkflow.stage_pipeline.Turn`): the device is taken for the whole call on
+        the device path (the chunk lives there), from the first submit to the last on the numpy path.
 
     Returns:
         (float32 C_out,Z,Y,X over ``region`` on the host, the number of patches the model ran).
@@ -68,8 +73,9 @@ def run_blended(
     if uses_device_blend(backend):
         from chunkflow.device_blend import device_blended_inference  # imports torch
 
-        return device_blended_inference(image, image_box, origins, region, normaliser, weights, backend, input_patch,
-                                        channels, batch_size, progress, seconds, normalise)
+        with turn.hold() if turn is not None else contextlib.nullcontext():
+            return device_blended_inference(image, image_box, origins, region, normaliser, weights, backend,
+                                            input_patch, channels, batch_size, progress, seconds, normalise)
     counted = [0]
     predict_of = getattr(backend, "predict")
     submit_of = getattr(backend, "submit", None)
@@ -84,5 +90,5 @@ def run_blended(
 
     out = blended_inference(image, image_box, origins, region, normaliser, weights, predict, input_patch, channels,
                             batch_size, progress, seconds, submit=submit if callable(submit_of) else None,
-                            normalise=normalise)
+                            normalise=normalise, turn=turn)
     return out, counted[0]

@@ -86,13 +86,30 @@ def weight_sum(weights: np.ndarray, origins: Iterable[Vec], region: Bbox) -> np.
     reference, sums the same numbers in the same order at every voxel.
     """
     total = np.zeros(region.shape, dtype=np.float32)
-    patch = Vec(weights.shape)
+    patch = weights.shape
+    start, stop = tuple(region.start), tuple(region.stop)
     for origin in origins:
-        box = Bbox(origin, origin + patch)
-        overlap = box.intersect(region)
-        if overlap.is_empty():
+        lo = [max(o, a) for o, a in zip(origin, start)]
+        hi = [min(o + p, b) for o, p, b in zip(origin, patch, stop)]
+        if lo[0] >= hi[0] or lo[1] >= hi[1] or lo[2] >= hi[2]:
             continue
-        total[overlap.slices(region)] += weights[overlap.slices(box)]
+        total[lo[0] - start[0]:hi[0] - start[0], lo[1] - start[1]:hi[1] - start[1], lo[2] - start[2]:hi[2] - start[2]] \
+            += weights[lo[0] - origin[0]:hi[0] - origin[0], lo[1] - origin[1]:hi[1] - origin[1],
+                       lo[2] - origin[2]:hi[2] - origin[2]]
+    return total
+
+
+def _grid_weight_sum(weights: np.ndarray, axis_origins: Sequence[Sequence[int]], region: Bbox) -> np.ndarray:
+    """:func:`weight_sum` over the product of per-axis origins (z-major, the grid order), with each
+    axis' overlap computed once: the same additions in the same order, without per-patch boxes."""
+    total = np.zeros(region.shape, dtype=np.float32)
+    cuts = []
+    for a, origins in enumerate(axis_origins):
+        lo, hi, n = region.start[a], region.stop[a], weights.shape[a]
+        cuts.append([(slice(max(o, lo) - lo, min(o + n, hi) - lo), slice(max(o, lo) - o, min(o + n, hi) - o))
+                     for o in origins if max(o, lo) < min(o + n, hi)])
+    for (tz, wz), (ty, wy), (tx, wx) in itertools.product(*cuts):
+        total[tz, ty, tx] += weights[wz, wy, wx]
     return total
 
 
@@ -139,7 +156,7 @@ class WeightSum:
                 counts.append(covered.astype(np.float32))
             return counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
         ranges = [self.covering(a, region.start[a], region.stop[a]) for a in range(3)]
-        return weight_sum(self.weights, (Vec(o) for o in itertools.product(*ranges)), region)
+        return _grid_weight_sum(self.weights, ranges, region)
 
     def slabs(self, region: Bbox, max_voxels: int | None = None) -> Iterable[Bbox]:
         """``region`` cut along z into slabs of at most ``max_voxels`` (default :data:`SLAB_VOXELS`;

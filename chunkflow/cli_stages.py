@@ -168,8 +168,9 @@ def worker_command(stage: int):
             device: cpu, cuda or cuda:N (default: the job's; one worker per GPU).
             batch_size: patches per forward pass (default: the job's).
             max_attempts: attempts of a task (counted across workers, killed ones included) before it is given up.
-            slots: tasks this worker runs at once (default: 2 for stage one, so one block reads or writes
-                while the other holds the model; 1 halves the memory; 1 for stage two).
+            slots: task slots of this worker (default: 2 for stage one, whose blocks it pipelines: up to
+                2 per slot at once, one reading or on the model, one writing behind it; 1 runs one block
+                at a time, reading the next ahead, for the least memory; 1 for stage two).
             quiet: log warnings only.
         """
         from chunkflow.engines.queue_worker import work

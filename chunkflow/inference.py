@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum
 from chunkflow.blend import normalise as divide
 from chunkflow.errors import ModelError, NonFiniteOutput
+
+if TYPE_CHECKING:
+    from chunkflow.stage_pipeline import Turn
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ def blended_inference(
     seconds: dict[str, float] | None = None,
     submit: Submit | None = None,
     normalise: bool = True,
+    turn: "Turn | None" = None,
 ) -> np.ndarray:
     """Sum of ``w * model(patch) / N`` over the given output patch origins, on ``region``.
 
@@ -95,6 +99,10 @@ def blended_inference(
             and the previous one accumulated while the model runs.
         normalise: False returns the plain sum of ``w * model(patch)`` (divide it later with
             :func:`chunkflow.blend.normalise`, e.g. outside a lock on the device).
+        turn: this region's turn on a device shared with other regions
+            (:class:`chunkflow.stage_pipeline.Turn`): taken just before the first submit (the first
+            batch already gathered), handed over right after the last one, before the last output
+            is accumulated. Its waits are not counted under ``model``.
 
     A batch whose output holds NaN or Inf raises :class:`~chunkflow.errors.NonFiniteOutput`
     naming the first such patch (nothing is returned, so nothing of the region is written).
@@ -150,6 +158,10 @@ def blended_inference(
                 kept.append(origin)
         timer.lap("gather")
         if kept:
+            if turn is not None:
+                waited = turn.waited
+                turn.before_submit()
+                timer.skip(turn.waited - waited)
             started = submit(batch[:len(kept)])
             timer.lap("model")
             if pending is not None:
@@ -159,6 +171,8 @@ def blended_inference(
             pending = (pending[0], pending[1], pending[2] + len(batch_origins))
         elif progress is not None:
             progress(len(batch_origins))
+    if turn is not None:
+        turn.hand_over()
     if pending is not None:
         accumulate(*pending)
     if normalise:
@@ -173,6 +187,10 @@ class _Timer:
     def __init__(self, seconds: dict[str, float] | None):
         self.seconds = seconds
         self.last = time.perf_counter()
+
+    def skip(self, seconds: float) -> None:
+        """Count the last ``seconds`` in no phase (time spent waiting for another region)."""
+        self.last += seconds
 
     def lap(self, phase: str) -> None:
         if self.seconds is None:

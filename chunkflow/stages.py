@@ -8,8 +8,11 @@ Stage two, ``receive_and_blend``, lives in :mod:`chunkflow.stage_two`.
 Memory of a stage-one task: its input chunk in the stored dtype, the float32 output chunk, one
 batch of patches in and out, the model, and bounded slabs: ``N(x)`` (``blend.SLAB_VOXELS``), and
 on the write pool (``block_writes.IO_THREADS`` threads) one storage-aligned core slab of about
-``WRITE_SLAB_BYTES`` or one donation piece and its encoding per thread. A worker runs ``SLOTS``
-(2) tasks at once, one on the model and one reading or writing, so its peak is two tasks'.
+``WRITE_SLAB_BYTES`` or one donation piece and its encoding per thread. A worker with ``SLOTS``
+(2) task slots pipelines its blocks (:mod:`chunkflow.stage_pipeline`): at most two blocks reading, on
+the model (one at a time) or waiting for a place to write (input chunk until the model is done with
+it, float32 output chunk from the model on) and at most two writing behind (float32 output chunk),
+so its peak is two input chunks, four float32 output chunks and the write pool's slabs.
 """
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -35,6 +38,7 @@ from chunkflow.masking import PatchMask, block_position, load_block_map, open_ma
 from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
 from chunkflow.storage.volumes import input_missing
 from chunkflow.block_writes import DONATIONS, io_pool, write_block
+from chunkflow.stage_pipeline import DeviceTurns, InputPrefetcher, StageGates, stage_one_threads
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,9 @@ class Stats:
     ``seconds`` per phase. Stage one: ``read`` (waiting for the input; a prefetched read costs only
     what it did not overlap), ``wait`` (for the model, while another block of this worker held it),
     ``model``, ``blend`` (gathering patches into batches and adding ``w * y`` into the chunk),
-    ``normalise`` (dividing by ``N``), ``write`` (the core) and ``donate``; the last two are summed
-    over the write threads, so they may add up to more than the task's wall time.
+    ``wait_write`` (off the model, for a place to write behind it), ``normalise`` (dividing by ``N``),
+    ``write`` (the core) and ``donate``; the last two are summed over the write threads, so they
+    may add up to more than the task's wall time.
     Stage two: ``fetch``, ``verify``, ``blend``, ``write``.
     """
 
@@ -78,56 +83,6 @@ class Stats:
             self.seconds[k] = self.seconds.get(k, 0.0) + v
 
 
-class InputPrefetcher:
-    """Reads one chunk's input in a background thread, so the next chunk's read and decode overlap
-    the model's work on this one. At most one read is pending, which bounds the extra memory to
-    one input chunk (in its stored dtype)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[Bbox, Future] | None = None
-
-    def submit(self, box: Bbox, read: Callable[[Bbox], np.ndarray]) -> None:
-        with self._lock:
-            if self._pending is not None and self._pending[0] == box:
-                return
-            self._drop_pending()
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunkflow-prefetch")
-            self._pending = (box, self._pool.submit(read, box))
-
-    def take(self, box: Bbox, read: Callable[[Bbox], np.ndarray]) -> np.ndarray:
-        """The input over ``box``: the prefetched array if one was started for it, else read now."""
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == box:
-            return pending[1].result()  # a failed prefetch raises here, as the read itself would
-        if pending is not None:
-            self._wait_quietly(pending[1])
-        return read(box)
-
-    def _drop_pending(self) -> None:
-        if self._pending is not None:
-            self._wait_quietly(self._pending[1])
-            self._pending = None
-
-    @staticmethod
-    def _wait_quietly(future: Future) -> None:
-        """Let a prefetch nobody wants finish (no two reads at once); its error is not ours."""
-        if not future.cancel():
-            try:
-                future.result()
-            except Exception as err:  # noqa: BLE001 - a read of a block we are not running
-                log.debug("unused prefetch failed: %s", err)
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()  # type: ignore[misc]
-
-
 class Resources:
     """What a worker opens once and reuses across the tasks of one job.
 
@@ -141,9 +96,23 @@ class Resources:
         self._backend = backend
         self.prefetcher = InputPrefetcher()
         self.device_lock = threading.Lock()  # one block on the model at a time (see inference_and_donate)
+        self.turns = DeviceTurns(self.device_lock)  # how blocks hand the device over (stage_pipeline)
+        self.reading = threading.Lock()  # stage-one blocks read their input one at a time
         self.cancelled = threading.Event()  # set: stage-one blocks in flight stop at their next batch
         self._loading = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._gates: dict[int, StageGates] = {}
+
+    def gates(self, slots: int = 0) -> StageGates:
+        """The bounds of this worker's stage-one pipeline for ``slots`` task slots (default
+        :data:`SLOTS`): at most ``slots`` blocks reading or on the device, at most ``slots`` writing
+        behind (:class:`chunkflow.stage_pipeline.StageGates`)."""
+        slots = slots or SLOTS
+        with self._loading:
+            gates = self._gates.get(slots)
+            if gates is None:
+                gates = self._gates[slots] = StageGates(slots)
+            return gates
 
     @cached_property
     def mask(self) -> PatchMask | None:
@@ -201,12 +170,14 @@ class Resources:
         return clone
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("device_lock", "cancelled", "_loading", "_pool")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("device_lock", "turns", "reading", "cancelled", "_loading", "_pool", "_gates")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.device_lock, self.cancelled, self._loading, self._pool = (threading.Lock(), threading.Event(),
                                                                        threading.Lock(), None)
+        self.turns, self.reading, self._gates = DeviceTurns(self.device_lock), threading.Lock(), {}
 
     @cached_property
     def weights(self) -> np.ndarray:
@@ -232,15 +203,23 @@ def done_marker(stage: int, block: Bbox) -> str:
 
 
 def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, progress=None, *,
-                         prefetch_next: Vec | None = None) -> Stats:
+                         prefetch_next: Vec | None = None, slots: int = 0) -> Stats:
     """Stage one for block index ``block``: infer its chunk, write its core, donate the rest.
 
-    Three phases, so that two blocks can share one worker (:func:`inference_and_donate_many`, the
-    engines' task slots) and the model never waits for storage: the input is read (or taken from
-    the prefetcher); the patches are gathered, run and accumulated while holding
-    ``res.device_lock``; then, with the lock released for the next block, the chunk is normalised
-    and its core and donations are written in parallel (:func:`chunkflow.block_writes.write_block`).
-    The done marker is written last, after every write of the block has finished.
+    Three steps, so that the blocks of one worker form a pipeline (:func:`inference_and_donate_many`,
+    the engines' task slots; :mod:`chunkflow.stage_pipeline`) and the model never waits for storage:
+
+    1. *read*: the input is read (or taken from the prefetcher);
+    2. *device*: the patches are gathered, run and accumulated, the device taken from the first
+       submit to the last (``res.turns``, one block at a time);
+    3. *write-behind*: the chunk is normalised and its core and donations are written in parallel
+       (:func:`chunkflow.block_writes.write_block`); the done marker is written last, after every
+       write of the block has finished.
+
+    Steps 1-2 hold one of the worker's ``slots`` compute places and step 3 one of its ``slots``
+    write-behind places (``res.gates(slots)``, default :data:`SLOTS`), so a slot takes its next
+    block as soon as this one has left the device. Everything runs in the calling thread: an error
+    in any step is this call's error, and nothing of the block is written after it has returned.
 
     ``prefetch_next``: the block this worker runs next; its input is read in the background
     while this block computes.
@@ -250,26 +229,42 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
     box = layout.block_box(block)
     chunk = layout.chunk_box(block)
     if chunk is not None:
-        filled = res.input.filled_chunks
-        origins = layout.own_origins(block)
-        if res.mask is not None:
-            origins = res.mask.keep(origins, within=chunk)
-        out = _infer_region(job, res, chunk, origins, stats, progress, prefetch_next)
-        stats.filled_chunks += res.input.filled_chunks - filled
-        _check_cancelled(res, box)
-        core = layout.core_box(block)
-        slabs = [] if core.is_empty() else list(write_slabs(core, job.storage_chunk[0], job.out_channels * 4))
-        written = write_block(job, layout, block, chunk, out, res.output, res.store, res.pool, slabs, cast_output)
-        del out
-        stats.voxels += written.voxels
-        stats.donations += written.donations
-        stats.donated_bytes += written.donated_bytes
-        stats.seconds["write"] = stats.seconds.get("write", 0.0) + written.write_seconds
-        stats.seconds["donate"] = stats.seconds.get("donate", 0.0) + written.donate_seconds
-    elif prefetch_next is not None:
+        with res.gates(slots).enter(res.cancelled, box.name) as place:
+            filled = res.input.filled_chunks
+            origins = layout.own_origins(block)
+            if res.mask is not None:
+                origins = res.mask.keep(origins, within=chunk)
+            out = _infer_region(job, res, chunk, origins, stats, progress, prefetch_next)
+            stats.filled_chunks += res.input.filled_chunks - filled
+            stats.seconds["wait_write"] = place.leave_device(res.cancelled)
+            _write_behind(job, res, block, chunk, out, stats)
+            del out
+            mark_done(res.store, 1, box, job, stats)
+        return stats
+    if prefetch_next is not None:
         res.prefetch(prefetch_next)
     mark_done(res.store, 1, box, job, stats)
     return stats
+
+
+def _write_behind(job: Job, res: Resources, block: Vec, chunk: Bbox, out: np.ndarray, stats: Stats) -> None:
+    """Normalise ``out`` (the sum of ``w * y`` over ``chunk``) and write the block's core and donations.
+
+    The whole chunk is divided at once, in this thread: dividing each write's part on the write pool
+    instead was measured to cost about a fifth more CPU (thin band pieces make short rows)."""
+    t = time.perf_counter()
+    normalise(out, chunk, res.weight_sum)
+    stats.time("normalise", t)
+    layout = job.layout
+    _check_cancelled(res, layout.block_box(block))
+    core = layout.core_box(block)
+    slabs = [] if core.is_empty() else list(write_slabs(core, job.storage_chunk[0], job.out_channels * 4))
+    written = write_block(job, layout, block, chunk, out, res.output, res.store, res.pool, slabs, cast_output)
+    stats.voxels += written.voxels
+    stats.donations += written.donations
+    stats.donated_bytes += written.donated_bytes
+    stats.seconds["write"] = stats.seconds.get("write", 0.0) + written.write_seconds
+    stats.seconds["donate"] = stats.seconds.get("donate", 0.0) + written.donate_seconds
 
 
 def _check_cancelled(res: Resources, box: Bbox) -> None:
@@ -285,22 +280,31 @@ def write_slabs(core: Bbox, chunk_z: int, voxel_bytes: int) -> Iterator[Bbox]:
     return core.z_slabs(chunk_z * max(1, WRITE_SLAB_BYTES // (plane * chunk_z)))
 
 
-#: stage-one blocks one worker runs at once by default: one on the model, one reading or writing
+#: stage-one task slots of one worker by default: two blocks reading or on the model, two writing
+#: behind (:mod:`chunkflow.stage_pipeline`)
 SLOTS = 2
+#: blocks :func:`inference_and_donate_many` keeps between the oldest one not yet yielded and the
+#: newest one started, per thread (the rest finished; their Stats wait to be yielded in order)
+LOOKAHEAD = 4
 
 
 def inference_and_donate_many(job: Job, blocks: Iterable[Vec], res: Resources | None = None,
                               progress=None, slots: int = SLOTS) -> Iterator[tuple[Vec, Stats]]:
     """Stage one over ``blocks``, yielding ``(block, stats)`` in order as each block is done.
 
-    ``slots`` blocks are in flight at once (threads sharing ``res``): while one holds the model,
-    the next reads its input and the previous normalises and writes its output, so neither reads
-    nor writes keep the model waiting. Memory: ``slots`` blocks (input chunk and float32 output
-    chunk each) plus the write pool's slabs. ``slots=1`` runs one block at a time, reading the
-    next block's input in the background instead. ``blocks`` is consumed lazily.
+    With ``slots`` >= 2, blocks run as a pipeline on ``2 x slots`` threads sharing ``res``
+    (:func:`~chunkflow.stage_pipeline.stage_one_threads`): one block on the model, the next
+    reading its input, and up to ``slots`` earlier ones normalising and writing behind, so that
+    neither reads nor writes keep the model waiting. Memory (``res.gates(slots)``): at most
+    ``slots`` blocks reading, on the model or waiting to write (input chunk until the model is done
+    with it, float32 output chunk from the model on) and at most ``slots`` writing behind (float32
+    output chunk), plus the write pool's slabs: ``slots`` input and ``2 x slots`` output chunks.
+    ``slots=1`` runs one block at a time, reading the next block's input in the background
+    instead. ``blocks`` is consumed lazily.
 
     If a block fails, or the caller stops (KeyboardInterrupt), the others in flight stop at their
-    next batch (nothing of them is written) and the error is raised once they have ended.
+    next batch or before their first write (nothing more of them is written) and the error is
+    raised once they have ended.
     """
     res = res or Resources(job)
     todo = iter(blocks)
@@ -308,35 +312,44 @@ def inference_and_donate_many(job: Job, blocks: Iterable[Vec], res: Resources | 
         current = next(todo, None)
         while current is not None:
             upcoming = next(todo, None)
-            yield current, inference_and_donate(job, current, res, progress, prefetch_next=upcoming)
+            yield current, inference_and_donate(job, current, res, progress, prefetch_next=upcoming, slots=1)
             current = upcoming
         return
+    threads = stage_one_threads(slots)
     pending: deque[tuple[Vec, Future]] = deque()
-    with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="chunkflow-block") as blocks_pool:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chunkflow-block") as blocks_pool:
         try:
             while True:
-                while len(pending) < slots and (block := next(todo, None)) is not None:
-                    pending.append((block, blocks_pool.submit(inference_and_donate, job, block, res, progress)))
+                running = sum(not f.done() for _, f in pending)
+                while running < threads and len(pending) < LOOKAHEAD * threads and \
+                        (block := next(todo, None)) is not None:
+                    pending.append((block, blocks_pool.submit(inference_and_donate, job, block, res, progress,
+                                                              slots=slots)))
+                    running += 1
                 if not pending:
                     return
-                block, future = pending.popleft()
-                yield block, future.result()
+                if not pending[0][1].done():
+                    wait([f for _, f in pending if not f.done()], return_when=FIRST_COMPLETED)
+                while pending and pending[0][1].done():
+                    block, future = pending.popleft()
+                    yield block, future.result()
         except BaseException:
             res.cancelled.set()
-            for _, future in pending:
-                wait([future])
+            wait([future for _, future in pending])
             res.cancelled.clear()
             raise
 
 
 def _infer_region(job: Job, res: Resources, region: Bbox, origins: list[Vec], stats: Stats, progress,
                   prefetch_next: Vec | None = None) -> np.ndarray:
-    """The blended output over ``region`` (float32, normalised): the input read first, then the
-    model's part under ``res.device_lock``, then the division by ``N`` with the lock released."""
+    """The plain sum of ``w * y`` over ``region`` (float32; divide it by ``N`` with
+    :func:`chunkflow.blend.normalise`): the input read first, then the model's part, the device
+    taken from the first submit to the last (``res.turns``)."""
     t = time.perf_counter()
     backend = res.backend  # loaded (once) before the input is read, so a bad model costs no read
-    image = res.prefetcher.take(region.grow(job.context_margin), res.read_input)
-    t = stats.time("read", t)
+    with res.reading:  # one read at a time: the first block of a run is not slowed by the second's
+        image = res.prefetcher.take(region.grow(job.context_margin), res.read_input)
+    stats.time("read", t)
     if prefetch_next is not None:
         res.prefetch(prefetch_next)
 
@@ -347,16 +360,13 @@ def _infer_region(job: Job, res: Resources, region: Bbox, origins: list[Vec], st
             progress(done)
 
     seconds: dict[str, float] = {}
-    with res.device_lock:
-        t = stats.time("wait", t)
+    with res.turns.turn() as turn:
         out, patches = run_blended(image, region.grow(job.context_margin), origins, region, res.weight_sum,
                                    res.weights, backend, Vec(job.input_patch), job.out_channels, job.batch_size,
-                                   step, seconds, normalise=False)
+                                   step, seconds, normalise=False, turn=turn)
     del image
-    t = time.perf_counter()
-    normalise(out, region, res.weight_sum)
-    stats.time("normalise", t)
     stats.patches += patches
+    stats.seconds["wait"] = stats.seconds.get("wait", 0.0) + turn.waited
     for phase, key in (("model", "model"), ("gather", "blend"), ("accumulate", "blend")):
         stats.seconds[key] = stats.seconds.get(key, 0.0) + seconds.get(phase, 0.0)
     return out
@@ -369,7 +379,9 @@ def reference(job: Job, res: Resources | None = None, progress=None) -> np.ndarr
     origins = list(job.layout.all_origins())
     if res.mask is not None:
         origins = res.mask.keep(origins, within=region)
-    return _infer_region(job, res, region, origins, Stats(), progress)
+    out = _infer_region(job, res, region, origins, Stats(), progress)
+    normalise(out, region, res.weight_sum)
+    return out
 
 
 def cast_output(data: np.ndarray, dtype: str) -> np.ndarray:

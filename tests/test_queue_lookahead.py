@@ -165,7 +165,8 @@ def test_sigterm_hands_back_the_current_task_and_the_one_leased_ahead(tmp_path):
         while not (pauses / "stage1-before-write.pid").exists():
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.05)
-        assert open_queue(one).leased == 2  # one task per slot
+        # at most two tasks per slot: one reading or on the model, one writing behind (stage_pipeline)
+        assert 2 <= open_queue(one).leased <= 4
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
@@ -190,7 +191,7 @@ def test_two_slots_run_every_task_once_and_exactly(tmp_path):
     assert summary.tasks == job.layout.num_blocks == 8 and summary.stats.patches == job.layout.num_patches
     # every input is read on a slot's thread (that two slots overlap is shown in tests/test_stages.py;
     # which slot leases which task is up to the queue, and one slot may take them all)
-    assert set(threads) <= {"chunkflow-slot-0", "chunkflow-slot-1"} and len(threads) == 8
+    assert set(threads) <= {f"chunkflow-slot-{i}" for i in range(4)} and len(threads) == 8  # 2 lease loops a slot
     assert open_queue(one).enqueued == 0
     produce(job, two, stage=2)
     assert work(two, 2, poll=0.1).tasks == 8

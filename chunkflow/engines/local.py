@@ -1,11 +1,14 @@
 """The in-process engine: runs tasks in this process (tests, one-machine jobs, the stage scripts).
 
-``LocalEngine(slots=2)`` (the default) runs up to two tasks at once, each in a thread of its own:
-while one stage-one block holds the device (``Resources.device_lock``), the other reads its input
-or writes and donates its output, so the model is not kept waiting for I/O. Memory: at most
-``slots`` tasks are in flight in this process (each a stage-one block's input chunk and float32
-output chunk, or a stage-two block's band), whatever the number of blocks. Results are yielded
-as tasks finish (completion order).
+``LocalEngine(slots=2)`` (the default) runs up to two tasks at once, each in a thread of its own;
+stage one (a task with ``for_slots``, :func:`pipelined`) up to ``2 x slots``, as a pipeline
+(:mod:`chunkflow.stage_pipeline`): while one block holds the device, the next reads its input and
+up to ``slots`` earlier ones normalise, write and donate their output behind it, so the model is
+not kept waiting for I/O. Memory: at most ``slots`` tasks are in flight in this process (each a
+stage-two block's band, or any task of another kind); stage-one tasks are bounded by the worker's
+pipeline, at most ``slots`` blocks reading or on the model (input chunk, float32 output chunk) and
+``slots`` writing behind (float32 output chunk); in ``stream``, besides those, at most ``slots - 1``
+stage-two tasks while stage-one tasks remain. Results are yielded as tasks finish (completion order).
 
 ``LocalEngine(slots=1)`` runs tasks one after another, in order, in the calling thread. Since it
 knows which task comes next, it tells a task that wants to know (one with a
@@ -60,7 +63,8 @@ class LocalEngine:
             for i, task in enumerate(tasks):
                 yield task, _call(fn, task, tasks[i + 1] if i + 1 < len(tasks) else None)
             return
-        with Slots(self.slots, fn) as slots:
+        fn, threads = pipelined(fn, self.slots)
+        with Slots(threads, fn) as slots:
             for task in tasks:
                 finished = slots.next() if slots.full else None
                 slots.start(task, _call, fn, task, None)  # before the result is handed on: no slot idles
@@ -84,23 +88,26 @@ class LocalEngine:
         deps = Dependencies(firsts, dependencies)
         todo = deque(demand_order(deps.firsts, dependencies))
         running = {1: 0, 2: 0}
+        first, threads = pipelined(first, self.slots)
 
         def fill() -> Iterator[tuple[int, T, object]]:
             """Start tasks until the slots are full; yields the NotRun of blocked second tasks."""
-            while not slots.full and (deps.ready or todo):
-                if deps.ready and (running[2] < self.slots - 1 or not todo):
+            while not slots.full:
+                if deps.ready and running[2] < (self.slots - 1 if todo else self.slots):
                     b = deps.ready.popleft()
                     if deps.blocked(b):
                         yield 2, b, NotRun(deps.blocked(b))
                         continue
                     slots.start((2, b), _call, second, b, None)
                     running[2] += 1
-                else:
+                elif todo:
                     task = todo.popleft()
                     slots.start((1, task), _call, first, task, None)
                     running[1] += 1
+                else:
+                    return
 
-        with Slots(self.slots, first, second) as slots:
+        with Slots(threads, first, second) as slots:
             yield from fill()
             while slots.busy:
                 (stage, task), result = slots.next()
@@ -130,6 +137,14 @@ class LocalEngine:
 
     def close(self) -> None:
         pass
+
+
+def pipelined(fn: Callable, slots: int) -> tuple[Callable, int]:
+    """``(fn, threads)`` to run ``fn`` with ``slots`` task slots: a task with ``for_slots`` (a
+    stage-one :class:`~chunkflow.engines.task.StageTask`) says how many threads it wants, to
+    pipeline its blocks within the bounds of ``slots``; any other runs ``slots`` at a time."""
+    plan = getattr(fn, "for_slots", None)
+    return plan(slots) if callable(plan) else (fn, slots)
 
 
 class Dependencies:

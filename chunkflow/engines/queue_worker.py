@@ -29,6 +29,7 @@ from chunkflow.engines.task import STAGE_NAMES, TaskResult, run_task, worker_res
 from chunkflow.errors import Interrupted, JobError, QueueError
 from chunkflow.job import Job
 from chunkflow.planning import load_job
+from chunkflow.stage_pipeline import stage_one_threads
 from chunkflow.stages import Stats
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class _Fleet:
     batch_size: int | None
     lookahead: bool
     max_attempts: int
+    slots: int = 1  # task slots of this worker (stage one: they bound its pipeline, stages.Resources.gates)
     jobs: dict[str, Job] = field(default_factory=dict)
     runtime: dict[str, Job] = field(default_factory=dict)
     tries: dict[tuple[int, str], int] = field(default_factory=dict)  # failed attempts per (stage, block) seen here
@@ -164,10 +166,12 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
     handed back).
 
     ``slots``: tasks run at once, each leased, renewed and deleted on its own (default
-    :data:`STAGE_ONE_SLOTS` for stage one, 1 for stage two). Two stage-one slots keep the model
-    busy: while one block holds it, the other reads its input or writes its output (the model
-    runs one block at a time, see :func:`chunkflow.stages.inference_and_donate`); memory is two
-    blocks'. ``lookahead`` (one stage-one slot only): lease the next task before running this
+    :data:`STAGE_ONE_SLOTS` for stage one, 1 for stage two). Stage one pipelines its blocks
+    (:mod:`chunkflow.stage_pipeline`): ``slots`` >= 2 runs ``2 x slots`` lease loops, of which at
+    most ``slots`` blocks read or hold the model (one at a time) and at most ``slots`` write behind
+    it, so a slot takes its next task as soon as its block has left the model; memory is ``slots``
+    input chunks and ``2 x slots`` float32 output chunks. A leased task waiting for its place keeps
+    its lease renewed. ``lookahead`` (one stage-one slot only): lease the next task before running this
     one, so its input is read while this one computes
     (:func:`~chunkflow.engines.lease.lease_ahead`); at most ``max_tasks`` leases in all.
     """
@@ -187,17 +191,19 @@ def work(queue_url: str, stage: int, job_store: str | None = None, lease: float 
         check_number("batch-size", batch_size, "a whole number, at least 1", whole)
     fleet = _Fleet(open_queue(queue_url, **kwargs), queue_url, stage, JobBinding(load_job(job_store) if job_store else None),
                    lease, poll, wait, force, cleanup, max_tasks, device, batch_size,
-                   lookahead and stage == 1 and slots == 1, max_attempts)
+                   lookahead and stage == 1 and slots == 1, max_attempts, slots)
     started = time.perf_counter()
-    summary = _lease_loop(fleet) if slots == 1 else _run_slots(fleet, slots)
+    loops = stage_one_threads(slots) if stage == 1 else slots
+    summary = _lease_loop(fleet) if loops == 1 else _run_slots(fleet, loops)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _run_slots(fleet: _Fleet, slots: int) -> WorkerSummary:
-    """``slots`` lease loops on threads; their summaries added up. The first error of a loop (or an
-    interrupt of this thread) stops the others: their blocks in flight stop at the next batch and
-    are handed back; it is raised once every loop has ended."""
+    """``slots`` lease loops on threads (stage one: two per task slot, bounded by the worker's
+    pipeline); their summaries added up. The first error of a loop (or an interrupt of this thread)
+    stops the others: their blocks in flight stop at the next batch, or before their first write,
+    and are handed back; it is raised once every loop has ended."""
     summaries = [WorkerSummary(fleet.stage) for _ in range(slots)]
     errors: list[BaseException] = []
 
@@ -298,7 +304,8 @@ def _lease_loop(fleet: _Fleet, summary: WorkerSummary | None = None) -> WorkerSu
                                               partial(_prefetchable, spec, fleet.binding, fleet.jobs, queue_url))
                 if ahead is None:
                     fleet.unclaim()
-            attempt = Attempt(queue, task, job, spec, block, fleet.lease, fleet.max_attempts, fleet.tries)
+            attempt = Attempt(queue, task, job, spec, block, fleet.lease, fleet.max_attempts, fleet.tries,
+                              fleet.slots)
             fleet.running[id(task)] = attempt
             try:
                 result = attempt.run(fleet.force, fleet.cleanup, ahead, upcoming)
@@ -327,9 +334,9 @@ class Attempt:
     give it up when it raises."""
 
     def __init__(self, queue, task, job: Job, spec: TaskSpec, block, lease: float, max_attempts: int,
-                 tries: dict[tuple[int, str], int]):
+                 tries: dict[tuple[int, str], int], slots: int = 0):
         self.queue, self.task, self.job, self.spec, self.block = queue, task, job, spec, block
-        self.lease, self.max_attempts, self.tries = lease, max_attempts, tries
+        self.lease, self.max_attempts, self.tries, self.slots = lease, max_attempts, tries, slots
         self.failure: dict | None = None  # the failed marker's record, once the attempt raised
 
     def run(self, force: bool, cleanup: bool, ahead=None, upcoming=None) -> TaskResult | None:
@@ -341,7 +348,8 @@ class Attempt:
         t, started = time.perf_counter(), time.time()
         try:
             result = run_task(self.job, self.spec.stage, self.block, force=force, cleanup=cleanup,
-                              prefetch_next=upcoming, max_attempts=self.max_attempts, heartbeat=heartbeat)
+                              prefetch_next=upcoming, max_attempts=self.max_attempts, heartbeat=heartbeat,
+                              slots=self.slots)
         except BaseException as err:
             keeper.stop()
             if not isinstance(err, Exception) or isinstance(err, (Interrupted, ModelChanged)) or debugging():

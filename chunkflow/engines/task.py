@@ -34,6 +34,7 @@ from chunkflow.engines.attempts import Heartbeat, exhausted, failed_record, last
 from chunkflow.engines.failures import STAGE_NAMES
 from chunkflow.errors import Interrupted
 from chunkflow.job import Job
+from chunkflow.stage_pipeline import stage_one_threads
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import DONATIONS, Resources, Stats, inference_and_donate, is_done
 from chunkflow.storage import ObjectStore
@@ -107,12 +108,15 @@ class _SharedBackend:
 
 def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: bool = False,
              res: Resources | None = None, prefetch_next: Vec | None = None, max_attempts: int | None = None,
-             heartbeat: Heartbeat | None = None) -> TaskResult:
+             heartbeat: Heartbeat | None = None, slots: int = 0) -> TaskResult:
     """Run stage ``stage`` for ``block`` unless it is done (or ``force``), keeping the markers.
     ``prefetch_next`` (stage one): the block this process runs next, whose input is read while
     this one computes. ``max_attempts`` (queue workers): the failed marker of the attempt that
     reaches it says the task is given up, and a block whose attempts are used up already is not
-    run (AttemptsExhausted). ``heartbeat``: refreshes the running marker while the attempt runs."""
+    run (AttemptsExhausted). ``heartbeat``: refreshes the running marker while the attempt runs.
+    ``slots`` (stage one): the task slots of this worker, which bound its pipeline
+    (:meth:`chunkflow.stages.Resources.gates`; 0: the default). A failure in any step of the block,
+    its writes behind the model included, is this attempt's failure: no done marker, a failed marker."""
     res = res or worker_resources(job)
     store = res.store
     box = job.layout.block_box(block)
@@ -133,7 +137,7 @@ def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: boo
     view = faults.watched(res, stage)
     try:
         if stage == 1:
-            stats = inference_and_donate(job, block, view, prefetch_next=prefetch_next)
+            stats = inference_and_donate(job, block, view, prefetch_next=prefetch_next, slots=slots)
         else:
             stats = receive_and_blend(job, block, view, cleanup=cleanup)
     except Interrupted:  # stopped with the run (another slot failed, Ctrl-C): not a failed attempt
@@ -167,17 +171,28 @@ def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: boo
 
 
 class StageTask:
-    """A picklable callable running one stage for one block (what engines ship to workers)."""
+    """A picklable callable running one stage for one block (what engines ship to workers).
 
-    def __init__(self, job: Job, stage: int, force: bool = False, cleanup: bool = False):
-        self.job, self.stage, self.force, self.cleanup = job, stage, force, cleanup
+    ``slots``: the task slots of the engine running it (0: the default), which bound stage one's
+    pipeline in each worker; see :meth:`for_slots`."""
+
+    def __init__(self, job: Job, stage: int, force: bool = False, cleanup: bool = False, slots: int = 0):
+        self.job, self.stage, self.force, self.cleanup, self.slots = job, stage, force, cleanup, slots
+
+    def for_slots(self, slots: int) -> tuple["StageTask", int]:
+        """``(task, threads)`` for an engine with ``slots`` task slots in one process: stage one runs
+        up to ``2 x slots`` tasks at once (``slots`` >= 2), its pipeline bounded by ``slots``
+        (:func:`chunkflow.stage_pipeline.stage_one_threads`); other stages ``slots`` tasks."""
+        if self.stage != 1:
+            return self, slots
+        return StageTask(self.job, self.stage, self.force, self.cleanup, slots), stage_one_threads(slots)
 
     @property
     def label(self) -> str:
         return STAGE_NAMES[self.stage]
 
     def __call__(self, block: Vec) -> TaskResult:
-        return run_task(self.job, self.stage, Vec(block), self.force, self.cleanup)
+        return run_task(self.job, self.stage, Vec(block), self.force, self.cleanup, slots=self.slots)
 
     def cancel(self) -> None:
         """Ask this process's stage-one tasks of the job that are still running to stop at their next
@@ -192,7 +207,8 @@ class StageTask:
         """Run ``block`` knowing that this process runs ``upcoming`` next (engines that know it
         call this): stage one starts reading the upcoming block's input once its own is read."""
         ahead = Vec(upcoming) if self.stage == 1 else None
-        return run_task(self.job, self.stage, Vec(block), self.force, self.cleanup, prefetch_next=ahead)
+        return run_task(self.job, self.stage, Vec(block), self.force, self.cleanup, prefetch_next=ahead,
+                        slots=self.slots)
 
 
 def sweep_leftovers(job: Job, block: Vec, store: ObjectStore) -> int:
