@@ -6,7 +6,7 @@ volume or store of that kind is opened.
 Layers, each importing only the ones above it in this list: errors and names
 (``chunkflow.errors``, ``names.py``); the interfaces (``objects.py``: ObjectStore,
 ``volumes.py``: Volume) and URL parsing (``volume_urls.py``); the GCS helpers and the
-formats (``gcs*.py``, ``precomputed.py``, ``sharding.py``, ``zarr_volume.py``); the factories
+formats (``gcs*.py``, ``precomputed.py`` with ``precomputed_files.py``, ``sharding.py``, ``zarr_volume.py``); the factories
 that know every kind (``stores.py``: open_store, ``volume_factory.py``: open/create_volume).
 """
 from chunkflow.errors import StorageError

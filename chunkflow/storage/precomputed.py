@@ -6,6 +6,10 @@ data was never written, a sub-box copied with the full bounds) is read according
 :attr:`PrecomputedVolume.filled_chunks`: a job's input planned with ``--fill-missing``) or
 ``"refuse"`` (:class:`~chunkflow.errors.MissingInput` naming the chunk: a job's input by default).
 
+Local (``file://``) unsharded raw layers, uncompressed or gzip, are read and written without
+CloudVolume, chunk file by chunk file, with the same bytes (``precomputed_files.py``): CloudVolume
+costs several times the CPU per voxel there. Everything else goes through CloudVolume.
+
 CloudVolume arrays are X,Y,Z,C (Fortran order); chunkflow's are C,Z,Y,X (C order).
 ``arr.transpose(3, 2, 1, 0)`` maps one onto the other without a copy: a C-contiguous
 C,Z,Y,X array viewed as X,Y,Z,C is exactly the Fortran-contiguous layout CloudVolume
@@ -29,6 +33,7 @@ import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import MissingInput, StorageError, one_line
+from chunkflow.storage.precomputed_files import ChunkFiles
 from chunkflow.storage.sharding import precomputed_shard_size, precomputed_sharding_spec, write_precomputed_shards
 from chunkflow.storage.volumes import Volume
 
@@ -189,6 +194,13 @@ class PrecomputedVolume(Volume):
             dtype=np.dtype(cv.info["data_type"]),
             resolution=(float(rz), float(ry), float(rx)),
         )
+        #: local raw chunk files, read and written without CloudVolume (``precomputed_files.py``); None: CloudVolume
+        self._files = None
+        if self._location.startswith("file://"):
+            from cloudfiles.paths import extract  # the directory cloud-files reads and writes for CloudVolume
+
+            self._files = ChunkFiles.for_scale(extract(cv.meta.cloudpath).path, scale, self.bbox, self.num_channels,
+                                               self.dtype)
 
     @staticmethod
     def _cloudvolume(location: str, fill_missing: bool = False, mip: int = 0, **kwargs):
@@ -298,23 +310,49 @@ class PrecomputedVolume(Volume):
             raise StorageError(f"cannot list the chunks of {self.url}: "
                                f"{one_line(exc, first_only=True, typed=True)}") from exc
 
+    def _missing(self, chunk: str, bbox: Bbox) -> MissingInput:
+        return MissingInput(
+            f"chunk {chunk.strip() or '?'} of {self.url} is missing (box {bbox.name} needs it; the "
+            f"layer's info promises {self.bbox.name}); plan with --fill-missing if missing chunks are "
+            "meant to be zeros")
+
     def _read(self, bbox: Bbox) -> np.ndarray:
         from cloudvolume.exceptions import EmptyVolumeException
 
+        if self._files is not None:
+            direct = self._read_files(bbox)
+            if direct is not None:
+                return direct
         try:
             cutout = self._cv[self._slices_xyz(bbox)]
         except EmptyVolumeException as exc:
             if self.missing == "refuse":
-                raise MissingInput(
-                    f"chunk {str(exc).strip() or '?'} of {self.url} is missing (box {bbox.name} needs it; the "
-                    f"layer's info promises {self.bbox.name}); plan with --fill-missing if missing chunks are "
-                    "meant to be zeros") from None
+                raise self._missing(str(exc), bbox) from None
             cutout = self._read_filling(bbox)
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"read of box {bbox.name} from {self.url} failed: "
                                f"{one_line(exc, first_only=True, typed=True)}") from exc
         # X,Y,Z,C -> C,Z,Y,X; make it C-contiguous so callers get ordinary arrays.
         return np.ascontiguousarray(np.asarray(cutout).transpose(3, 2, 1, 0))
+
+    def _read_files(self, bbox: Bbox) -> np.ndarray | None:
+        """``bbox`` from the chunk files, missing chunks as ``missing`` says; None: read it through CloudVolume."""
+        assert self._files is not None
+        try:
+            got = self._files.read(bbox)
+        except Exception as exc:  # noqa: BLE001 - OSError, a bad gzip stream, a chunk of the wrong size
+            raise StorageError(f"read of box {bbox.name} from {self.url} failed: "
+                               f"{one_line(exc, first_only=True, typed=True)}") from exc
+        if got is None:
+            return None
+        if got.missing:
+            if self.missing == "refuse":
+                raise self._missing(got.missing[0], bbox)
+            if self.missing == "count":
+                with self._lock:
+                    self.filled_chunks += got.absent
+            log.debug("%s: %d missing chunks in %s read as zeros", self.url, len(got.missing), bbox.name)
+        return got.data
 
     def _read_filling(self, bbox: Bbox):
         """Read with missing chunks as zeros (counting them if the volume was opened to count)."""
@@ -329,13 +367,16 @@ class PrecomputedVolume(Volume):
         return self._filling_cv[slices]
 
     def _write(self, bbox: Bbox, data: np.ndarray) -> None:
-        xyzc = np.ascontiguousarray(data).transpose(3, 2, 1, 0)  # Fortran-ordered view, no copy
         self._cv.compress = _write_compress(self._cv.info, self._location)  # what the info records
         try:
             if self.sharded:  # check_write let through whole shards only
                 write_precomputed_shards(self._cv, self._location, self.bbox, self.shard_size, bbox, data)
                 return
-            self._cv[self._slices_xyz(bbox)] = xyzc
+            if self._files is not None and self._cv.compress in (False, "gzip"):
+                self._files.write(bbox, data, gzip=self._cv.compress == "gzip")
+            else:
+                xyzc = np.ascontiguousarray(data).transpose(3, 2, 1, 0)  # Fortran-ordered view, no copy
+                self._cv[self._slices_xyz(bbox)] = xyzc
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"write of box {bbox.name} to {self.url} failed: "
                                f"{one_line(exc, first_only=True, typed=True)}") from exc
