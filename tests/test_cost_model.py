@@ -17,7 +17,8 @@ from chunkflow import cli
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.cost_model import (DEFAULT_PRICES, GB, HEARTBEAT_SECONDS, PRICE_PARAMETERS, JobCounts, Prices,
                                   barrier_cost_per_hour, check_prices, estimate)
-from chunkflow.dryrun import hypothetical, io_counts, job_counts, summarise
+from chunkflow.dryrun import hypothetical, job_counts, summarise
+from chunkflow.io_counts import io_counts
 from chunkflow.errors import UsageError
 from chunkflow.geometry import GeometryError, Layout
 from tests.helpers import CONV3, make_input
