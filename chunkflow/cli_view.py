@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from chunkflow.cli_common import setup_logging, user_errors
 from chunkflow.errors import StorageError, UsageError
+from chunkflow.interruptible import forever
 from chunkflow.storage import open_volume
 from chunkflow.storage.volume_urls import volume_format, volume_location
 
@@ -310,7 +310,7 @@ def _wait(server) -> None:
     if server is not None:
         server.serve_forever()
     else:
-        threading.Event().wait()
+        forever()
 
 
 def _print_layers(layers: list[Layer], data_urls: dict[str, str]) -> None:

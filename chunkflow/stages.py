@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Iterator
@@ -32,6 +32,7 @@ from chunkflow.backends import Backend, load_backend, require_device
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, normalise, weight_map
 from chunkflow.errors import Interrupted
+from chunkflow.interruptible import wait_any
 from chunkflow.backend_blend import run_blended
 from chunkflow.job import Job
 from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
@@ -329,7 +330,7 @@ def inference_and_donate_many(job: Job, blocks: Iterable[Vec], res: Resources | 
                 if not pending:
                     return
                 if not pending[0][1].done():
-                    wait([f for _, f in pending if not f.done()], return_when=FIRST_COMPLETED)
+                    wait_any([f for _, f in pending if not f.done()])  # short waits: Ctrl-C gets through
                 while pending and pending[0][1].done():
                     block, future = pending.popleft()
                     yield block, future.result()

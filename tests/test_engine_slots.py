@@ -18,11 +18,12 @@ from hypothesis import strategies as st
 
 from chunkflow.engines import Failed, LocalEngine, NotRun, make_engine, run_job, run_stage
 from chunkflow.engines.base import EngineError
-from chunkflow.engines.local import Dependencies, demand_order
+from chunkflow.engines.local import Dependencies, Slots, demand_order
 from chunkflow.errors import Interrupted
 from chunkflow.storage import open_store, open_volume
 from tests.helpers import examples
 from tests.test_engines_support import assert_complete_and_exact, small_job
+from tests.test_interruptible import CtrlCElsewhere
 
 
 @pytest.fixture()
@@ -213,6 +214,24 @@ def test_interrupt_stops_running_tasks_before_it_returns(ctrl_c):
         list(LocalEngine(2).map(task, range(5)))
     caught = time.monotonic()
     assert caught - began < 10
+    assert sorted(task.ended) == [0, 1] and max(task.ended.values()) <= caught and task.resumed
+    assert not slot_threads()
+
+
+def test_an_interrupt_another_thread_received_stops_the_run(ctrl_c):
+    """The SIGINT reaches a thread other than the main one, which waits in ``Slots.next`` and is
+    not woken by it (as a signal that reached the main thread just before it blocked there: the
+    load-dependent hang of the test above, when the engine waited in one ``get()``): the engine
+    still cancels both tasks, waits for them and raises, before the watchdog cancels them."""
+    task = Cancellable(threading.Semaphore(0))
+    helper = CtrlCElsewhere(Slots.next.__code__, task.cancel)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(LocalEngine(2).map(task, range(5)))
+        caught = time.monotonic()
+    finally:
+        helper.handled()
+    assert not helper.released.is_set(), "the engine went on waiting until the watchdog cancelled its tasks"
     assert sorted(task.ended) == [0, 1] and max(task.ended.values()) <= caught and task.resumed
     assert not slot_threads()
 

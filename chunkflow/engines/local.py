@@ -34,6 +34,7 @@ import threading
 from collections import deque
 from typing import Callable, Hashable, Iterable, Iterator, Mapping, TypeVar
 
+from chunkflow import interruptible
 from chunkflow.errors import EngineError
 from chunkflow.engines.failures import Failed, NotRun, debugging
 
@@ -243,8 +244,8 @@ class Slots:
         """``(key, outcome)`` of the next call to end; a call that raised raises here."""
         if not self._threads:
             raise RuntimeError("no call is running")
-        key, outcome = self._outcomes.get()
-        self._threads.pop(key).join()
+        key, outcome = interruptible.take(self._outcomes)  # never one long wait: see chunkflow.interruptible
+        interruptible.join(self._threads.pop(key))
         if isinstance(outcome, _Raised):
             raise outcome.error
         return key, outcome
@@ -257,12 +258,12 @@ class Slots:
                 task.cancel()
         threads = list(self._threads.values())
         for thread in threads:  # quietly while it is quick: an interrupt reports itself in one line
-            thread.join(STOP_QUIETLY)
+            interruptible.join(thread, STOP_QUIETLY)
         if any(thread.is_alive() for thread in threads):
             log.warning("waiting for %d running tasks to stop (Ctrl-C again to leave them)",
                         sum(thread.is_alive() for thread in threads))
         for thread in threads:
-            thread.join()
+            interruptible.join(thread)
         self._threads.clear()
         for task in hooks:
             if callable(getattr(task, "resume", None)):
