@@ -46,11 +46,6 @@ class Written:
     donate_seconds: float = 0.0
 
 
-def io_pool() -> ThreadPoolExecutor:
-    """The pool :func:`write_block` runs on (one per worker's Resources)."""
-    return ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="chunkflow-write")
-
-
 def write_block(job: Job, layout: Layout, block, chunk: Bbox, out: np.ndarray, output: Volume, store: ObjectStore,
                 pool: ThreadPoolExecutor, slabs: list[Bbox], cast: Callable[[np.ndarray, str], np.ndarray]) -> Written:
     """Write ``slabs`` of ``out`` (float32 C,Z,Y,X over ``chunk``) to ``output`` cast to the job's
@@ -64,7 +59,9 @@ def write_block(job: Job, layout: Layout, block, chunk: Bbox, out: np.ndarray, o
 
     def donate(donation) -> tuple[str, float, int]:
         t = time.perf_counter()
-        piece = np.ascontiguousarray(out[(slice(None),) + donation.piece.slices(chunk)], dtype=job.donation_dtype)
+        piece = out[(slice(None),) + donation.piece.slices(chunk)]  # a float32 piece is gathered by the encoder
+        if piece.dtype != np.dtype(job.donation_dtype):
+            piece = piece.astype(job.donation_dtype)
         data = encode_donation(piece, donation.piece, donation.key, job.job_hash, compression=job.donation_compression)
         del piece
         store.put(DONATIONS + donation.key, data)

@@ -18,28 +18,23 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from chunkflow.backends import Backend, load_backend, require_device
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.blend import WeightSum, normalise, weight_map
+from chunkflow.blend import normalise
 from chunkflow.errors import Interrupted
 from chunkflow.interruptible import wait_any
 from chunkflow.backend_blend import run_blended
 from chunkflow.job import Job
-from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
-from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
-from chunkflow.storage.volumes import input_missing
-from chunkflow.block_writes import DONATIONS, io_pool, write_block
-from chunkflow.stage_pipeline import DeviceTurns, InputPrefetcher, StageGates, stage_one_threads
+from chunkflow.storage import ObjectStore
+from chunkflow.block_writes import DONATIONS, write_block
+from chunkflow.resources import SLOTS, Resources, Stats
+from chunkflow.stage_pipeline import InputPrefetcher, stage_one_threads
 
 log = logging.getLogger(__name__)
 
@@ -47,156 +42,6 @@ __all__ = ["DONATIONS", "InputPrefetcher", "Resources", "SLOTS", "Stats", "cast_
            "inference_and_donate", "inference_and_donate_many", "is_done", "mark_done", "reference", "write_slabs"]
 
 WRITE_SLAB_BYTES = 8 << 20
-
-
-@dataclass
-class Stats:
-    """What one task did, for progress summaries.
-
-    ``seconds`` per phase. Stage one: ``read`` (waiting for the input; a prefetched read costs only
-    what it did not overlap), ``wait`` (for the model, while another block of this worker held it),
-    ``model``, ``blend`` (gathering patches into batches and adding ``w * y`` into the chunk),
-    ``wait_write`` (off the model, for a place to write behind it), ``normalise`` (dividing by ``N``),
-    ``write`` (the core) and ``donate``; the last two are summed over the write threads, so they
-    may add up to more than the task's wall time.
-    Stage two: ``fetch``, ``verify``, ``blend``, ``write``.
-    """
-
-    patches: int = 0
-    voxels: int = 0
-    donated_bytes: int = 0
-    donations: int = 0
-    filled_chunks: int = 0  # missing input chunks read as zeros (a job planned with --fill-missing)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def time(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
-        return now
-
-    def add(self, other: "Stats") -> None:
-        self.patches += other.patches
-        self.voxels += other.voxels
-        self.donated_bytes += other.donated_bytes
-        self.donations += other.donations
-        self.filled_chunks += other.filled_chunks
-        for k, v in other.seconds.items():
-            self.seconds[k] = self.seconds.get(k, 0.0) + v
-
-
-class Resources:
-    """What a worker opens once and reuses across the tasks of one job.
-
-    It also holds the input prefetcher: :meth:`prefetch` starts reading a block's input in a
-    background thread, and stage one takes it from there when it reaches that block, so the
-    read and decode of the next chunk overlap the model's work on this one.
-    """
-
-    def __init__(self, job: Job, backend: Backend | None = None):
-        self.job = job
-        self._backend = backend
-        self.prefetcher = InputPrefetcher()
-        self.device_lock = threading.Lock()  # one block on the model at a time (see inference_and_donate)
-        self.turns = DeviceTurns(self.device_lock)  # how blocks hand the device over (stage_pipeline)
-        self.reading = threading.Lock()  # stage-one blocks read their input one at a time
-        self.cancelled = threading.Event()  # set: stage-one blocks in flight stop at their next batch
-        self._loading = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._gates: dict[int, StageGates] = {}
-
-    def gates(self, slots: int = 0) -> StageGates:
-        """The bounds of this worker's stage-one pipeline for ``slots`` task slots (default
-        :data:`SLOTS`): at most ``slots`` blocks reading or on the device, at most ``slots`` writing
-        behind (:class:`chunkflow.stage_pipeline.StageGates`)."""
-        slots = slots or SLOTS
-        with self._loading:
-            gates = self._gates.get(slots)
-            if gates is None:
-                gates = self._gates[slots] = StageGates(slots)
-            return gates
-
-    @cached_property
-    def mask(self) -> PatchMask | None:
-        """The job's mask (``--mask``), or None."""
-        return open_mask(self.job, self.input.resolution)
-
-    @cached_property
-    def masked(self) -> np.ndarray | None:
-        """Per block (raster order), whether the mask leaves it no patch (written by plan)."""
-        return load_block_map(self.job, self.store)
-
-    def is_masked(self, block: Vec) -> bool:
-        """Whether block ``block`` has no patch inside the mask (no stage-one task, no donations)."""
-        masked = self.masked
-        return masked is not None and bool(masked[block_position(block, self.job.layout.grid_shape)])
-
-    @cached_property
-    def input(self) -> Volume:
-        return open_volume(self.job.input, missing=input_missing(self.job.fill_missing), mip=self.job.mip)
-
-    @cached_property
-    def output(self) -> Volume:
-        return open_volume(self.job.output)
-
-    @cached_property
-    def store(self) -> ObjectStore:
-        return open_store(self.job.store)
-
-    @property
-    def backend(self) -> Backend:
-        """The job's model, loaded on first use pinned to the manifest's ``model_checksum`` (a file
-        changed since planning is refused, :mod:`chunkflow.backends.pin`). A backend given to the
-        constructor is used as is; a callable given there (a worker's shared model cache) is asked
-        for the model each time."""
-        with self._loading:  # two blocks in flight must not load the model twice
-            if self._backend is None:
-                require_device(self.job.device)
-                self._backend = load_backend(self.job.model, self.job.weights, self.job.device, self.job.precision,
-                                             checksum=self.job.model_checksum)
-            backend = self._backend
-        return backend if isinstance(backend, Backend) or not callable(backend) else backend()
-
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        """The threads that write blocks' cores and donations (:mod:`chunkflow.block_writes`)."""
-        with self._loading:
-            if self._pool is None:
-                self._pool = io_pool()
-            return self._pool
-
-    def __copy__(self) -> "Resources":
-        """A view sharing everything, the device lock and the cancel flag included (fault hooks)."""
-        clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
-        return clone
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("device_lock", "turns", "reading", "cancelled", "_loading", "_pool", "_gates")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.device_lock, self.cancelled, self._loading, self._pool = (threading.Lock(), threading.Event(),
-                                                                       threading.Lock(), None)
-        self.turns, self.reading, self._gates = DeviceTurns(self.device_lock), threading.Lock(), {}
-
-    @cached_property
-    def weights(self) -> np.ndarray:
-        return weight_map(self.job.blend, self.job.output_patch)
-
-    @cached_property
-    def weight_sum(self) -> WeightSum:
-        return WeightSum(self.weights, [ax.origins for ax in self.job.layout.axes])
-
-    def read_input(self, box: Bbox) -> np.ndarray:
-        """The input over ``box`` in its stored dtype, faces padded as the job says."""
-        return self.input.read(box, pad_mode=self.job.pad_mode)
-
-    def prefetch(self, block: Vec) -> None:
-        """Start reading the input of ``block``'s chunk in the background (nothing if it has none)."""
-        chunk = self.job.layout.chunk_box(block)
-        if chunk is not None:
-            self.prefetcher.submit(chunk.grow(self.job.context_margin), self.read_input)
 
 
 def done_marker(stage: int, block: Bbox) -> str:
@@ -281,9 +126,6 @@ def write_slabs(core: Bbox, chunk_z: int, voxel_bytes: int) -> Iterator[Bbox]:
     return core.z_slabs(chunk_z * max(1, WRITE_SLAB_BYTES // (plane * chunk_z)))
 
 
-#: stage-one task slots of one worker by default: two blocks reading or on the model, two writing
-#: behind (:mod:`chunkflow.stage_pipeline`)
-SLOTS = 2
 #: blocks :func:`inference_and_donate_many` keeps between the oldest one not yet yielded and the
 #: newest one started, per thread (the rest finished; their Stats wait to be yielded in order)
 LOOKAHEAD = 4
@@ -363,7 +205,7 @@ def _infer_region(job: Job, res: Resources, region: Bbox, origins: list[Vec], st
     seconds: dict[str, float] = {}
     with res.turns.turn() as turn:
         out, patches = run_blended(image, region.grow(job.context_margin), origins, region, res.weight_sum,
-                                   res.weights, backend, Vec(job.input_patch), job.out_channels, job.batch_size,
+                                   res.blend_map, backend, Vec(job.input_patch), job.out_channels, job.batch_size,
                                    step, seconds, normalise=False, turn=turn)
     del image
     stats.patches += patches

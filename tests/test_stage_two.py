@@ -9,6 +9,8 @@ count, output dtype, donation dtype and compression, and keep its refusals (noth
 from __future__ import annotations
 
 import struct
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -183,6 +185,67 @@ def test_a_store_error_fails_the_task_and_writes_nothing(tmp_path):
     with pytest.raises(OSError, match="connection reset"):
         receive_and_blend(job, target, res)
     assert _files(tmp_path / "out") == before
+
+
+def test_a_truncated_piece_is_refused_in_one_line_and_nothing_is_written(tmp_path):
+    job = _plan(tmp_path, CASES["identity-f32"])
+    res = _stage_one(job)
+    target = Vec(1, 1, 1)
+    key = job.layout.donations_to(target)[-1].key
+    path = tmp_path / "job" / "donations" / key
+    path.write_bytes(path.read_bytes()[:-4])
+    before = _files(tmp_path / "out")
+    with pytest.raises(MissingDonations) as err:
+        receive_and_blend(job, target, res)
+    assert err.value.corrupt == [f"donation {key} is truncated"] and not err.value.missing
+    assert _files(tmp_path / "out") == before
+    assert not res.store.exists(f"done/stage2/{job.layout.block_box(target).name}")
+
+
+class _CountingStore(_FailingStore):
+    """A failing store that also counts the gets started and those still running."""
+
+    def __init__(self, store, bad: str):
+        super().__init__(store, bad)
+        self.started = self.running = 0
+
+    def get(self, name: str) -> bytes:
+        self.started += 1
+        self.running += 1
+        try:
+            time.sleep(0.002)
+            return super().get(name)
+        finally:
+            self.running -= 1
+
+
+def test_a_failed_task_leaves_nothing_of_it_on_the_shared_fetch_pool(tmp_path):
+    """The fetch pool is the worker's and outlives the task: pieces not fetched yet are cancelled,
+    running fetches are waited for, before the task's error is raised."""
+    job = _plan(tmp_path, CASES["identity-f32"])
+    res = _stage_one(job)
+    target = Vec(1, 1, 1)
+    keys = [d.key for d in job.layout.donations_to(target)]
+    store = _CountingStore(res.store, DONATIONS + keys[1])
+    res.__dict__["store"] = store
+    with pytest.raises(OSError, match="connection reset"):
+        receive_and_blend(job, target, res)
+    started = store.started
+    time.sleep(0.1)
+    assert store.running == 0 and store.started == started
+
+
+def test_stage_two_threads_are_the_workers_not_started_per_task(tmp_path):
+    job = _plan(tmp_path, CASES["identity-f32"])
+    res = _stage_one(job)
+    _stage_two(job, res)
+    pools = dict(res._pools)
+    assert res.threads("receive", stage_two.FETCH_WORKERS) is pools[("receive", stage_two.FETCH_WORKERS)]
+    _stage_two(job, res)
+    assert res._pools == pools
+    names = [t.name for t in threading.enumerate() if t.name.startswith("chunkflow-receive")]
+    assert 0 < len(names) <= stage_two.FETCH_WORKERS
+    assert "_pools" not in res.__getstate__()  # a pickled Resources (Dask) starts its own
 
 
 def test_phases_are_the_summing_threads_time(tmp_path):

@@ -110,7 +110,7 @@ class _Fleet:
     batch_size: int | None
     lookahead: bool
     max_attempts: int
-    slots: int = 1  # task slots of this worker (stage one: they bound its pipeline, stages.Resources.gates)
+    slots: int = 1  # task slots of this worker (stage one: they bound its pipeline, resources.Resources.gates)
     jobs: dict[str, Job] = field(default_factory=dict)
     runtime: dict[str, Job] = field(default_factory=dict)
     tries: dict[tuple[int, str], int] = field(default_factory=dict)  # failed attempts per (stage, block) seen here

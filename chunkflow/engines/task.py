@@ -115,7 +115,7 @@ def run_task(job: Job, stage: int, block: Vec, force: bool = False, cleanup: boo
     reaches it says the task is given up, and a block whose attempts are used up already is not
     run (AttemptsExhausted). ``heartbeat``: refreshes the running marker while the attempt runs.
     ``slots`` (stage one): the task slots of this worker, which bound its pipeline
-    (:meth:`chunkflow.stages.Resources.gates`; 0: the default). A failure in any step of the block,
+    (:meth:`chunkflow.resources.Resources.gates`; 0: the default). A failure in any step of the block,
     its writes behind the model included, is this attempt's failure: no done marker, a failed marker."""
     res = res or worker_resources(job)
     store = res.store
