@@ -27,11 +27,11 @@ from chunkflow.geometry import Layout
 from chunkflow.job import Job
 from chunkflow.storage import ObjectStore, Volume
 from chunkflow.storage.donation_codec import encode_donation
+from chunkflow.store_layout import DONATIONS
 
 #: writes of one block in flight at once (threads of a Resources' pool)
 IO_THREADS = 4
 
-DONATIONS = "donations/"
 
 
 @dataclass

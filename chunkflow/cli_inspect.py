@@ -14,7 +14,7 @@ import sys
 from chunkflow.geometry import parse_key
 from chunkflow.donation_format import format_block, format_table
 from chunkflow.donation_report import LIMIT, check_piece, inspect_store, region_box
-from chunkflow.job import MANIFEST
+from chunkflow.store_layout import MANIFEST
 from chunkflow.planning import load_job
 from chunkflow.stages import DONATIONS
 from chunkflow.storage import ObjectStore, open_store

@@ -38,7 +38,8 @@ from chunkflow.donation_reads import HEAD_BYTES, UNCHECKED, Reservoir, check_pie
 from chunkflow.donation_summary import DONE, JobTally, PrefixTally
 from chunkflow.errors import UsageError
 from chunkflow.geometry import GeometryError
-from chunkflow.job import MANIFEST, Job
+from chunkflow.job import Job
+from chunkflow.store_layout import MANIFEST
 from chunkflow.planning import load_job
 from chunkflow.stages import DONATIONS
 from chunkflow.storage import ObjectStore, StorageError

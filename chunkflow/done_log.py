@@ -42,14 +42,13 @@ from chunkflow.errors import JobError, StorageError
 from chunkflow.job import Job
 from chunkflow.masking import masked_set
 from chunkflow.storage import ObjectStore
+from chunkflow.store_layout import DONE, done_marker, log_name, log_prefix, marker_prefix, summary_name
 
 __all__ = ["ALLOWANCE_MINUTES", "DoneView", "LostDoneMarkers", "SWEEP_AFTER_S", "announce", "bucket_of", "decode_summary",
            "done_set", "encode_summary", "log_name"]
 
 log = logging.getLogger(__name__)
 
-LOG = "log"
-SUMMARY = "summary"
 BUCKET_S = 60
 #: minutes a log entry may lag behind a poller's clock: clock skew plus the time one write may take
 ALLOWANCE_MINUTES = 10
@@ -67,10 +66,6 @@ class LostDoneMarkers(JobError):
 def bucket_of(seconds: float) -> int:
     """The log bucket (minute) of a time in seconds since the epoch."""
     return int(seconds // BUCKET_S)
-
-
-def log_name(stage: int, block: str, bucket: int) -> str:
-    return f"{LOG}/stage{stage}/{bucket:010d}/{block}"
 
 
 def announce(store: ObjectStore, stage: int, block: str, now: float | None = None) -> None:
@@ -113,7 +108,7 @@ class DoneView:
 
     @property
     def summary_name(self) -> str:
-        return f"{SUMMARY}/stage{self.stage}"
+        return summary_name(self.stage)
 
     @property
     def done(self) -> BlockSet:
@@ -127,7 +122,7 @@ class DoneView:
         if self.watermark is None and not self._load():
             self.rebuild(now)
             return self.done
-        prefix = f"{LOG}/stage{self.stage}/"
+        prefix = log_prefix(self.stage)
         before = len(self.markers)
         names = self.store.names_under(prefix, start_offset=f"{prefix}{self.watermark:010d}/")
         self._reader.add(self.markers, names, 11)  # after the bucket: {minute:010d}/
@@ -141,13 +136,13 @@ class DoneView:
         the view counted done that have none (empty unless markers were removed or the checkpoint
         was damaged)."""
         now = time.time() if now is None else now
-        prefix = f"done/stage{self.stage}/"
+        prefix = marker_prefix(DONE, self.stage)
         listed = BlockSet(self.grid)
         self._reader.add(listed, self.store.names_under(prefix), 0)
         lost = self.markers - listed
         self.markers, self.watermark, self._dirty = listed, bucket_of(now) - ALLOWANCE_MINUTES, True
         if lost:  # their log entries from the watermark on would count them again: remove those
-            prefix = f"{LOG}/stage{self.stage}/"
+            prefix = log_prefix(self.stage)
             for name in list(self.store.list(prefix, start_offset=f"{prefix}{self.watermark:010d}/")):
                 if name.rpartition("/")[2] in lost:
                     self.store.delete(name)
@@ -161,7 +156,7 @@ class DoneView:
             return 0
 
         def exists(name: str) -> bool:
-            return self.store.exists(f"done/stage{self.stage}/{name}")
+            return self.store.exists(done_marker(self.stage, name))
 
         with ThreadPoolExecutor(max_workers=min(threads, len(names)), thread_name_prefix="cf-probe") as pool:
             found = [n for n, hit in zip(names, pool.map(exists, names)) if hit]

@@ -4,8 +4,8 @@ A job lives in one object store (the ``--donations`` location)::
 
     manifest.json          the parameters below; written once when the job is planned
     donations/{key}        stage-one pieces, key = ``{block}%{piece}``
-    done/stage1/{block}    done markers (a rerun skips a finished task unless forced)
-    done/stage2/{block}
+    done/stage{n}/{block}  done markers (a rerun skips a finished task unless forced)
+    ...                    the rest of the layout: :mod:`chunkflow.store_layout`
 
 The hash covers everything that changes the numbers in the output (volumes, geometry,
 blend, model and its checksum, dtype, padding, precision) and nothing that does not
@@ -27,7 +27,6 @@ from chunkflow.geometry import GeometryError, Layout
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 OUTPUT_DTYPES = ("float32", "float16", "uint8")
 PAD_MODES = ("reflect", "constant")
 PRECISIONS = ("float32", "float16", "bfloat16")

@@ -14,13 +14,14 @@ from chunkflow.backends import check_device, load_backend, model_checksum, requi
 from chunkflow.bbox import Vec, zyx_text
 from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
-from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, MANIFEST, Job, JobError, default_storage_chunk,
+from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, Job, JobError, default_storage_chunk,
                            validate_parameters)
 from chunkflow.job_params import JobParameters, takes_job_parameters
 from chunkflow.masking import BLOCK_MAP, encode_block_map, masked_blocks, open_mask
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
+from chunkflow.store_layout import MANIFEST
 from chunkflow.storage.volume_factory import check_output_compression
 from chunkflow.storage.volume_urls import same_or_nested, volume_format, volume_location
 from chunkflow.storage.volumes import input_missing

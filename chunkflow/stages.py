@@ -31,6 +31,7 @@ from chunkflow.errors import Interrupted
 from chunkflow.interruptible import wait_any
 from chunkflow.backend_blend import run_blended
 from chunkflow.job import Job
+from chunkflow import store_layout
 from chunkflow.storage import ObjectStore
 from chunkflow.block_writes import DONATIONS, write_block
 from chunkflow.resources import SLOTS, Resources, Stats
@@ -45,7 +46,7 @@ WRITE_SLAB_BYTES = 8 << 20
 
 
 def done_marker(stage: int, block: Bbox) -> str:
-    return f"done/stage{stage}/{block.name}"
+    return store_layout.done_marker(stage, block.name)
 
 
 def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, progress=None, *,

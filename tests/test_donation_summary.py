@@ -22,7 +22,8 @@ from chunkflow.donation_kinds import ExpectedPieces
 from chunkflow.donation_reads import Reservoir
 from chunkflow.donation_report import STATES, inspect_store
 from chunkflow.geometry import GeometryError, parse_key
-from chunkflow.job import MANIFEST, Job
+from chunkflow.job import Job
+from chunkflow.store_layout import MANIFEST
 from chunkflow.stages import DONATIONS
 from chunkflow.errors import UsageError
 from chunkflow.storage import DirectoryStore

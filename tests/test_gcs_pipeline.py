@@ -22,7 +22,8 @@ import pytest
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import LocalEngine, run_job, run_stage
 from chunkflow.donation_report import inspect_store
-from chunkflow.job import MANIFEST, JobError
+from chunkflow.job import JobError
+from chunkflow.store_layout import MANIFEST
 from chunkflow.planning import plan
 from chunkflow.errors import MissingDonations
 from chunkflow.stage_two import receive_and_blend

@@ -13,7 +13,7 @@ import pytest
 from chunkflow.block_set import BlockGrid
 from chunkflow.cli import COMMANDS
 from chunkflow.done_log import announce
-from chunkflow.job import MANIFEST
+from chunkflow.store_layout import MANIFEST
 from chunkflow.status import SAMPLE, format_status, job_status
 from chunkflow.storage import DirectoryStore
 from tests.test_done_log import grid_job

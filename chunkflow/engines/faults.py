@@ -23,6 +23,8 @@ import logging
 import os
 import time
 
+from chunkflow.store_layout import DONE
+
 log = logging.getLogger(__name__)
 
 POINTS = ("before-write", "during-write", "after-write", "after-done")
@@ -68,7 +70,7 @@ class _Watched:
         return self._watch.data_write(lambda: self._target.write(*args, **kwargs))
 
     def put(self, name: str, *args, **kwargs):
-        if not name.startswith("done/"):
+        if not name.startswith(DONE + "/"):
             return self._watch.data_write(lambda: self._target.put(name, *args, **kwargs))
         pause(f"stage{self._watch.stage}:after-write")
         result = self._target.put(name, *args, **kwargs)

@@ -40,6 +40,7 @@ from chunkflow.job import Job
 from chunkflow.masking import masked_names
 from chunkflow.stages import Resources, Stats
 from chunkflow.storage import ObjectStore
+from chunkflow.store_layout import DONE, marker_prefix
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def done_blocks(store: ObjectStore, stage: int, job: Job | None = None) -> set[s
     one request per block); with ``job``, stage one also counts the blocks its mask leaves no patch
     (they have no stage-one task). Polls use :func:`chunkflow.done_log.done_set` instead: a bitmap,
     at the cost of what changed since the last poll."""
-    prefix = f"done/stage{stage}/"
+    prefix = marker_prefix(DONE, stage)
     done = {name[len(prefix):] for name in store.list(prefix)}
     if job is not None and stage == 1:
         done |= masked_names(job, store)

@@ -38,6 +38,7 @@ from chunkflow.stage_pipeline import stage_one_threads
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import DONATIONS, Resources, Stats, inference_and_donate, is_done
 from chunkflow.storage import ObjectStore
+from chunkflow.store_layout import marker_name
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class TaskResult:
 
 def marker(kind: str, stage: int, block: Bbox) -> str:
     """``running/stage1/{block}`` and the like; ``done`` markers are :func:`chunkflow.stages.done_marker`."""
-    return f"{kind}/stage{stage}/{block.name}"
+    return marker_name(kind, stage, block.name)
 
 
 _RESOURCES: dict[tuple, Resources] = {}
