@@ -8,14 +8,14 @@ three dictionary lookups, so a listing of a million marker names is read in abou
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence, overload
 
 import numpy as np
 
 from chunkflow.bbox import Vec
 from chunkflow.geometry import Layout
 
-__all__ = ["BlockGrid", "BlockSet"]
+__all__ = ["BlockGrid", "BlockNames", "BlockSet"]
 
 
 class BlockGrid:
@@ -54,6 +54,39 @@ class BlockGrid:
     def name(self, flat: int) -> str:
         z, y, x = np.unravel_index(int(flat), self.shape)
         return f"{self.axis_texts[2][x]}_{self.axis_texts[1][y]}_{self.axis_texts[0][z]}"
+
+    def names(self, flat: np.ndarray) -> list[str]:
+        """The names of many flat indices at once (one vectorised unravel)."""
+        tz, ty, tx = self.axis_texts
+        z, y, x = (a.tolist() for a in np.unravel_index(np.asarray(flat, dtype=np.int64), self.shape))
+        return [f"{tx[c]}_{ty[b]}_{tz[a]}" for a, b, c in zip(z, y, x)]
+
+
+class BlockNames(Sequence[str]):
+    """The names of some blocks of a grid in raster order, made when read: a sequence over their flat
+    indices (8 bytes a block), not a string per block (~80 bytes). ``produce`` hands it to the
+    task inserter, which reads it a chunk at a time."""
+
+    def __init__(self, grid: BlockGrid, flat: np.ndarray):
+        self.grid, self.flat = grid, flat
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return self.grid.names(self.flat[i])
+        return self.grid.name(int(self.flat[i]))
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self.flat), 1 << 14):
+            yield from self.grid.names(self.flat[start:start + (1 << 14)])
 
 
 class BlockSet:
@@ -98,12 +131,15 @@ class BlockSet:
         return int(np.count_nonzero(self.bits))
 
     def __iter__(self) -> Iterator[str]:
-        for i in np.flatnonzero(self.bits):
-            yield self.grid.name(int(i))
+        return iter(self.names())
 
     def indices(self) -> Iterator[Vec]:
         for i in np.flatnonzero(self.bits):
             yield self.grid.index(int(i))
+
+    def names(self) -> BlockNames:
+        """The names of the blocks in the set, in raster order, as a sequence made when read."""
+        return BlockNames(self.grid, np.flatnonzero(self.bits))
 
     def first(self, n: int) -> list[str]:
         """The names of the first ``n`` blocks in raster order (for messages)."""

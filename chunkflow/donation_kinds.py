@@ -17,8 +17,15 @@ pieces depend only on its triple of per-axis *kinds*. :meth:`ExpectedPieces.loca
 interior and last blocks along each axis), keeps the pieces relative to the block start, and
 gives any block's ``{piece name: piece index}`` from them, so a listed key is classified with
 one dictionary lookup. Piece indices are per kind (0..count-1); the order is ``donations_to``'s.
+
+Keys in any order: :meth:`ExpectedPieces.classify` finds a key's piece from its block's kind and
+the piece's ranges relative to the block start (each range text parsed once), so a listing in no
+order (a directory read with ``os.scandir``) costs the same per key as a sorted one, and nothing
+is built per block.
 """
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -31,6 +38,11 @@ __all__ = ["ExpectedPieces", "popcount"]
 #: per kind triple: the pieces' ranges relative to the block start ((z0, z1), (y0, y1), (x0, x1)),
 #: their donors' offsets (dz, dy, dx) and raw bytes
 _Kind = tuple[list[tuple[tuple[int, int], ...]], list[tuple[int, int, int]], list[int]]
+#: a range along one axis as a box name spells it: ASCII integers without leading zeros
+_RANGE = re.compile(r"(0|-?[1-9][0-9]*)-(0|-?[1-9][0-9]*)", re.ASCII)
+#: range texts remembered per axis (legitimate keys need a few per block along the axis; stray ones
+#: are parsed each time once this many are known)
+RANGE_CACHE = 1 << 16
 
 
 def _axis_signature(ax: AxisPlan, k: int) -> tuple:
@@ -66,6 +78,10 @@ class ExpectedPieces:
         self.block_text = self.grid.axis_index
         self._kinds: dict[int, _Kind] = {}
         self._counts: np.ndarray | None = None
+        #: per kind triple: the pieces' ranges relative to the block start (z0, z1, y0, y1, x0, x1) -> index
+        self._relative: dict[int, dict[tuple[int, ...], int]] = {}
+        #: per axis: range text -> (start, stop), None when it is no canonical range
+        self._ranges: list[dict[str, tuple[int, int] | None]] = [{}, {}, {}]
 
     # ---- counts, vectorised over the grid ----------------------------------------------------
     def expected_counts(self) -> np.ndarray:
@@ -128,16 +144,60 @@ class ExpectedPieces:
         _, names = self._names(*(int(v) for v in np.unravel_index(flat, self.shape)))
         return flat, {name: i for i, name in enumerate(names)}
 
+    def classify(self, key: str) -> tuple[int, int] | None:
+        """``(flat block index, piece index)`` of a donation key ``{block}%{piece}`` that names a block of
+        the grid and a piece it expects, spelled exactly as the layout names them; None for any other
+        key. Keys may come in any order: nothing is built per block (see the module docstring)."""
+        block, _, piece = key.partition("%")
+        b, p = block.split("_"), piece.split("_")
+        if len(b) != 3 or len(p) != 3:
+            return None
+        tz, ty, tx = self.block_text
+        z, y, x = tz.get(b[2]), ty.get(b[1]), tx.get(b[0])
+        if z is None or y is None or x is None:
+            return None
+        cz, cy, cx = self._ranges
+        rz, ry, rx = cz.get(p[2], False), cy.get(p[1], False), cx.get(p[0], False)
+        if rz is False or ry is False or rx is False:
+            rz, ry, rx = self._range(0, p[2]), self._range(1, p[1]), self._range(2, p[0])
+        if rz is None or ry is None or rx is None:
+            return None
+        kz, ky, kx = self._kind_list
+        table = self._relative.get((kz[z] * self._nkinds[1] + ky[y]) * self._nkinds[2] + kx[x])  # _kind_id
+        if table is None:
+            table = self._relative_table(z, y, x)
+        sz, sy, sx = self._starts[0][z], self._starts[1][y], self._starts[2][x]
+        i = table.get((rz[0] - sz, rz[1] - sz, ry[0] - sy, ry[1] - sy, rx[0] - sx, rx[1] - sx))
+        return None if i is None else ((z * self.shape[1] + y) * self.shape[2] + x, i)
+
+    def _range(self, axis: int, text: str) -> tuple[int, int] | None:
+        """``(start, stop)`` of a range text along ``axis`` (remembered), None if not canonical."""
+        cache = self._ranges[axis]
+        found = cache.get(text, False)
+        if found is False:
+            m = _RANGE.fullmatch(text)
+            found = (int(m[1]), int(m[2])) if m else None
+            if len(cache) < RANGE_CACHE:
+                cache[text] = found
+        return found
+
+    def _relative_table(self, z: int, y: int, x: int) -> dict[tuple[int, ...], int]:
+        rel = self._pieces(z, y, x)[0]
+        table = self._relative[self._kind_id(z, y, x)] = {
+            (z0, z1, y0, y1, x0, x1): i for i, ((z0, z1), (y0, y1), (x0, x1)) in enumerate(rel)}
+        return table
+
     def pieces_of(self, flat: int, donors: bool = True) -> list[tuple[int, str, str | None, int]]:
         """``(piece index, key, donor block name, raw bytes)`` of every piece block ``flat`` expects
-        (donor None unless ``donors``)."""
+        (donor None unless ``donors``), sorted by key as ``donations_to`` gives them (the indices
+        follow the kind's first block, whose keys may sort otherwise)."""
         z, y, x = (int(v) for v in np.unravel_index(int(flat), self.shape))
         (_, offsets, raw), names = self._names(z, y, x)
         block = self.grid.name(flat)
         _, ny, nx = self.shape
-        return [(i, f"{block}%{name}",
-                 self.grid.name(((z + dz) * ny + y + dy) * nx + x + dx) if donors else None, raw[i])
-                for i, (name, (dz, dy, dx)) in enumerate(zip(names, offsets))]
+        return sorted(((i, f"{block}%{name}",
+                        self.grid.name(((z + dz) * ny + y + dy) * nx + x + dx) if donors else None, raw[i])
+                       for i, (name, (dz, dy, dx)) in enumerate(zip(names, offsets))), key=lambda p: p[1])
 
     # ---- the whole grid, vectorised ---------------------------------------------------------
     def kind_ids(self) -> np.ndarray:

@@ -2,10 +2,11 @@
 
 The report comes from three listings by prefix (``donations/``, ``done/stage1/``,
 ``done/stage2/``) and the manifest, whatever the number of objects: no request per block, no object body. The
-listings are streamed into per-block counters (:mod:`chunkflow.donation_summary`), so
-memory follows the number of blocks, not of objects. The manifest's layout says which keys
-every block expects (:mod:`chunkflow.donation_kinds`); the listing says which exist and
-their sizes. From the keys alone one also knows each piece's raw size, hence the
+listings are streamed (``ObjectStore.scan``: in no particular order on a directory store) into
+per-block counters (:mod:`chunkflow.donation_summary`), so memory follows the number of blocks,
+not of objects, and the report does not depend on the order of the listings. The manifest's
+layout says which keys every block expects (:mod:`chunkflow.donation_kinds`); the listing says
+which exist and their sizes. From the keys alone one also knows each piece's raw size, hence the
 compression ratio, without fetching anything.
 
 A report always has the totals (blocks by state, donations, bytes, examples of each state,
@@ -35,17 +36,18 @@ import numpy as np
 
 from chunkflow.bbox import Bbox
 from chunkflow.donation_reads import HEAD_BYTES, UNCHECKED, Reservoir, check_piece, read_pieces
-from chunkflow.donation_summary import DONE, JobTally, PrefixTally
+from chunkflow.donation_prefix import PrefixTally
+from chunkflow.donation_summary import JobTally
 from chunkflow.errors import UsageError
 from chunkflow.geometry import GeometryError
 from chunkflow.job import Job
-from chunkflow.store_layout import MANIFEST
+from chunkflow.store_layout import DONE, MANIFEST, marker_prefix
 from chunkflow.planning import load_job
 from chunkflow.stages import DONATIONS
 from chunkflow.storage import ObjectStore, StorageError
 from chunkflow.units import human_bytes
 
-__all__ = ["BlockReport", "PieceReport", "StoreReport", "inspect_store", "check_piece", "HEAD_BYTES", "DONE",
+__all__ = ["BlockReport", "PieceReport", "StoreReport", "inspect_store", "check_piece", "HEAD_BYTES",
            "STATES", "region_box"]
 
 log = logging.getLogger(__name__)
@@ -197,9 +199,9 @@ def inspect_store(store: ObjectStore, block: str | None = None, verify: bool = F
         tally = PrefixTally(select, limit, sample=reservoir)
     with _bar(progress, "listing", "name") as bar:
         # One block: list only its own keys (they all start with its name), not the whole store.
-        tally.add_donations(store.list_with_sizes(f"{DONATIONS}{wanted}%" if wanted else DONATIONS), bar.update)
-        for stage in (1, 2):   # two listings, not one of done/: a directory store holds one directory at a time
-            names = store.list(f"{DONE}stage{stage}/{wanted or ''}")
+        tally.add_donations(store.scan_with_sizes(f"{DONATIONS}{wanted}%" if wanted else DONATIONS), bar.update)
+        for stage in (1, 2):   # two listings, not one of done/: only the markers' two folders are read
+            names = store.scan(marker_prefix(DONE, stage) + (wanted or ""))
             tally.add_done((n for n in names if n.endswith(f"/{wanted}")) if wanted else names, bar.update)
     if isinstance(tally, PrefixTally):
         tally.trim()
@@ -218,7 +220,7 @@ def inspect_store(store: ObjectStore, block: str | None = None, verify: bool = F
         elif isinstance(tally, JobTally):
             items = tally.present_items()
         else:
-            items = tally.valid_items(store.list_with_sizes(f"{DONATIONS}{wanted}%" if wanted else DONATIONS))
+            items = tally.valid_items(store.scan_with_sizes(f"{DONATIONS}{wanted}%" if wanted else DONATIONS))
         total = len(reservoir.items) if reservoir is not None else population
         with _bar(progress, "verifying" if read == "body" else "headers", "piece", total) as bar:
             read_pieces(store, items, job, read == "body", workers, tally.record, bar.update)
@@ -311,7 +313,8 @@ def _report(store: ObjectStore, job: Job | None, tally: JobTally | PrefixTally, 
     rows = [_row(tally, int(i), int(present[i]), raw, expected) for i in order]
     odd = sum(b for i, b in tally.odd_bytes.items() if (i < 0 and wanted is None and region is None) or
               (i >= 0 and sel[i]))
-    examples = {s: [tally.name(int(i)) for i in chosen[state[chosen] == k][:EXAMPLES]] for k, s in enumerate(STATES)}
+    examples = {s: [tally.name(i) for i in _listing_order(tally, chosen[state[chosen] == k], EXAMPLES)]
+                for k, s in enumerate(STATES)}
     sampled = None if reservoir is None else {"requested": reservoir.size, "read": tally.read, "of": population}
     return StoreReport(
         url=store.url, job_hash=job.job_hash if job else None, donation_dtype=job.donation_dtype if job else None,
@@ -341,6 +344,15 @@ def _display_order(tally: JobTally | PrefixTally, indices: np.ndarray, limit: in
     return heapq.nsmallest(limit, (int(i) for i in indices), key=lambda i: _sort_key(tally.names[i]))
 
 
+def _listing_order(tally: JobTally | PrefixTally, indices: np.ndarray, limit: int) -> list[int]:
+    """The first ``limit`` of ``indices`` in the order a sorted listing meets them: raster order for a
+    job, without one the order :meth:`PrefixTally.listing_rank` gives (the listing itself may come in
+    any order)."""
+    if isinstance(tally, JobTally):
+        return [int(i) for i in indices[:limit]]
+    return heapq.nsmallest(limit, (int(i) for i in indices), key=tally.listing_rank)
+
+
 def _row(tally: JobTally | PrefixTally, i: int, present: int, raw: np.ndarray,
          expected: np.ndarray | None) -> BlockReport:
     job_column, checksum = tally.read_column(i)
@@ -348,11 +360,11 @@ def _row(tally: JobTally | PrefixTally, i: int, present: int, raw: np.ndarray,
     report = BlockReport(
         block=tally.name(i), stage1=bool(tally.stage1[i]), stage2=bool(tally.stage2[i]),
         expected=None if expected is None else int(expected[i]), present=present,
-        unexpected=sorted(tally.unexpected_keys.get(i, [])), stored_bytes=int(tally.stored[i]),
-        raw_bytes=int(raw[i]), job=job_column, checksum=checksum, errors=list(tally.errors.get(i, [])))
+        unexpected=sorted(tally.unexpected_of(i)), stored_bytes=int(tally.stored[i]),
+        raw_bytes=int(raw[i]), job=job_column, checksum=checksum, errors=list(tally.errors_of(i)))
     pieces = []
     if isinstance(tally, JobTally):
-        for index, key, donor, piece_raw in sorted(tally.pieces.pieces_of(i), key=lambda p: p[1]):
+        for index, key, donor, piece_raw in tally.pieces.pieces_of(i):
             if not tally.has_piece(i, index):
                 report.missing.append(key)
             if sizes is not None:

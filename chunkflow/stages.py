@@ -33,7 +33,8 @@ from chunkflow.backend_blend import run_blended
 from chunkflow.job import Job
 from chunkflow import store_layout
 from chunkflow.storage import ObjectStore
-from chunkflow.block_writes import DONATIONS, write_block
+from chunkflow.block_writes import write_block
+from chunkflow.store_layout import DONATIONS
 from chunkflow.resources import SLOTS, Resources, Stats
 from chunkflow.stage_pipeline import InputPrefetcher, stage_one_threads
 

@@ -38,6 +38,7 @@ from chunkflow.engines.attempts import failure_line, failures, gave_up, is_stale
 from chunkflow.engines.task import STAGE_NAMES
 from chunkflow.job import Job
 from chunkflow.storage import ObjectStore, open_store
+from chunkflow.store_layout import marker_name
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def format_status(report: dict) -> list[str]:
 
 def _records(store: ObjectStore, kind: str, stage: int, names: set[str] | list[str]) -> list[dict]:
     chosen = sorted(names) if len(names) <= SAMPLE else random.sample(sorted(names), SAMPLE)
-    blobs = store.get_many([f"{kind}/stage{stage}/{n}" for n in chosen])
+    blobs = store.get_many([marker_name(kind, stage, n) for n in chosen])
     records = []
     for data in blobs.values():
         if data is None:

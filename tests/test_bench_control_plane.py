@@ -91,3 +91,25 @@ def test_dask_no_op_runs_in_both_orders_keep_the_scheduler_bounded(tmp_path, mon
         assert run["scheduler_after"]["span_collections"] <= 2 and run["scheduler_after"]["key_split_cache"] <= 2, run
     assert runs[0]["results"] == 40 and runs[1]["results"] == 80
     assert len(bench.dask_lines(runs)[0]) == 3
+
+
+def test_a_light_job_has_the_names_of_a_fabricated_one_and_its_commands_run(tmp_path, capsys):
+    import bench_control_plane_light as light
+
+    real = bench.fabricate(tmp_path / "real", 12, pending=2, donation_blocks=3, progress=False, rate=0.01)
+    made = light.fabricate_light(tmp_path / "light", 12, pending=2, donation_blocks=3, rate=0.01)
+    assert (made.markers, made.donations) == (real.markers, real.donations) and not made.reused
+    stores = open_store(real.store), open_store(made.store)
+
+    def names(store, prefix: str, last: bool = False) -> set[str]:
+        return {n.rpartition("/")[2] if last else n for n in store.list(prefix)}
+
+    assert names(stores[0], "donations/") == names(stores[1], "donations/")
+    assert names(stores[0], "done/stage1/") == names(stores[1], "done/stage1/")
+    assert names(stores[0], "log/stage1/", True) == names(stores[1], "log/stage1/", True)
+    assert len({n.split("/")[2] for n in stores[1].list("log/stage1/")}) == 10  # 100 s apart: a minute each
+    assert light.fabricate_light(tmp_path / "light", 12, pending=2, donation_blocks=3, rate=0.01).reused
+    light.main(n=12, root=str(tmp_path / "light"), pending=2, donation_blocks=3, rate=0.01,
+               commands="barrier poll, no checkpoint;produce (pending)")
+    out = capsys.readouterr().out
+    assert "reused light job" in out and "produce (pending)" in out and "failed" not in out and "timeout" not in out

@@ -17,7 +17,8 @@ import pytest
 from chunkflow.cli import COMMANDS
 from chunkflow.cli_stages import main as stage_main
 from chunkflow.engines.queue import barrier, open_queue, produce
-from chunkflow.job import MANIFEST, Job
+from chunkflow.job import Job
+from chunkflow.store_layout import MANIFEST
 from chunkflow.stages import Resources, reference
 from chunkflow.storage import open_store, open_volume
 from tests.test_engines_support import assert_complete_and_exact, fleet_env, run_fleet, small_job, worker

@@ -12,7 +12,8 @@ the same attempts::
 An attempt's number is one more than the highest number either marker records, so an attempt
 whose worker was killed (it leaves its running marker) counts like one that raised. Two workers
 that start the same block at the same instant may both take the same number: a task is then
-tried once more than ``max_attempts``, never fewer times.
+tried once more than ``max_attempts``, never fewer times. :class:`FailedWatch` follows the failed
+blocks of a stage for a waiting barrier and for a worker asking whether its job is finished.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import json
 import logging
 import threading
 import time
-from typing import Iterable
+from typing import Container, Iterable
 
+from chunkflow.block_set import BlockSet
 from chunkflow.errors import is_refusal, one_line
 from chunkflow.storage import ObjectStore
+from chunkflow.store_layout import marker_name, marker_prefix
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,9 @@ class AttemptsExhausted(RuntimeError):
     stray duplicate of a task given up)."""
 
 
-def marker_name(kind: str, stage: int, block: str) -> str:
-    return f"{kind}/stage{stage}/{block}"
-
-
 def marker_names(store: ObjectStore, kind: str, stage: int) -> set[str]:
     """The blocks that have a ``kind`` marker of ``stage`` (one listing)."""
-    prefix = f"{kind}/stage{stage}/"
+    prefix = marker_prefix(kind, stage)
     return {name[len(prefix):] for name in store.list(prefix)}
 
 
@@ -133,14 +132,14 @@ def failure_line(block: str, record: dict) -> str:
     return f"{block}: attempt {attempt} failed: {_what(record)}"
 
 
-def reset_given_up(store: ObjectStore, stage: int, blocks: Iterable[str]) -> list[str]:
+def reset_given_up(store: ObjectStore, stage: int, blocks: Container[str]) -> list[str]:
     """Delete the failed markers of the ``blocks`` given up, so that their attempts count from 1
-    again (``produce`` calls this for the tasks it enqueues); returns those blocks."""
+    again (``produce`` calls this for the tasks it enqueues); returns those blocks. ``blocks``: a set
+    or a :class:`~chunkflow.block_set.BlockSet` (one membership test per failed block)."""
     failed = marker_names(store, "failed", stage)  # few: failures only, so that is what the set is made of
     if not failed:
         return []
-    chosen = blocks if isinstance(blocks, (set, frozenset)) else set(blocks)
-    failed = {b for b in failed if b in chosen}
+    failed = {b for b in failed if b in blocks}
     given_up = sorted(b for b, r in failures(store, stage, sorted(failed)).items() if gave_up(r))
     for block in given_up:
         store.delete(marker_name("failed", stage, block))
@@ -181,3 +180,36 @@ class Heartbeat:
             store, name, record = self._target
             record["heartbeat"] = time.time()
             store.put(name, json.dumps(record).encode())
+
+
+class FailedWatch:
+    """The failed blocks of one stage that a waiting barrier reports: each one line when first
+    seen and one more when it is given up; ``given_up`` holds the failed records of those."""
+
+    def __init__(self, store: ObjectStore, stage: int):
+        self.store, self.stage = store, stage
+        self.seen: set[str] = set()
+        self.given_up: dict[str, dict] = {}
+
+    def update(self, pending: BlockSet | set[str]) -> list[str]:
+        """Read the failed markers of ``pending`` blocks (not done) not given up yet; the new lines.
+        One listing of the failed markers (few: failures only), whatever the number of blocks."""
+        failed = {b for b in marker_names(self.store, "failed", self.stage) if b in pending}
+        self.given_up = {b: r for b, r in self.given_up.items() if b in failed}
+        lines = []
+        for block, record in failures(self.store, self.stage, sorted(failed - set(self.given_up))).items():
+            if block not in self.seen or gave_up(record):
+                lines.append(failure_line(block, record))
+            self.seen.add(block)
+            if gave_up(record):
+                self.given_up[block] = record
+        return lines
+
+    def covers(self, pending: BlockSet | set[str]) -> bool:
+        """Whether every block of ``pending`` was given up."""
+        return len(pending) <= sum(1 for b in self.given_up if b in pending)
+
+    def describe(self, blocks: BlockSet | set[str], most: int = 5) -> str:
+        shown = blocks.first(most) if isinstance(blocks, BlockSet) else sorted(blocks)[:most]
+        more = f"; and {len(blocks) - most} more" if len(blocks) > most else ""
+        return "; ".join(failure_line(b, self.given_up[b]) for b in shown) + more

@@ -37,23 +37,22 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Container, Sequence
 
 from taskqueue import TaskQueue, queueable
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.block_set import BlockGrid, BlockSet
 from chunkflow.done_log import SWEEP_AFTER_S, DoneView, done_set
-from chunkflow.engines.attempts import failure_line, failures, gave_up, marker_names, reset_given_up
+from chunkflow.engines.attempts import FailedWatch, reset_given_up
 from chunkflow.engines.failures import one_line
 from chunkflow.engines.queue_insert import BlockTasks, insert_tasks
-from chunkflow.engines.runner import done_blocks
 from chunkflow.engines.task import STAGE_NAMES, run_task
 from chunkflow.errors import QueueError
 from chunkflow.job import Job
 from chunkflow.planning import load_job
 from chunkflow.stages import Resources
-from chunkflow.storage import ObjectStore
+from chunkflow.store_layout import done_marker
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +145,14 @@ def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None
     done = None if force else done_set(store, stage, job)
     if blocks is not None:
         names = [layout.block_box(b).name for b in blocks]
-        todo = [name for name in names if done is None or name not in done]
+        todo: Sequence[str] = [name for name in names if done is None or name not in done]
+        chosen: Container[str] = set(todo)
         total = len(names)
-    else:  # every block: names from the bitmap, not one Layout.block_box per block (15 s a million)
-        todo = list(BlockSet.full(BlockGrid(layout)) if done is None else ~done)
-        total = layout.num_blocks
+    else:  # every block not done: names made a chunk at a time from the bitmap, not a string per block
+        pending = BlockSet.full(BlockGrid(layout)) if done is None else ~done
+        todo, chosen, total = pending.names(), pending, layout.num_blocks
     tasks = BlockTasks(chunkflow_block, job.store, job.job_hash, stage, todo)
-    fresh = reset_given_up(store, stage, todo)
+    fresh = reset_given_up(store, stage, chosen)
     if fresh:
         log.info("%d %s blocks given up before are enqueued again with fresh attempts: %s", len(fresh),
                  STAGE_NAMES[stage], ", ".join(fresh[:10]) + (", ..." if len(fresh) > 10 else ""))
@@ -228,39 +228,6 @@ def barrier(job: Job, queue_url: str, poll: float = 5.0, timeout: float | None =
     return produce(job, queue_url, stage=2, force=force, progress=progress, queue=queue)
 
 
-class FailedWatch:
-    """The failed blocks of one stage that a waiting barrier reports: each one line when first
-    seen and one more when it is given up; ``given_up`` holds the failed records of those."""
-
-    def __init__(self, store: ObjectStore, stage: int):
-        self.store, self.stage = store, stage
-        self.seen: set[str] = set()
-        self.given_up: dict[str, dict] = {}
-
-    def update(self, pending: BlockSet | set[str]) -> list[str]:
-        """Read the failed markers of ``pending`` blocks (not done) not given up yet; the new lines.
-        One listing of the failed markers (few: failures only), whatever the number of blocks."""
-        failed = {b for b in marker_names(self.store, "failed", self.stage) if b in pending}
-        self.given_up = {b: r for b, r in self.given_up.items() if b in failed}
-        lines = []
-        for block, record in failures(self.store, self.stage, sorted(failed - set(self.given_up))).items():
-            if block not in self.seen or gave_up(record):
-                lines.append(failure_line(block, record))
-            self.seen.add(block)
-            if gave_up(record):
-                self.given_up[block] = record
-        return lines
-
-    def covers(self, pending: BlockSet | set[str]) -> bool:
-        """Whether every block of ``pending`` was given up."""
-        return len(pending) <= sum(1 for b in self.given_up if b in pending)
-
-    def describe(self, blocks: BlockSet | set[str], most: int = 5) -> str:
-        shown = blocks.first(most) if isinstance(blocks, BlockSet) else sorted(blocks)[:most]
-        more = f"; and {len(blocks) - most} more" if len(blocks) > most else ""
-        return "; ".join(failure_line(b, self.given_up[b]) for b in shown) + more
-
-
 def resolve_job(spec: TaskSpec, expected: Job | None, jobs: dict[str, Job]) -> Job:
     """The job a task belongs to, refusing a task of another job or of a manifest changed since."""
     if expected is not None and spec.job != expected.job_hash:
@@ -289,7 +256,9 @@ class JobBinding:
         self._lock = threading.Lock()
         self._told: set[str] = set()
         self._foreign_since: float | None = None  # since when this worker has leased only other jobs' tasks
-        self._checked = 0.0  # when :meth:`finished` last listed the job's markers
+        self._checked = 0.0  # when :meth:`nothing_left` last looked at the job's done blocks
+        self._views: dict[int, DoneView] = {}  # per stage: the done blocks, read since the last look
+        self._view_lock = threading.Lock()
 
     def claim(self, spec: TaskSpec, jobs: dict[str, Job], bind: bool) -> Job | None:
         """The job of ``spec`` if this worker serves it (binding to it first when unbound and ``bind``),
@@ -323,7 +292,7 @@ class JobBinding:
 
     def nothing_left(self, stage: int, lease: float, poll: float) -> bool:
         """Whether a worker without ``--wait``, handing back other jobs' tasks, should stop: its job's
-        ``stage`` is complete (every block done or given up; listed at most once per ``poll``), or it
+        ``stage`` is complete (every block done or given up; looked at most once per ``poll``), or it
         has leased only other jobs' tasks for ``lease`` seconds (a dead worker's task of its job would
         have come back by then, so this queue holds nothing more for it)."""
         now = time.monotonic()
@@ -340,13 +309,18 @@ class JobBinding:
         return False
 
     def _finished(self, stage: int) -> bool:
-        store, names = Resources(self.job).store, _all_names(self.job)
-        pending = names - done_blocks(store, stage, self.job)
+        """Every block of ``stage`` done or given up, by this worker's :class:`DoneView` (the checkpoint,
+        then the done log since its last look: the cost of what changed, not of the job's size)."""
+        with self._view_lock:
+            view = self._views.get(stage)
+            if view is None:
+                view = self._views[stage] = DoneView(Resources(self.job).store, stage, self.job)
+            pending = ~view.refresh()
         if not pending:
             return True
-        watch = FailedWatch(store, stage)
+        watch = FailedWatch(view.store, stage)
         watch.update(pending)
-        return pending <= set(watch.given_up)
+        return watch.covers(pending)
 
 
 def other_stage(queue, task, spec: TaskSpec, stage: int, job: Job, wait: bool = False) -> str:
@@ -358,7 +332,7 @@ def other_stage(queue, task, spec: TaskSpec, stage: int, job: Job, wait: bool = 
     Raises QueueError, the task handed back, for a stage-two worker meeting a stage-one task that
     is not done.
     """
-    if spec.stage == 1 and Resources(job).store.exists(f"done/stage1/{spec.block}"):
+    if spec.stage == 1 and Resources(job).store.exists(done_marker(1, spec.block)):
         queue.delete(task)  # a stray duplicate of a finished stage-one task
         return "deleted"
     queue.cancel(task)
@@ -385,12 +359,6 @@ def block_index(job: Job, name: str) -> Vec:
         return job.layout.block_index_of(Bbox.from_name(name))
     except ValueError as err:
         raise QueueError(f"task block {name!r}: {err}") from None
-
-
-def _all_names(job: Job) -> set[str]:
-    """The names of every block of ``job`` (a set of strings: for small jobs; polls use BlockSets)."""
-    texts = BlockGrid(job.layout).axis_texts
-    return {f"{x}_{y}_{z}" for z in texts[0] for y in texts[1] for x in texts[2]}
 
 
 def quietly(fn: Callable[..., object], *args: object) -> None:

@@ -20,7 +20,8 @@ from functools import partial
 from taskqueue import QueueEmptyError
 
 from chunkflow.backends.pin import ModelChanged
-from chunkflow.engines.attempts import Heartbeat, failed_record, failure_line, gave_up, marker_name, read_record
+from chunkflow.engines.attempts import Heartbeat, failed_record, failure_line, gave_up, read_record
+from chunkflow.store_layout import marker_name
 from chunkflow.engines.failures import debugging, one_line
 from chunkflow.engines.lease import LeaseKeeper, lease_ahead
 from chunkflow.engines.queue import (DEFAULT_LEASE, JobBinding, TaskSpec, block_index, check_number, open_queue,

@@ -11,6 +11,7 @@ import logging
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from pathlib import Path
 from typing import Iterator
 
@@ -55,6 +56,16 @@ class ObjectStore:
         cut = len(prefix)
         for name in self.list(prefix, start_offset):
             yield name[cut:]
+
+    def scan(self, prefix: str = "") -> Iterator[str]:
+        """The names starting with ``prefix``, in no particular order, streamed: for a reader that
+        counts every name once and keeps none (``chunkflow inspect``), so that its memory does not
+        follow the number of objects. A paged listing (GCS) already streams: this is :meth:`list`."""
+        return self.list(prefix)
+
+    def scan_with_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """:meth:`scan` with each object's size."""
+        return self.list_with_sizes(prefix)
 
     def delete(self, name: str) -> None:
         """Remove an object; an absent one is fine."""
@@ -195,18 +206,53 @@ class DirectoryStore(ObjectStore):
                 yield name, size
 
     def names_under(self, prefix: str, start_offset: str | None = None) -> Iterator[str]:
-        validate_prefix(prefix)
         if start_offset is not None or not prefix.endswith("/"):
-            yield from super().names_under(prefix, start_offset)
-            return
-        base = self.root / prefix[:-1]
-        if not base.is_dir():
-            return
-        for dirpath, dirnames, filenames in os.walk(base):  # unsorted: no name is built twice
-            rel = os.path.relpath(dirpath, base)
-            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-            yield from (rel + f for f in filenames if not f.startswith(_TMP_PREFIX)) if rel else \
-                (f for f in filenames if not f.startswith(_TMP_PREFIX))
+            return super().names_under(prefix, start_offset)
+        return map(itemgetter(0), self._files(prefix, len(prefix)))
+
+    def scan(self, prefix: str = "") -> Iterator[str]:
+        return map(itemgetter(0), self._files(prefix))
+
+    def scan_with_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        for name, entry in self._files(prefix):
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:
+                continue  # deleted while listing
+            except OSError as exc:
+                raise StorageError(f"cannot list {name} in {self.url}: {exc.strerror or exc}") from exc
+            yield name, size
+
+    def _files(self, prefix: str, cut: int = 0) -> Iterator[tuple[str, os.DirEntry]]:
+        """Every file whose name starts with ``prefix``, as (its name from character ``cut`` on, its
+        ``os.scandir`` entry), temp files left out, in no particular order.
+
+        Streamed: one directory entry at a time (``os.walk`` and :meth:`list` hold a directory's
+        names, sorted: a million donations in one directory would be a million strings at once).
+        Like ``os.walk``, symbolic links to directories are not followed and a directory that
+        cannot be read is skipped."""
+        validate_prefix(prefix)
+        base = prefix.rpartition("/")[0]
+        todo = [base + "/" if base else ""]
+        while todo:
+            rel = todo.pop()
+            head, whole = rel[cut:], rel.startswith(prefix)  # whole: every file here matches
+            try:
+                entries = os.scandir(os.path.join(self.root, rel))
+            except OSError:
+                continue
+            with entries:
+                for entry in entries:
+                    name = entry.name
+                    try:
+                        folder = entry.is_dir()  # a directory or a link to one; else a file (a broken link too)
+                    except OSError:
+                        folder = False
+                    if folder:
+                        if _may_hold(f"{rel}{name}/", prefix, None) and not _is_link(entry):
+                            todo.append(f"{rel}{name}/")
+                    elif (whole or (rel + name).startswith(prefix)) and not name.startswith(_TMP_PREFIX):
+                        yield head + name, entry
 
     def _walk(self, prefix: str, start: str | None) -> Iterator[tuple[str, str, list[str], bool]]:
         """Per directory, in order: its path relative to the root, its path, the sorted names of its
@@ -237,6 +283,14 @@ class DirectoryStore(ObjectStore):
             pass
         except OSError as exc:
             raise StorageError(f"cannot delete {name} from {self.url}: {exc.strerror or exc}") from exc
+
+
+def _is_link(entry: os.DirEntry) -> bool:
+    """A symbolic link (to a directory: neither walked nor listed, as ``os.walk``)."""
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return True
 
 
 def _may_hold(directory: str, prefix: str, start: str | None) -> bool:
