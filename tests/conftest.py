@@ -27,19 +27,23 @@ import pytest
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
-#: modules whose tests start real worker processes, Dask clusters or kill processes
+# Markers, declared in pytest.ini. `python3 -m pytest -q -m "not slow"` is the fast loop; the README's
+# test command (and CI, .ci/run) runs everything.
+#   integration  starts a real server or worker processes (fake-gcs-server, moto_server, a Dask cluster,
+#                queue worker processes). Marked in its file, or here: a test that asks for a fixture in
+#                INTEGRATION_FIXTURES or runs the Dask engine (DASK_PARAMS). Every integration test is slow.
+#   slow         integration tests, every test of SLOW_MODULES, and the tests marked ``@pytest.mark.slow`` in
+#                their files (subprocess CLI runs, kills, issue-sized volumes, scale tests; a comment says why).
+#   gpu          needs CUDA; marked in its file, skipped here where torch.cuda.is_available() is False.
+
+#: modules slow as a whole: most of their tests start worker processes or servers, or kill processes
 SLOW_MODULES = {"test_kill", "test_gcs_faults", "test_chaos", "test_queue", "test_queue_healing",
                 "test_queue_lookahead", "test_dask_gpu", "test_engines", "test_gcs_pipeline", "test_view",
                 "test_foreign_inputs", "test_sharded", "test_gpu"}
-#: tests elsewhere that start real processes (words in their names)
-SLOW_NAMES = ("interrupt", "real_terminal", "stage_scripts", "subprocess")
-#: single tests that take long and repeat what a faster test of the fast loop already checks
-SLOW_TESTS = {"test_equals_monai_sliding_window_inference[constant]",
-              "test_issue_acceptance_run_equals_reference[bump]",
-              "test_issue_acceptance_run_equals_reference[constant]",
-              "test_counts_equal_brute_force_on_a_ten_thousand_block_layout"}
-#: fixtures that start a storage server
-SERVER_FIXTURES = {"gcs_server", "gcs_bucket", "gcs_restartable", "sqs_endpoint"}
+#: fixtures that start a storage server or a Dask cluster: the tests that ask for them are integration tests
+INTEGRATION_FIXTURES = {"gcs_server", "gcs_bucket", "gcs_restartable", "sqs_endpoint", "dask_engine"}
+#: parameters that pick the Dask engine (it starts a LocalCluster of worker processes): integration
+DASK_PARAMS = ("engine", "engine_name")
 
 
 #: ``cpu`` runs the ``gpu`` tests on the CPU without a GPU (``benchmarks/gpu_check.py --device cpu``, a dry run
@@ -50,8 +54,12 @@ GPU_TEST_DEVICE = os.environ.get("CHUNKFLOW_GPU_TEST_DEVICE", "cuda")
 def pytest_configure(config) -> None:
     if "not slow" in (config.option.markexpr or ""):
         os.environ["CHUNKFLOW_FAST_LOOP"] = "1"  # property tests run a fifth of their examples (helpers.examples)
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.py runs "
-                                       "them on a GPU machine)")
+        # PyTorch on one thread (unless OMP_NUM_THREADS is set): the fast loop's networks and patches are tiny,
+        # and two intra-op threads spinning on 2 shared cores more than double its time. The full suite runs
+        # PyTorch's default.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _no_cuda_reason() -> str | None:
@@ -67,15 +75,26 @@ def _no_cuda_reason() -> str | None:
     return None
 
 
+def _is_integration(item) -> bool:
+    if item.get_closest_marker("integration") is not None:
+        return True
+    if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(params.get(name) == "dask" for name in DASK_PARAMS)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark as ``slow`` what starts processes or servers, so ``pytest -m "not slow"`` is the fast loop;
-    skip ``gpu`` tests where CUDA is not available."""
+    """Mark ``integration`` what starts servers or worker processes, and ``slow`` that and SLOW_MODULES, so
+    ``pytest -m "not slow"`` is the fast loop; skip ``gpu`` tests where CUDA is not available."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     reason = _no_cuda_reason() if gpu_items else None
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if module in SLOW_MODULES or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) \
-                or any(word in item.name for word in SLOW_NAMES) or item.name in SLOW_TESTS:
+        integration = _is_integration(item)
+        if integration and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+        if integration or module in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
     if reason:
         for item in gpu_items:
@@ -162,15 +181,17 @@ class RestartableGCSServer:
             if self.proc.poll() is not None:
                 code, self.proc = self.proc.returncode, None
                 pytest.fail(f"fake-gcs-server exited with {code}: {self.log.read_text(errors='replace')[-500:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1) as resp:
+            try:  # ready: it answers, and after a restart it serves the bucket it held before
+                path = f"/storage/v1/b/{self.bucket}" if self.bucket else "/storage/v1/b"
+                with urllib.request.urlopen(self.url + path, timeout=1) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                pytest.fail(f"fake-gcs-server did not become ready within {timeout:.0f} s")
+                pytest.fail(f"fake-gcs-server did not become ready (serving bucket {self.bucket!r}) within "
+                            f"{timeout:.0f} s: {self.log.read_text(errors='replace')[-500:]}")
             time.sleep(0.05)
 
     def _backend(self) -> list[str]:

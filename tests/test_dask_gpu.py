@@ -40,6 +40,7 @@ def scheduler():
     cluster.close()
 
 
+@pytest.mark.integration  # a Dask cluster and `dask worker` processes
 def test_gpu_tasks_run_only_on_gpu_workers_that_join_late(scheduler):
     address, start_gpu_worker = scheduler
     threading.Timer(1.0, start_gpu_worker).start()  # joins while the engine is already waiting
@@ -53,6 +54,7 @@ def test_gpu_tasks_run_only_on_gpu_workers_that_join_late(scheduler):
     assert anywhere <= {"gpu0", "0"} and anywhere  # CPU tasks may use any worker
 
 
+@pytest.mark.integration  # a Dask cluster
 def test_no_gpu_worker_ends_in_one_line(scheduler):
     address, _ = scheduler
     started = time.monotonic()

@@ -42,6 +42,7 @@ def test_cells_are_anisotropic_in_voxels() -> None:
     assert membrane_from_labels(labels).any()
 
 
+@pytest.mark.slow  # a timing check (benchmark-like), ~1 s of work
 def test_default_volume_is_fast() -> None:
     start = time.perf_counter()
     make_em_volume()

@@ -56,6 +56,7 @@ def test_counts_equal_brute_force_on_random_layouts():
         assert s.output_bytes == layout.bbox.size * 3 * 4
 
 
+@pytest.mark.slow  # a ten-thousand-block layout
 def test_counts_equal_brute_force_on_a_ten_thousand_block_layout():
     layout = Layout(Bbox(Vec(0, 0, 0), Vec(170, 700, 650)), Vec(8, 32, 32), Vec(2, 8, 8), Vec(8, 32, 32),
                     Vec(4, 16, 16))

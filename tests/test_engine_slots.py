@@ -197,6 +197,7 @@ class Cancellable:
         self.resumed = len(self.ended) == 2
 
 
+@pytest.mark.slow  # sends SIGINT to the test process
 def test_interrupt_stops_running_tasks_before_it_returns(ctrl_c):
     """A Ctrl-C in the calling thread cancels both running tasks and waits for them: both have
     ended before the interrupt reaches the caller, and resume() comes after."""
@@ -236,6 +237,7 @@ def test_an_interrupt_another_thread_received_stops_the_run(ctrl_c):
     assert not slot_threads()
 
 
+@pytest.mark.slow  # waits out a write parked for 2 s
 def test_interrupted_stage_one_leaves_no_thread_and_no_running_marker(tmp_path, monkeypatch, ctrl_c):
     """A real stage-one run is interrupted while one task's first write is parked (2 s): the
     runner raises Interrupted once the task in flight have ended (the parked one finishes the

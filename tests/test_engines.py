@@ -123,6 +123,7 @@ def test_resume_after_half_the_blocks_runs_only_the_rest(tmp_path, capsys):
     assert "throughput: n/a (no task ran)" in out
 
 
+@pytest.mark.slow  # `chunkflow run` in a subprocess, killed (a kill test; no server, no worker fleet)
 def test_killed_run_resumes(tmp_path, capsys):
     """SIGKILL a `chunkflow run` right after its first block is done; the rerun does the rest.
     The local engine pipelines stage one on two slots (up to four blocks in flight: two reading or

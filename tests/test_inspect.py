@@ -96,6 +96,7 @@ def test_report_names_missing_and_corrupt_pieces(local_job):
     assert "ratio" in verified.summary()
 
 
+@pytest.mark.slow  # the installed `chunkflow inspect` in subprocesses
 def test_cli_table_json_and_block(local_job):
     job, keys = local_job
     block = job.layout.block_box(TARGET).name
@@ -125,6 +126,7 @@ def test_cli_table_json_and_block(local_job):
     assert good["ratio"] == round(good["nbytes_raw"] / good["stored_bytes"], 3)
 
 
+@pytest.mark.slow  # the installed `chunkflow inspect` in subprocesses
 def test_cli_region_sample_and_limit(local_job):
     job, keys = local_job
     block = job.layout.block_box(TARGET).name
@@ -158,6 +160,7 @@ def test_cli_region_sample_and_limit(local_job):
     assert table.stdout.splitlines()[-1].startswith(f"summary: {job.layout.num_blocks} blocks: 7 complete")
 
 
+@pytest.mark.slow  # the installed `chunkflow inspect` in subprocesses
 def test_cli_png_of_a_block_and_of_a_piece(local_job, tmp_path):
     job, keys = local_job
     block = job.layout.block_box(TARGET).name
@@ -182,6 +185,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("case", ["not a store", "no block", "bad z", "png without target", "png dir missing",
                                   "junk piece", "absent piece", "z not a number", "z not whole",
                                   "channel not a number", "channel negative", "workers not a number", "workers 0",

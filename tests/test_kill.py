@@ -13,6 +13,8 @@ from chunkflow.engines.queue import barrier, produce
 from tests.test_engines_support import PY, ROOT, Killer, assert_complete_and_exact, fleet_env, run_fleet, \
     run_flags, small_job
 
+pytestmark = pytest.mark.integration  # every test here starts real worker processes
+
 # Two runs per engine arm every (stage, point) pair once: each run kills two stage-one and two
 # stage-two tasks.
 ARMS = {

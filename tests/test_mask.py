@@ -14,7 +14,7 @@ from chunkflow import cli
 from chunkflow.backends import load_backend
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.storage import create_volume, open_volume
-from tests.helpers import CONV3_SAME, make_input
+from tests.helpers import CONV3_SAME, examples, make_input
 
 SHAPE = (16, 96, 96)
 PATCH, OVERLAP = (8, 32, 32), (2, 8, 8)
@@ -59,7 +59,7 @@ def _flags(url: str, out: str, mask: str, block: str) -> list[str]:
             "--overlap", ",".join(map(str, OVERLAP)), "--block", block, "--mask", mask, "--quiet"]
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(y0=st.integers(0, 40), x0=st.integers(0, 40), h=st.integers(1, 20), w=st.integers(1, 20),
        block=st.sampled_from(["16,32,32", "8,48,48", "16,96,32"]))
 def test_masked_run_equals_monai_with_zero_outside_the_mask(tmp_path_factory, y0, x0, h, w, block):

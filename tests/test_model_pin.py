@@ -170,6 +170,7 @@ def _stderr_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # the stage script in a subprocess
 @pytest.mark.parametrize("replaced", ["model", "weights"])
 def test_stage_one_run_command_refuses_before_any_block(tmp_path, replaced):
     job = _job(tmp_path, weights=True)
@@ -187,6 +188,7 @@ def test_stage_one_run_command_refuses_before_any_block(tmp_path, replaced):
     assert not list(open_store(job.store).list("failed/")) and not list(open_store(job.store).list("running/"))
 
 
+@pytest.mark.integration  # a queue worker process
 def test_stage_one_queue_worker_refuses_and_hands_the_task_back(tmp_path):
     job = _job(tmp_path)
     queue = f"fq://{tmp_path / 'q'}"
@@ -203,6 +205,7 @@ def test_stage_one_queue_worker_refuses_and_hands_the_task_back(tmp_path):
     assert failed and all(REFUSED in open_store(job.store).get(name).decode() for name in failed)
 
 
+@pytest.mark.slow  # `chunkflow run` in a subprocess
 @pytest.mark.parametrize("engine", ["local", "dask"])
 def test_chunkflow_run_refuses_to_rerun_a_job_whose_model_changed(tmp_path, engine):
     """`chunkflow run` re-plans: the replaced file's checksum is not the manifest's, so it is refused,

@@ -372,6 +372,7 @@ def _run_commands(message: str, env: dict | None = None) -> None:
         assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow  # runs the refusal's python3 -c commands in subprocesses
 def test_tiff_conversion_command_works(tmp_path):
     pytest.importorskip("dask")
     data = np.random.default_rng(1).integers(0, 255, (5, 24, 40), dtype=np.uint8)
@@ -382,6 +383,7 @@ def test_tiff_conversion_command_works(tmp_path):
     np.testing.assert_array_equal(vol.read(vol.bbox)[0], data)
 
 
+@pytest.mark.slow  # runs the refusal's python3 -c commands in subprocesses
 def test_n5_conversion_command_works(tmp_path):
     ts = pytest.importorskip("tensorstore")
     data = np.random.default_rng(2).integers(0, 255, (6, 20, 30), dtype=np.uint8)
@@ -395,6 +397,7 @@ def test_n5_conversion_command_works(tmp_path):
                                   data)
 
 
+@pytest.mark.slow  # runs the refusal's python3 -c commands in subprocesses
 def test_hdf5_conversion_command_works_against_a_stand_in(tmp_path):
     """h5py is no dependency: a stand-in module with h5py.File's reading API (a mapping of datasets
     that numpy can slice) checks the rest of the command: the dask copy into zarr."""

@@ -34,6 +34,7 @@ def _run(job, backend=None):
     return open_volume(job.output).read(job.layout.bbox)
 
 
+@pytest.mark.slow  # the issue's 64x256x256 volume; the fast loop has the property test below
 @pytest.mark.parametrize("blend", ["constant", "gaussian", "bump"])
 def test_issue_acceptance_run_equals_reference(tmp_path, blend, capsys):
     """`chunkflow run` == `chunkflow reference` on 64x256x256 float32 with a 3-layer conv net,
@@ -58,7 +59,7 @@ def test_issue_acceptance_run_equals_reference(tmp_path, blend, capsys):
 
 
 def test_each_grid_patch_goes_through_the_model_exactly_once(tmp_path):
-    url, _ = make_input(tmp_path / "in", (40, 150, 130), seed=9)
+    url, _ = make_input(tmp_path / "in", (28, 120, 100), seed=9)  # 2x3x2 patches, the last ones shifted back
     job = plan(url, f"file://{tmp_path / 'out'}", str(tmp_path / "job"), CONV3_SAME, "16,64,64",
                overlap="4,16,16", block="16,64,64", batch_size=5)
     counter = CountingBackend(load_backend(CONV3_SAME))
@@ -67,6 +68,7 @@ def test_each_grid_patch_goes_through_the_model_exactly_once(tmp_path):
     np.testing.assert_allclose(output, reference(job, Resources(job)), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # 64x256x256; tests/test_api.py compares with MONAI in the fast loop
 @pytest.mark.parametrize("blend", ["constant", "gaussian"])
 def test_equals_monai_sliding_window_inference(tmp_path, blend):
     torch = pytest.importorskip("torch")
@@ -87,8 +89,8 @@ def test_equals_monai_sliding_window_inference(tmp_path, blend):
 def test_context_margin_uint8_offset_and_zero_chunks(tmp_path):
     """Output patch smaller than the input patch (valid convs), uint8 input scaled to [0,1],
     a volume offset from the origin, blocks that do not divide it, and an all-zero region."""
-    offset, shape = (3, -20, 40), (40, 100, 90)
-    zero = Bbox.from_shape((3, -20, 40), (20, 60, 90))
+    offset, shape = (3, -20, 40), (28, 70, 60)
+    zero = Bbox.from_shape((3, -20, 40), (16, 44, 60))
     url, _ = make_input(tmp_path / "in", shape, dtype="uint8", offset=offset, chunk=(4, 20, 10), zero_region=zero)
     job = plan(url, f"file://{tmp_path / 'out'}", str(tmp_path / "job"), CONV3, "14,38,38", output_patch="8,32,32",
                overlap="2,8,8", block="12,40,30", blend="gaussian", batch_size=3)

@@ -15,6 +15,7 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import MissingInput
 from chunkflow.storage import StorageError, create_volume, open_volume
 from chunkflow.storage.precomputed import PrecomputedVolume
+from tests.helpers import examples
 
 DTYPES = ("uint8", "uint16", "int16", "float32", "uint64", "float64")
 
@@ -56,7 +57,7 @@ def layers(draw):
             Bbox(start, stop), read)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layer=layers(), compression=st.sampled_from(["none", "gzip"]), seed=st.integers(0, 2 ** 16))
 def test_same_files_and_same_reads_as_cloudvolume(tmp_path_factory, layer, compression, seed):
     box, chunk, channels, dtype, aligned, read = layer

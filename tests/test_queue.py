@@ -53,6 +53,7 @@ def test_missing_sqs_queue_ends_in_one_line(tmp_path, sqs_endpoint, capsys):
     assert exit_.value.code == 2 and "cannot use queue sqs://no-such-queue" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.integration  # queue worker processes
 def test_fq_every_task_twice_equals_reference(tmp_path, capsys):
     """Each task is in the queue twice and forced: both copies run, on two workers."""
     job = small_job(tmp_path)
@@ -180,6 +181,7 @@ def _stage_one_done(job, capsys) -> None:
     capsys.readouterr()
 
 
+@pytest.mark.integration  # a queue worker process
 def test_waiting_stage_one_worker_hands_stage_two_tasks_back_and_keeps_polling(tmp_path, capsys):
     """`--wait` means serve forever: a stage-two task is left for stage-two workers."""
     job = small_job(tmp_path)

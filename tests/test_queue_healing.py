@@ -97,6 +97,7 @@ def _status(capsys, job, *flags: str) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.integration  # queue worker processes
 def test_fq_fleet_gives_up_a_poison_task_barrier_names_it_and_produce_retries_it(tmp_path, capsys):
     job, block, cure = poisoned_job(tmp_path)
     one, two = f"fq://{tmp_path / 'q1'}", f"fq://{tmp_path / 'q2'}"
@@ -200,6 +201,7 @@ def test_worker_refuses_max_attempts_that_is_not_a_whole_number(tmp_path, capsys
     assert open_queue(queue).leased == 0
 
 
+@pytest.mark.integration  # a queue worker process, killed
 def test_status_reports_the_running_marker_of_a_killed_worker_stale(tmp_path, capsys):
     """A live worker refreshes its running marker's heartbeat at every lease renewal, so it is not
     stale however long its task takes; once SIGKILLed, its marker is stale after one lease."""

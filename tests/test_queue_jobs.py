@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from chunkflow.engines.queue import barrier, open_queue, produce
 from chunkflow.storage import open_store
 from tests.test_engines_support import assert_complete_and_exact, fleet_env, small_job, worker
+
+pytestmark = pytest.mark.integration  # every test here starts real worker processes
 
 HANDED_BACK = "handing back tasks of job"
 

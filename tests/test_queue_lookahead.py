@@ -146,6 +146,7 @@ def test_a_stage_two_task_leased_ahead_is_handed_back_and_stops_the_worker(tmp_p
     assert queue.enqueued == job.layout.num_blocks and queue.leased == 0
 
 
+@pytest.mark.integration  # a queue worker process
 def test_sigterm_hands_back_the_current_task_and_the_one_leased_ahead(tmp_path):
     """A real worker process (two slots), terminated while one slot is stuck in a write (as
     Kubernetes or SLURM preemption does): it exits at once, every lease comes back at once, not

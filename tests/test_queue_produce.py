@@ -65,6 +65,19 @@ def test_fq_task_is_one_small_file_that_the_queue_leases_renews_and_deletes(tmp_
     assert queue.enqueued == 0 and not list((tmp_path / "q" / "movement").iterdir())
 
 
+def test_producing_into_a_new_fq_queue_never_sleeps_in_a_retry(tmp_path, monkeypatch):
+    """python-task-queue reads a missing insertion counter through a retry that sleeps seconds;
+    produce creates the counter first, so a new queue is filled without waiting."""
+    import time
+
+    sleeps, sleep = [], time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (sleeps.append(seconds), sleep(seconds)))
+    job = small_job(tmp_path)
+    url = f"fq://{tmp_path / 'q'}"
+    assert produce(job, url) == job.layout.num_blocks and produce(job, url, force=True) == job.layout.num_blocks
+    assert sleeps == [] and open_queue(url).inserted == 2 * job.layout.num_blocks
+
+@pytest.mark.integration  # queue worker processes
 def test_a_fleet_runs_tasks_of_both_formats_in_one_queue(tmp_path):
     """Tasks python-task-queue inserted (two files each) and new ones (one file) in one queue: workers
     run every block once and leave the queue empty, movement files included."""
@@ -81,6 +94,7 @@ def test_a_fleet_runs_tasks_of_both_formats_in_one_queue(tmp_path):
     assert open_queue(url).enqueued == 0 and not list((tmp_path / "q" / "movement").iterdir())
 
 
+@pytest.mark.slow  # 20,000 tasks: a scale test
 def test_fq_many_tasks_each_exactly_once_in_bounded_memory(tmp_path):
     url = f"fq://{tmp_path / 'q'}"
     blocks = names(20_000)

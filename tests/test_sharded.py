@@ -370,7 +370,7 @@ def _sharded_small_job(tmp: Path, output: str):
     return job
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # queue worker processes, killed
 def test_fq_workers_killed_mid_write_on_a_sharded_output(tmp_path):
     job = _sharded_small_job(tmp_path, f"file://{tmp_path / 'out'}")
     points = "stage1:during-write,stage1:after-write,stage2:before-write,stage2:during-write"
@@ -386,7 +386,7 @@ def test_fq_workers_killed_mid_write_on_a_sharded_output(tmp_path):
     assert_complete_and_exact(job)
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # queue worker processes
 def test_fq_every_task_twice_at_once_on_a_sharded_output(tmp_path):
     job = _sharded_small_job(tmp_path, str(tmp_path / "out.zarr"))
     one, two = f"fq://{tmp_path / 'q1'}", f"fq://{tmp_path / 'q2'}"

@@ -240,11 +240,16 @@ def test_stage_two_threads_are_the_workers_not_started_per_task(tmp_path):
     res = _stage_one(job)
     _stage_two(job, res)
     pools = dict(res._pools)
-    assert res.threads("receive", stage_two.FETCH_WORKERS) is pools[("receive", stage_two.FETCH_WORKERS)]
+    fetch = pools[("receive", stage_two.FETCH_WORKERS)]
+    assert res.threads("receive", stage_two.FETCH_WORKERS) is fetch
+
+    def receivers() -> set[int]:  # this process's fetch threads (other tests' workers may still hold theirs)
+        return {t.ident for t in threading.enumerate() if t.name.startswith("chunkflow-receive")}
+
+    before = receivers()
     _stage_two(job, res)
-    assert res._pools == pools
-    names = [t.name for t in threading.enumerate() if t.name.startswith("chunkflow-receive")]
-    assert 0 < len(names) <= stage_two.FETCH_WORKERS
+    assert res._pools == pools and receivers() <= before  # the second task started no thread
+    assert 0 < len(fetch._threads) <= stage_two.FETCH_WORKERS
     assert "_pools" not in res.__getstate__()  # a pickled Resources (Dask) starts its own
 
 

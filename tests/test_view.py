@@ -156,7 +156,7 @@ def _state(link: str) -> dict:
 
 # -- plain HTTP ------------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.integration  # `chunkflow view` serving in a subprocess
 def test_link_names_the_layers_and_the_server_answers_what_neuroglancer_asks(volumes, view):
     out, inp, plain = volumes["out"], volumes["inp"], volumes["plain"]
     # a remote client: the state travels in the link's fragment (and no neuroglancer package is needed)
@@ -403,7 +403,7 @@ def _data_pixels(panel: np.ndarray) -> np.ndarray:
     return grey & ~background
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # `chunkflow view` in a subprocess and a headless browser
 @pytest.mark.parametrize("layer, bright", [("out", "right"), ("inp", "top"), ("plain", "right")])
 def test_browser_draws_the_layer(volumes, view, browser, tmp_path, layer, bright):
     url = f"file://{volumes['out']}" if layer == "out" else str(volumes[layer])
