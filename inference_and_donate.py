@@ -6,8 +6,8 @@
 
 Run `python inference_and_donate.py run --help` or `python inference_and_donate.py worker --help` for every flag.
 """
-from chunkflow.cli_common import as_process
-from chunkflow.cli_stages import main
+from chunkflow.cli.common import as_process
+from chunkflow.cli.stages import main
 
 if __name__ == "__main__":
     as_process(lambda: main(1))

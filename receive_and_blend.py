@@ -6,8 +6,8 @@
 
 Run `python receive_and_blend.py run --help` or `python receive_and_blend.py worker --help` for every flag.
 """
-from chunkflow.cli_common import as_process
-from chunkflow.cli_stages import main
+from chunkflow.cli.common import as_process
+from chunkflow.cli.stages import main
 
 if __name__ == "__main__":
     as_process(lambda: main(2))

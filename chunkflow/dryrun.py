@@ -356,6 +356,6 @@ def hypothetical(shape: str, input_patch: str, block: str, overlap: str = "0,0,0
 if __name__ == "__main__":
     import fire
 
-    from chunkflow.cli_common import user_errors
+    from chunkflow.cli.common import user_errors
 
     fire.Fire(user_errors(hypothetical), name="python -m chunkflow.dryrun")

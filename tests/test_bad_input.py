@@ -2,7 +2,7 @@
 non-zero exit, no traceback, and leaves every volume and store byte for byte as it was.
 
 The commands run in-process through the same entry points as the console scripts
-(``chunkflow.cli.main`` and ``chunkflow.cli_stages.main``, which check the command line before
+(``chunkflow.cli.main`` and ``chunkflow.cli.stages.main``, which check the command line before
 Fire runs anything); a few run as real subprocesses to check what a user's terminal shows.
 docs/reliability.md lists this catalogue.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from chunkflow import cli, cli_stages
+from chunkflow import cli
+from chunkflow.cli import stages as cli_stages
 from chunkflow.bbox import Bbox
 from tests.helpers import make_input
 
@@ -198,7 +199,7 @@ def test_dry_run_creates_nothing(world, capsys):
 def test_a_bug_is_reported_as_a_bug_not_a_refusal(capsys):
     """An exception that is no Refusal (numpy's broadcast error, say) exits 1 with a line that
     says it is unexpected, instead of blaming the user with exit 2."""
-    from chunkflow.cli_common import user_errors
+    from chunkflow.cli.common import user_errors
 
     @user_errors
     def broken():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from chunkflow.cli import COMMANDS
-from chunkflow.cli_stages import main as stage_main
+from chunkflow.cli.stages import main as stage_main
 from chunkflow.engines import LocalEngine, StageTask, make_engine, run_job
 from chunkflow.stages import Resources, reference
 from chunkflow.storage import open_store, open_volume

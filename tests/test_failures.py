@@ -14,7 +14,7 @@ import pytest
 
 from chunkflow.bbox import Vec
 from chunkflow.cli import COMMANDS
-from chunkflow.cli_stages import main as stage_main
+from chunkflow.cli.stages import main as stage_main
 from chunkflow.planning import plan
 from chunkflow.stages import DONATIONS, Resources, reference
 from chunkflow.storage import open_store, open_volume

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from chunkflow.cli import COMMANDS
-from chunkflow.cli_stages import SCRIPTS, check_command_line, run_command, short_flags, worker_command
+from chunkflow.cli.stages import SCRIPTS, check_command_line, run_command, short_flags, worker_command
 from chunkflow.demo.pipeline import difference_image
 
 

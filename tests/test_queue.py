@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from chunkflow.cli import COMMANDS
-from chunkflow.cli_stages import main as stage_main
+from chunkflow.cli.stages import main as stage_main
 from chunkflow.engines.queue import barrier, open_queue, produce
 from chunkflow.job import Job
 from chunkflow.store_layout import MANIFEST

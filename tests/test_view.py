@@ -274,7 +274,7 @@ def test_gzip_chunks_are_sent_encoded_or_decoded_as_the_request_allows(tmp_path)
 
 def test_bucket_volumes_are_linked_directly(gcs_bucket, capsys):
     """gs:// layers need no server: Neuroglancer reads the bucket itself (here a fake GCS server)."""
-    from chunkflow import cli_view
+    from chunkflow.cli import view as cli_view
 
     _make(f"gs://{gcs_bucket}/jobs/membranes", _pattern(2))
     _make(f"zarr://gs://{gcs_bucket}/em.zarr", _pattern(1))
@@ -293,7 +293,7 @@ def test_bucket_volumes_are_linked_directly(gcs_bucket, capsys):
 
 
 def test_s3_volumes_are_linked_directly(monkeypatch):
-    from chunkflow import cli_view
+    from chunkflow.cli import view as cli_view
 
     class Opened:
         bbox = Bbox.from_shape(OFFSET, SHAPE)
@@ -309,7 +309,7 @@ def test_s3_volumes_are_linked_directly(monkeypatch):
 
 
 def test_layers_named_alike_get_distinct_names(tmp_path, volumes):
-    from chunkflow import cli_view
+    from chunkflow.cli import view as cli_view
 
     layers = [cli_view.describe(f"file://{volumes['out']}") for _ in range(3)]
     cli_view.unique_names(layers)

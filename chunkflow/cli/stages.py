@@ -23,7 +23,7 @@ from collections.abc import Callable
 import fire
 
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.cli_common import setup_logging, usage_error, user_errors
+from chunkflow.cli.common import setup_logging, usage_error, user_errors
 from chunkflow.job import Job, JobError
 from chunkflow.planning import load_job
 

@@ -1,7 +1,7 @@
 """What every chunkflow command line shares: one line per error, exit statuses, logging.
 
-Low in the package (it imports only :mod:`chunkflow.errors`), so every CLI module and the
-engines can use it without importing ``chunkflow.cli``.
+It imports only :mod:`chunkflow.errors`. The CLI is the package :mod:`chunkflow.cli`: its modules
+depend on the library, and nothing in the library imports them.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json as jsonlib
 
-from chunkflow.cli_stages import select_blocks, setup_logging, user_errors
+from chunkflow.cli.stages import select_blocks, setup_logging, user_errors
 from chunkflow.engines.base import EngineError
 from chunkflow.planning import load_job
 

@@ -19,7 +19,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from chunkflow.cli_common import setup_logging, user_errors
+from chunkflow.cli.common import setup_logging, user_errors
 from chunkflow.errors import StorageError, UsageError
 from chunkflow.interruptible import forever
 from chunkflow.storage import open_volume

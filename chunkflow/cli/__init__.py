@@ -13,11 +13,11 @@ from pathlib import Path
 
 import fire
 
-from chunkflow.cli_common import as_process, raise_on_sigterm, setup_logging, user_errors
-from chunkflow.cli_inspect import inspect as inspect_command
-from chunkflow.cli_view import view as view_command
-from chunkflow.cli_fleet import barrier, produce, status
-from chunkflow.cli_stages import check_command_line, report_failures
+from chunkflow.cli.common import as_process, raise_on_sigterm, setup_logging, user_errors
+from chunkflow.cli.inspection import inspect as inspect_command
+from chunkflow.cli.view import view as view_command
+from chunkflow.cli.fleet import barrier, produce, status
+from chunkflow.cli.stages import check_command_line, report_failures
 from chunkflow.backends import check_device
 from chunkflow.bbox import zyx_text
 from chunkflow.cost_model import DEFAULT_PRICES, Prices, takes_prices
@@ -171,9 +171,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def console() -> None:
-    """The ``chunkflow`` command as a process (:func:`chunkflow.cli_common.as_process`)."""
+    """The ``chunkflow`` command as a process (:func:`chunkflow.cli.common.as_process`)."""
     as_process(main)
-
-
-if __name__ == "__main__":
-    console()

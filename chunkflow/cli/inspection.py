@@ -50,7 +50,7 @@ def inspect(store: str, block: str | None = None, piece: str | None = None, json
         limit: a row per block when at most this many are selected, else rows for this many problem blocks.
         quiet: no progress bars (they are shown on stderr only when it is a terminal).
     """
-    from chunkflow.cli_common import user_errors
+    from chunkflow.cli.common import user_errors
 
     try:
         user_errors(_inspect)(store, block, piece, json, png, z, channel, verify, headers, credentials, workers,
@@ -63,7 +63,7 @@ def inspect(store: str, block: str | None = None, piece: str | None = None, json
 
 def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: bool, headers: bool, credentials,
              workers: int, region, sample, limit, quiet: bool) -> None:
-    from chunkflow.cli_common import setup_logging
+    from chunkflow.cli.common import setup_logging
 
     setup_logging(quiet=True)
     if not isinstance(url, str):
