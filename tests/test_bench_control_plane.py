@@ -85,7 +85,8 @@ def test_dask_no_op_runs_in_both_orders_keep_the_scheduler_bounded(tmp_path, mon
     runs = [bench.dask_noop(40, order, tmp_path, workers=1, progress=False) for order in ("barrier", "streaming")]
     for run in runs:
         assert run["complete"], run
-        assert run["scheduler_most"]["tasks"] <= run["window"]
+        # the window is the client's; a task it has released may stay on the scheduler a moment longer
+        assert run["scheduler_most"]["tasks"] <= run["window"] + 2
         assert run["scheduler_mib"]["peak"] > 0 and run["client_peak_mib"] > 0
         assert run["scheduler_most"]["span_collections"] <= 10 + run["window"] + 2, run
         assert run["scheduler_most"]["key_split_cache"] <= 10 + run["window"] + 2, run

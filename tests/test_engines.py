@@ -141,7 +141,9 @@ def test_killed_run_resumes(tmp_path, capsys):
     assert proc.wait() == -signal.SIGKILL
     store = open_store(job.store)
     done = len(list(store.list("done/stage1/")))
-    assert 1 <= done < job.layout.num_blocks
+    # blocks are tiny: the other slots may finish every block before the kill lands (then the rerun
+    # resumes at stage two, which the kill left untouched)
+    assert 1 <= done <= job.layout.num_blocks
     running = {n.rsplit("/", 1)[1] for n in store.list("running/stage1/")}
     finished = {n.rsplit("/", 1)[1] for n in store.list("done/stage1/")}
     assert finished & running and len(running) <= 4  # the dead process's markers stay behind...
