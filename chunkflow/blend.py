@@ -29,6 +29,7 @@ import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import GeometryError
+from chunkflow.weight_sum_classes import AxisClasses
 
 BLEND_MODES = ("constant", "gaussian", "bump")
 
@@ -115,6 +116,10 @@ def _grid_weight_sum(weights: np.ndarray, axis_origins: Sequence[Sequence[int]],
 
 #: the largest N(x) slab computed at once, in voxels (4 MiB of float32), but at least one z-plane
 SLAB_VOXELS = 1 << 20
+#: :meth:`WeightSum.divide` divides by runs only if its boxes of runs hold this many voxels on average
+MIN_RUN_BOX_VOXELS = 4096
+#: axis ranges whose :class:`~chunkflow.weight_sum_classes.AxisClasses` a WeightSum keeps
+CLASSES_CACHED = 64
 
 
 class WeightSum:
@@ -137,6 +142,7 @@ class WeightSum:
         self.patch = Vec(weights.shape)
         self.origins = tuple(tuple(int(o) for o in axis) for axis in axis_origins)
         self.separable = bool(np.all(weights == 1))
+        self._classes: dict[tuple[int, int, int], AxisClasses] = {}
 
     def covering(self, axis: int, lo: int, hi: int) -> Sequence[int]:
         """Origins along ``axis`` of the patches whose output overlaps ``[lo, hi)``."""
@@ -145,7 +151,8 @@ class WeightSum:
         return origins[first:bisect.bisect_left(origins, hi)]
 
     def over(self, region: Bbox) -> np.ndarray:
-        """float32 ``N`` over ``region`` (Z, Y, X)."""
+        """float32 ``N`` over ``region`` (Z, Y, X): computed at the region's source coordinates only
+        (:mod:`chunkflow.weight_sum_classes`) and spread to the others, the same values bit for bit."""
         if self.separable:
             counts = []
             for a in range(3):
@@ -155,8 +162,54 @@ class WeightSum:
                            - np.searchsorted(origins, coords - self.patch[a], side="right"))
                 counts.append(covered.astype(np.float32))
             return counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
-        ranges = [self.covering(a, region.start[a], region.stop[a]) for a in range(3)]
-        return _grid_weight_sum(self.weights, ranges, region)
+        classes = self.classes(region)
+        compact = self._compact(classes)
+        for axis, c in enumerate(classes):
+            compact = compact.take(c.compact_index, axis=axis)
+        return compact
+
+    def divide(self, acc: np.ndarray, region: Bbox) -> None:
+        """``acc /= N`` in place over ``region`` (``acc`` is C, Z, Y, X), without a region-sized ``N``:
+        each box of runs is divided by its box of the compact sum; slab by slab where the compact
+        sum would be larger than a slab or the runs too short to be worth a numpy call each."""
+        if not self.separable:
+            classes = self.classes(region)
+            boxes = len(classes[0].runs) * len(classes[1].runs) * len(classes[2].runs)
+            compact_voxels = classes[0].size * classes[1].size * classes[2].size
+            if compact_voxels <= SLAB_VOXELS and boxes * MIN_RUN_BOX_VOXELS <= region.size:
+                compact = self._compact(classes)
+                for rz, ry, rx in itertools.product(*(c.runs for c in classes)):
+                    acc[:, rz.start:rz.stop, ry.start:ry.stop, rx.start:rx.stop] /= compact[
+                        rz.compact:rz.compact + rz.stop - rz.start, ry.compact:ry.compact + ry.stop - ry.start,
+                        rx.compact:rx.compact + rx.stop - rx.start]
+                return
+        for slab in self.slabs(region):
+            acc[(slice(None),) + slab.slices(region)] /= self.over(slab)
+
+    def classes(self, region: Bbox) -> tuple[AxisClasses, AxisClasses, AxisClasses]:
+        """The source coordinates and runs of ``region`` along z, y and x (cached per axis range)."""
+        found = []
+        for a in range(3):
+            key = (a, region.start[a], region.stop[a])
+            classes = self._classes.get(key)  # shared by a worker's threads: no look-then-read
+            if classes is None:
+                classes = AxisClasses.of(self.origins[a], self.patch[a], key[1], key[2])
+                if len(self._classes) >= CLASSES_CACHED:
+                    self._classes.clear()
+                self._classes[key] = classes
+            found.append(classes)
+        return found[0], found[1], found[2]
+
+    def _compact(self, classes: Sequence[AxisClasses]) -> np.ndarray:
+        """``N`` at the source coordinates only: one box per combination of source intervals."""
+        compact = np.empty(tuple(c.size for c in classes), dtype=np.float32)
+        laid_out = [list(zip(c.intervals, np.cumsum([0] + [b - a for a, b in c.intervals]))) for c in classes]
+        for (iz, cz), (iy, cy), (ix, cx) in itertools.product(*laid_out):
+            box = Bbox(Vec((iz[0], iy[0], ix[0])), Vec((iz[1], iy[1], ix[1])))
+            ranges = [self.covering(a, box.start[a], box.stop[a]) for a in range(3)]
+            compact[cz:cz + box.shape[0], cy:cy + box.shape[1], cx:cx + box.shape[2]] = \
+                _grid_weight_sum(self.weights, ranges, box)
+        return compact
 
     def slabs(self, region: Bbox, max_voxels: int | None = None) -> Iterable[Bbox]:
         """``region`` cut along z into slabs of at most ``max_voxels`` (default :data:`SLAB_VOXELS`;
@@ -170,5 +223,4 @@ def normalise(acc: np.ndarray, region: Bbox, normaliser: np.ndarray | WeightSum)
     if isinstance(normaliser, np.ndarray):
         acc /= normaliser
         return
-    for slab in normaliser.slabs(region):
-        acc[(slice(None),) + slab.slices(region)] /= normaliser.over(slab)
+    normaliser.divide(acc, region)

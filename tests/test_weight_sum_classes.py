@@ -1,0 +1,98 @@
+"""N(x) from its source coordinates only (chunkflow.weight_sum_classes, WeightSum.over/divide) is the
+patch loop's N bit for bit: any grid, any region, any weight map (random, not symmetric), every path."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunkflow import blend
+from chunkflow.bbox import Bbox, Vec
+from chunkflow.blend import WeightSum, normalise, weight_map, weight_sum
+from chunkflow.geometry import axis_origins
+from chunkflow.weight_sum_classes import AxisClasses
+
+
+@st.composite
+def grids(draw):
+    """(weights, per-axis origins, every origin in grid order, the volume, a region inside it)."""
+    patch, overlap, start, length = [], [], [], []
+    for _ in range(3):
+        p = draw(st.integers(1, 9))
+        patch.append(p)
+        overlap.append(draw(st.integers(0, p - 1)))
+        start.append(draw(st.integers(-5, 5)))
+        length.append(draw(st.integers(p, 40)))
+    axes = [list(axis_origins(s, n, p, o)) for s, n, p, o in zip(start, length, patch, overlap)]
+    seed = draw(st.integers(0, 2 ** 16))
+    kind = draw(st.sampled_from(["random", "gaussian", "bump", "constant"]))
+    if kind == "random":
+        weights = (np.random.default_rng(seed).random(patch, dtype=np.float32) * 7 + 1e-3).astype(np.float32)
+    else:
+        weights = weight_map(kind, tuple(patch))
+    lo = [draw(st.integers(s, s + n - 1)) for s, n in zip(start, length)]
+    hi = [draw(st.integers(a + 1, s + n)) for a, s, n in zip(lo, start, length)]
+    return weights, axes, list(itertools.product(*axes)), Bbox(Vec(lo), Vec(hi))
+
+
+@settings(max_examples=150, deadline=None)
+@given(grids())
+def test_over_is_the_patch_loop_bit_for_bit(grid):
+    weights, axes, origins, region = grid
+    expected = weight_sum(weights, [Vec(o) for o in origins], region)
+    assert np.array_equal(WeightSum(weights, axes).over(region).view(np.uint32), expected.view(np.uint32))
+
+
+@settings(max_examples=150, deadline=None)
+@given(grids(), st.sampled_from(["runs", "slabs", "tiny slabs"]), st.integers(1, 2))
+def test_divide_is_one_division_by_the_patch_loop_bit_for_bit(grid, path, channels):
+    weights, axes, origins, region = grid
+    n = weight_sum(weights, [Vec(o) for o in origins], region)
+    acc = np.random.default_rng(7).random((channels,) + tuple(region.shape), dtype=np.float32)
+    expected = acc / n
+    saved = blend.SLAB_VOXELS, blend.MIN_RUN_BOX_VOXELS
+    try:
+        if path == "runs":
+            blend.MIN_RUN_BOX_VOXELS = 1
+        elif path == "slabs":
+            blend.MIN_RUN_BOX_VOXELS = region.size + 1  # never by runs
+        else:
+            blend.SLAB_VOXELS = 1  # compact sum larger than a slab: one plane at a time
+        normalise(acc, region, WeightSum(weights, axes))
+    finally:
+        blend.SLAB_VOXELS, blend.MIN_RUN_BOX_VOXELS = saved
+    assert np.array_equal(acc.view(np.uint32), expected.view(np.uint32))
+
+
+def test_a_regular_grid_needs_about_one_stride_per_axis():
+    origins = axis_origins(0, 1000, 128, 32)  # stride 96, the last origin snapped to the end
+    classes = AxisClasses.of(origins, 128, 100, 900)
+    assert 96 <= classes.size <= 96 + 128
+    assert len(classes.runs) <= 800 // 96 + 3
+    assert classes.runs[0].start == 0 and classes.runs[-1].stop == 800
+    assert all(a.stop == b.start for a, b in zip(classes.runs, classes.runs[1:]))
+
+
+def test_source_coordinates_have_the_keys_of_the_coordinates_they_stand_for():
+    origins = axis_origins(3, 50, 7, 3)
+    classes = AxisClasses.of(origins, 7, 3, 53)
+    sources = [c for a, b in classes.intervals for c in range(a, b)]
+
+    def key(c):
+        return tuple(c - o for o in origins if o <= c < o + 7)
+
+    for i, c in enumerate(range(3, 53)):
+        assert key(sources[classes.compact_index[i]]) == key(c)
+    assert len({key(c) for c in range(3, 53)}) == classes.size  # one source per key
+
+
+def test_a_grid_of_stride_one_falls_back_to_slabs_and_stays_exact():
+    axes = [axis_origins(0, 30, 4, 3)] * 3  # stride 1: every coordinate is a run of its own
+    weights = weight_map("gaussian", (4, 4, 4))
+    region = Bbox(Vec(0, 0, 0), Vec(30, 30, 30))
+    acc = np.ones((1, 30, 30, 30), dtype=np.float32)
+    expected = acc / weight_sum(weights, [Vec(o) for o in itertools.product(*axes)], region)
+    normalise(acc, region, WeightSum(weights, axes))
+    assert np.array_equal(acc, expected)
