@@ -6,8 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
+from hypothesis import assume
+from hypothesis import strategies as st
+
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.errors import GeometryError
+from chunkflow.job import Job
 from chunkflow.storage import create_volume
+from chunkflow.store_layout import MANIFEST
 
 MODELS = Path(__file__).parent / "models"
 
@@ -62,3 +68,48 @@ def stored_bytes(tmp_path: Path, name: str = "job") -> dict[str, bytes]:
         files.update({p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
                       if p.is_file()})
     return files
+
+
+# ---- hypothetical jobs (a manifest, no volumes) for property tests of the control plane ------------
+
+def hypothetical_job(root: Path, shape, patch, overlap, block, chunk, start=(0, 0, 0), sharded: bool = False,
+                     channels: int = 1, dtype: str = "float32") -> Job:
+    """A planned job on a volume that does not exist: its manifest in a directory store at ``root``."""
+    job = Job(input="file:///nonexistent/in", output="file:///nonexistent/out", store=str(root),
+              bbox=Bbox.from_shape(Vec(start), Vec(shape)).name, input_patch=tuple(patch), output_patch=tuple(patch),
+              overlap=tuple(overlap), block=tuple(block), storage_chunk=tuple(chunk), blend="constant",
+              model="identity", weights=None, model_checksum="0", in_channels=1, out_channels=channels,
+              donation_dtype=dtype, sharded=sharded)
+    job.layout  # noqa: B018 - validates the geometry
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).write_text(job.to_json())
+    return job
+
+
+def axis_strategy():
+    return st.tuples(st.sampled_from([4, 6, 8]), st.integers(1, 3), st.integers(0, 3), st.integers(2, 8),
+                     st.integers(0, 3), st.sampled_from([1, 2]))
+
+
+def job_of(root: Path, axes, sharded: bool, start) -> Job:
+    """A :func:`hypothetical_job` from three draws of :func:`axis_strategy`, one per axis ZYX: (block size,
+    blocks, voxels trimmed off the last block, patch, overlap, storage chunks per block); starting at ``start``.
+    Raises GeometryError where they cannot be planned (see :func:`job_or_reject`)."""
+    block, patch, overlap, shape, chunk = [], [], [], [], []
+    for b, n, trim, p, o, c in axes:
+        size = max(b * n - min(trim, b - 1), min(p, b))
+        p = min(p, b, size)
+        block.append(b)
+        patch.append(p)
+        overlap.append(min(o, p - 1))
+        shape.append(size)
+        chunk.append(b // c if b % c == 0 else b)
+    return hypothetical_job(root, shape, patch, overlap, block, chunk, start=start, sharded=sharded)
+
+
+def job_or_reject(root: Path, axes, sharded: bool, start) -> Job:
+    """:func:`job_of` inside a hypothesis test: axes that cannot be planned reject the example."""
+    try:
+        return job_of(root, axes, sharded, start)
+    except GeometryError:
+        assume(False)

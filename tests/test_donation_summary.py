@@ -21,32 +21,18 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.donation_kinds import ExpectedPieces
 from chunkflow.donation_reads import Reservoir
 from chunkflow.donation_report import STATES, inspect_store
-from chunkflow.geometry import GeometryError, parse_key
+from chunkflow.geometry import parse_key
 from chunkflow.job import Job
 from chunkflow.store_layout import MANIFEST
 from chunkflow.stages import DONATIONS
 from chunkflow.errors import UsageError
 from chunkflow.storage import DirectoryStore
 from chunkflow.storage.donation_codec import encode_donation
-from tests.helpers import examples
+from tests.helpers import axis_strategy, examples, hypothetical_job, job_or_reject
 
 #: names under donations/ that are not strict keys (all valid file names on a directory store)
 MALFORMED = ["a%b%c", "1-2_3-4_5-x%0-1_0-1_0-1", "0-8_0-8_0-4%0-8_0-8_0-99", "007-8_0-4_0-4%0-1_0-1_0-1",
              "sub/0-4_0-4_0-4%0-1_0-1_0-1", "no-percent", "0-4_0-4_0-4%"]
-
-
-def hypothetical_job(root: Path, shape, patch, overlap, block, chunk, start=(0, 0, 0), sharded: bool = False,
-                     channels: int = 1, dtype: str = "float32") -> Job:
-    """A planned job on a volume that does not exist: its manifest in a directory store at ``root``."""
-    job = Job(input="file:///nonexistent/in", output="file:///nonexistent/out", store=str(root),
-              bbox=Bbox.from_shape(Vec(start), Vec(shape)).name, input_patch=tuple(patch), output_patch=tuple(patch),
-              overlap=tuple(overlap), block=tuple(block), storage_chunk=tuple(chunk), blend="constant",
-              model="identity", weights=None, model_checksum="0", in_channels=1, out_channels=channels,
-              donation_dtype=dtype, sharded=sharded)
-    job.layout  # noqa: B018 - validates the geometry
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).write_text(job.to_json())
-    return job
 
 
 def put(root: Path, name: str, data: bytes) -> None:
@@ -123,24 +109,6 @@ def brute_force(root: Path, job: Job | None) -> dict:
                 objects=len(listed) + len(done) + (job is not None))
 
 
-def axis_strategy():
-    return st.tuples(st.sampled_from([4, 6, 8]), st.integers(1, 3), st.integers(0, 3), st.integers(2, 8),
-                     st.integers(0, 3), st.sampled_from([1, 2]))
-
-
-def job_of(root: Path, axes, sharded: bool, start) -> Job:
-    block, patch, overlap, shape, chunk = [], [], [], [], []
-    for b, n, trim, p, o, c in axes:
-        size = max(b * n - min(trim, b - 1), min(p, b))
-        p = min(p, b, size)
-        block.append(b)
-        patch.append(p)
-        overlap.append(min(o, p - 1))
-        shape.append(size)
-        chunk.append(b // c if b % c == 0 else b)
-    return hypothetical_job(root, shape, patch, overlap, block, chunk, start=start, sharded=sharded)
-
-
 @settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.tuples(axis_strategy(), axis_strategy(), axis_strategy()), st.booleans(), st.booleans(),
        st.tuples(st.integers(-9, 9), st.integers(-9, 9), st.integers(-9, 9)), st.integers(0, 2**32 - 1),
@@ -148,10 +116,7 @@ def job_of(root: Path, axes, sharded: bool, start) -> Job:
 def test_streamed_summary_equals_brute_force(axes, sharded, manifest, start, seed, present, extras, done):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "job"
-        try:
-            job = job_of(root, axes, sharded, start)
-        except GeometryError:
-            assume(False)
+        job = job_or_reject(root, axes, sharded, start)
         fabricate(root, job, np.random.default_rng(seed), present, extras, done)
         if not manifest:
             (root / MANIFEST).unlink()
@@ -197,10 +162,7 @@ def test_expected_pieces_by_kind_equal_the_layout(axes, sharded, start, core_vox
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
         if core_voxels is not None:
             patch.setattr(geometry, "CORE_PIECE_VOXELS", core_voxels)
-        try:
-            job = job_of(Path(tmp), axes, sharded, start)
-        except GeometryError:
-            assume(False)
+        job = job_or_reject(Path(tmp), axes, sharded, start)
         layout = job.layout
         pieces = ExpectedPieces(layout, 4)
         counts = pieces.expected_counts()
@@ -220,10 +182,7 @@ def test_expected_pieces_by_kind_equal_the_layout(axes, sharded, start, core_vox
 def test_region_selects_exactly_the_blocks_intersecting_it(axes, manifest, lo, size):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "job"
-        try:
-            job = job_of(root, axes, False, (0, 0, 0))
-        except GeometryError:
-            assume(False)
+        job = job_or_reject(root, axes, False, (0, 0, 0))
         fabricate(root, job, np.random.default_rng(0), 0.5, 0, 0.5)
         region = Bbox(Vec(lo), Vec(lo) + Vec(size))
         boxes = [job.layout.block_box(idx) for idx in job.layout.block_indices()]

@@ -3,7 +3,7 @@
 The in-memory pipeline here uses the real geometry, blending and ``blended_inference`` with a
 real numpy "network" (a context-using 3D filter), so a hypothesis search over volumes, patches,
 overlaps and blocks can run thousands of cuts in seconds. The same invariant is proven again
-end to end with real volumes, stores and PyTorch models in ``test_pipeline.py``.
+end to end with real volumes, stores and PyTorch models in ``test_two_stages_exact.py``.
 """
 from __future__ import annotations
 

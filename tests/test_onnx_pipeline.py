@@ -4,7 +4,7 @@ The demo U-Net ships as PyTorch weights (``builtin:membrane``) and as an ONNX gr
 (``chunkflow/demo/membrane_unet.onnx``); a TorchScript file is traced from it here. Each backend
 runs the two stages over several blocks and must reproduce its own whole-volume reference within
 1e-5, computing every grid patch exactly once, at batch sizes 1 and 3 (PyTorch eager and identity
-at batch size 1 are covered by ``tests/test_pipeline.py``).
+at batch size 1 are covered by ``tests/test_two_stages_exact.py``).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _run(job, backend):
     return open_volume(job.output).read(job.layout.bbox)
 
 
-@pytest.mark.parametrize("backend, batch_size", [  # PyTorch and identity at batch 1: tests/test_pipeline.py
+@pytest.mark.parametrize("backend, batch_size", [  # PyTorch and identity at batch 1: tests/test_two_stages_exact.py
     ("pytorch", 3), ("torchscript", 1), ("torchscript", 3), ("onnx", 1), ("onnx", 3), ("identity", 3)])
 def test_invariant_1_with_every_backend(tmp_path, torchscript_file, backend, batch_size):
     models = {"pytorch": "builtin:membrane", "torchscript": torchscript_file, "onnx": ONNX, "identity": "identity:2"}

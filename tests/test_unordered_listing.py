@@ -16,20 +16,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.bounded import Smallest
 from chunkflow.donation_kinds import ExpectedPieces
 from chunkflow.donation_report import inspect_store
 from chunkflow.donation_summary import KEEP
-from chunkflow.geometry import GeometryError
 from chunkflow.store_layout import MANIFEST
 from chunkflow.stages import DONATIONS
 from chunkflow.storage import DirectoryStore
-from tests.helpers import examples
-from tests.test_donation_summary import MALFORMED, axis_strategy, fabricate, hypothetical_job, job_of, put
+from tests.helpers import axis_strategy, examples, hypothetical_job, job_of, job_or_reject
+from tests.test_donation_summary import MALFORMED, fabricate, put
 
 
 class OrderedStore(DirectoryStore):
@@ -90,21 +88,6 @@ def test_scan_skips_links_to_folders_and_a_missing_root(tmp_path):
     assert list(DirectoryStore(tmp_path / "absent").scan("")) == []
 
 
-# ---- the n smallest of a stream ---------------------------------------------------------------
-
-@settings(max_examples=examples(200), deadline=None)
-@given(st.lists(st.integers(-50, 50)), st.integers(1, 12))
-def test_smallest_keeps_the_n_smallest_whatever_the_order(items, limit):
-    kept = Smallest(limit)
-    for item in items:
-        kept.add(item)
-    assert kept.items() == sorted(items)[:limit] and kept.count == len(items) and len(kept) == min(limit, len(items))
-    again = Smallest(limit)
-    for item in reversed(items):
-        again.add(item)
-    assert again.items() == kept.items()
-
-
 # ---- a key's piece, found on its own ----------------------------------------------------------
 
 @settings(max_examples=examples(40), deadline=None)
@@ -114,10 +97,7 @@ def test_classify_finds_exactly_the_expected_pieces(axes, sharded, start, seed):
     """Every expected key gives its block and piece index (those of ``locate``); keys of no grid block,
     pieces a block does not expect, other spellings of the same numbers and junk give None."""
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            job = job_of(Path(tmp), axes, sharded, start)
-        except GeometryError:
-            assume(False)
+        job = job_or_reject(Path(tmp), axes, sharded, start)
         layout = job.layout
         pieces = ExpectedPieces(layout, 4)
         rng = np.random.default_rng(seed)
@@ -161,10 +141,7 @@ def test_the_report_is_the_same_in_any_listing_order(axes, sharded, manifest, se
     headers read (the fabricated pieces are refused: read errors per block) and without."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "job"
-        try:
-            job = job_of(root, axes, sharded, (0, 0, 0))
-        except GeometryError:
-            assume(False)
+        job = job_or_reject(root, axes, sharded, (0, 0, 0))
         fabricate(root, job, np.random.default_rng(seed), present, extras, done)
         if not manifest:
             (root / MANIFEST).unlink()
