@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from chunkflow.donation_reads import UNCHECKED, PieceCheck, Reservoir
-from chunkflow.donation_summary import BATCH, STAGES, Tally
+from chunkflow.donation_summary import BATCH, DONE_STAGES, Tally
 from chunkflow.geometry import parse_key
 from chunkflow.stages import DONATIONS
 
@@ -98,9 +98,10 @@ class PrefixTally(Tally):
     def add_done(self, names: Iterable[str], progress: Callable[[int], None] | None = None) -> None:
         for name in names:
             self.listed += 1
-            stage = STAGES.get(name[:12])
-            if stage is not None and "/" not in name[12:]:
-                i = self._block(name[12:])   # may grow the arrays: index them after
+            folder, _, block = name.rpartition("/")
+            stage = DONE_STAGES.get(folder)
+            if stage is not None:
+                i = self._block(block)   # may grow the arrays: index them after
                 (self.stage1 if stage == 1 else self.stage2)[i] = True
         self._tick(progress)
 

@@ -30,14 +30,16 @@ from chunkflow.donation_kinds import ExpectedPieces, popcount
 from chunkflow.donation_reads import UNCHECKED, PieceCheck, Reservoir
 from chunkflow.geometry import parse_key
 from chunkflow.job import Job
-from chunkflow.store_layout import DONATIONS, DONE, marker_prefix
+from chunkflow.store_layout import DONATIONS, DONE, marker_stages
 
-__all__ = ["BATCH", "KEEP", "STAGES", "JobTally", "Tally"]
+__all__ = ["BATCH", "DONE_STAGES", "KEEP", "JobTally", "Tally"]
 
 #: malformed, stray, unexpected names and read errors kept for the report (the rest are counted)
 KEEP = 100
 BATCH = 1 << 16
-STAGES = {marker_prefix(DONE, stage): stage for stage in (1, 2)}
+#: the stage of each folder of done markers (``done/stage1`` -> 1), the folder being a listed name's
+#: part before its last ``/`` and the block the part after
+DONE_STAGES = marker_stages(DONE)
 
 
 class Tally:
@@ -239,10 +241,11 @@ class JobTally(Tally):
         count = 0
         for name in names:
             count += 1
-            stage = STAGES.get(name[:12])
+            folder, _, block = name.rpartition("/")
+            stage = DONE_STAGES.get(folder)
             if stage is None:
                 continue
-            parts = name[12:].split("_")
+            parts = block.split("_")
             if len(parts) != 3:
                 continue
             x, y, z = bx.get(parts[0]), by.get(parts[1]), bz.get(parts[2])

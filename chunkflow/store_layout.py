@@ -16,7 +16,7 @@ the name, not the box, so no module below the job needs a ``Bbox`` to spell a ke
 from __future__ import annotations
 
 __all__ = ["DONATIONS", "DONE", "FAILED", "LOG", "MANIFEST", "RUNNING", "SUMMARY", "donation_name",
-           "done_marker", "log_name", "log_prefix", "marker_name", "marker_prefix", "summary_name"]
+           "done_marker", "log_name", "log_prefix", "marker_name", "marker_prefix", "marker_stages", "summary_name"]
 
 MANIFEST = "manifest.json"
 DONATIONS = "donations/"
@@ -33,6 +33,16 @@ def marker_prefix(kind: str, stage: int) -> str:
 def marker_name(kind: str, stage: int, block: str) -> str:
     """``running/stage1/{block}`` and the like (``kind``: :data:`DONE`, :data:`RUNNING`, :data:`FAILED`)."""
     return f"{kind}/stage{stage}/{block}"
+
+
+def marker_stages(kind: str) -> dict[str, int]:
+    """The stage of each folder of ``kind`` markers: ``{"done/stage1": 1, "done/stage2": 2}`` for :data:`DONE`.
+
+    A marker is ``{folder}/{block}`` and a block name holds no ``/``, so ``name.rpartition("/")``
+    splits a listed name into a key of this dict and the block: one split and one lookup a name
+    for the loops that read millions of markers. Any other name's folder is not a key.
+    """
+    return {marker_prefix(kind, stage).rstrip("/"): stage for stage in (1, 2)}
 
 
 def done_marker(stage: int, block: str) -> str:

@@ -34,6 +34,22 @@ def test_names_are_spelled_as_documented():
     assert layout.summary_name(2) == "summary/stage2" and layout.MANIFEST == "manifest.json"
 
 
+
+def test_marker_stages_split_a_listed_marker_into_stage_and_block():
+    block = "0-32_0-64_0-8"
+    for kind in (layout.DONE, layout.RUNNING, layout.FAILED):
+        stages = layout.marker_stages(kind)
+        assert sorted(stages.values()) == [1, 2]
+        for stage in (1, 2):
+            folder, _, name = layout.marker_name(kind, stage, block).rpartition("/")
+            assert (stages[folder], name) == (stage, block)
+            assert layout.marker_prefix(kind, stage) == folder + "/"
+    done = layout.marker_stages(layout.DONE)
+    for other in (layout.MANIFEST, layout.donation_name(f"{block}%a"), layout.log_name(1, block, 7),
+                  layout.summary_name(1), layout.marker_name(layout.RUNNING, 1, block), f"done/stage3/{block}",
+                  f"done/stage1/extra/{block}", f"x/done/stage1/{block}", "done/stage1"):
+        assert other.rpartition("/")[0] not in done, other
+
 def test_every_object_of_a_run_is_named_by_the_layout(tmp_path):
     url, _ = make_input(tmp_path / "in", (8, 48, 48), seed=1)
     job = chunkflow.plan(url, f"file://{tmp_path / 'out'}", tmp_path / "job", "identity", (4, 16, 16),

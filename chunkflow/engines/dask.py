@@ -3,7 +3,7 @@
 Fault tolerance: a task whose worker dies (SIGKILL, preemption, OOM) is rescheduled by Dask
 on another worker, up to ``distributed.scheduler.allowed-failures`` deaths (default 3) before
 it is declared a ``KilledWorker``; a task that *raises* unexpectedly is run again ``retries``
-times on its worker, a refusal (missing or corrupt donations, any ``chunkflow.cli.USER_ERRORS``)
+times on its worker, a refusal (missing or corrupt donations, any :class:`~chunkflow.errors.Refusal`)
 is not. Both are safe because every chunkflow task may run again (Invariant 2). A task that
 still fails comes back as :class:`~chunkflow.engines.failures.Failed` and the others go on; in
 ``stream``, a second task whose dependency failed is not run (:class:`~chunkflow.engines.failures.NotRun`).
