@@ -6,8 +6,8 @@ final blocks appear while inference still runs elsewhere. Both orders run on the
 (the local engine with ``--slots`` task slots, or a Dask LocalCluster), on two copies of the
 same job, ``--repeats`` interleaved pairs (the order inside a pair alternates, so a drift in the
 machine's load hits both alike); per order the median and spread (min-max) of the total time
-and of the time the first block became final, and the median of the per-pair ratios, are
-compared. The two outputs must be identical.
+and of the time the first block became final, and the median of the per-pair ratios (with a 95 %
+bootstrap interval over the pairs), are compared. The two outputs must be identical.
 
     python benchmarks/streaming_vs_barrier.py                                   # local engine, 5 pairs
     python benchmarks/streaming_vs_barrier.py --engine dask --workers 2
@@ -60,6 +60,15 @@ class LoadSampler:
 def spread(values: list[float]) -> dict:
     """Median, min and max of ``values``."""
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def median_interval(ratios: list[float], draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """A 95 % bootstrap interval of the median of ``ratios`` (the pairs resampled with replacement):
+    whether a claim such as "streaming total <= 1.03 x barrier" holds above the pairs' noise."""
+    values = np.asarray(ratios, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(draws, len(values)))
+    medians = np.median(values[picks], axis=1)
+    return float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))
 
 
 def main(shape: str | tuple = "32,256,256", block: str | tuple = "16,64,64", patch: str | tuple = "16,64,64",
@@ -128,8 +137,9 @@ def main(shape: str | tuple = "32,256,256", block: str | tuple = "16,64,64", pat
               f"{total['median']:>14.2f} s ({total['min']:.2f}-{total['max']:.2f})")
     for name in ("first_final", "all_final"):
         r = ratios[name]
+        low, high = median_interval(r)
         print(f"streaming / barrier, {name}: median of pairs {statistics.median(r):.3f} "
-              f"(min {min(r):.3f}, max {max(r):.3f}); ratio of medians "
+              f"(95 % bootstrap interval {low:.3f}-{high:.3f}; min {min(r):.3f}, max {max(r):.3f}); ratio of medians "
               f"{spreads['streaming'][name]['median'] / spreads['barrier'][name]['median']:.3f}")
     print(f"outputs identical: {same}")
     load_after = os.getloadavg()[0]
@@ -142,7 +152,8 @@ def main(shape: str | tuple = "32,256,256", block: str | tuple = "16,64,64", pat
         "blocks": job.layout.num_blocks,
         "runs": {mode: [dict(zip(names, (round(v, 3) for v in r))) for r in runs] for mode, runs in results.items()},
         "spread": spreads,
-        "ratio_streaming_over_barrier": {name: spread(r) for name, r in ratios.items()},
+        "ratio_streaming_over_barrier": {name: {**spread(r), "median_95": [round(v, 3) for v in median_interval(r)]}
+                                         for name, r in ratios.items()},
         "outputs_identical": bool(same),
         "load_before": load_before, "load_after": load_after,
         "load_during": {"min": min(during), "max": max(during), "mean": round(statistics.fmean(during), 2),

@@ -170,21 +170,29 @@ class WeightSum:
 
     def divide(self, acc: np.ndarray, region: Bbox) -> None:
         """``acc /= N`` in place over ``region`` (``acc`` is C, Z, Y, X), without a region-sized ``N``:
-        each box of runs is divided by its box of the compact sum; slab by slab where the compact
-        sum would be larger than a slab or the runs too short to be worth a numpy call each."""
-        if not self.separable:
-            classes = self.classes(region)
-            boxes = len(classes[0].runs) * len(classes[1].runs) * len(classes[2].runs)
-            compact_voxels = classes[0].size * classes[1].size * classes[2].size
-            if compact_voxels <= SLAB_VOXELS and boxes * MIN_RUN_BOX_VOXELS <= region.size:
-                compact = self._compact(classes)
-                for rz, ry, rx in itertools.product(*(c.runs for c in classes)):
-                    acc[:, rz.start:rz.stop, ry.start:ry.stop, rx.start:rx.stop] /= compact[
-                        rz.compact:rz.compact + rz.stop - rz.start, ry.compact:ry.compact + ry.stop - ry.start,
-                        rx.compact:rx.compact + rx.stop - rx.start]
-                return
-        for slab in self.slabs(region):
-            acc[(slice(None),) + slab.slices(region)] /= self.over(slab)
+        in z-slabs whose compact sum holds at most :data:`SLAB_VOXELS`, each box of runs divided by
+        its box of the compact sum (slab by slab through :meth:`over` where the runs are too short to
+        be worth a numpy call each)."""
+        if self.separable:
+            for slab in self.slabs(region):
+                acc[(slice(None),) + slab.slices(region)] /= self.over(slab)
+            return
+        _, along_y, along_x = self.classes(region)
+        for slab in region.z_slabs(max(1, SLAB_VOXELS // (along_y.size * along_x.size))):
+            self._divide_by_runs(acc[(slice(None),) + slab.slices(region)], slab)
+
+    def _divide_by_runs(self, acc: np.ndarray, region: Bbox) -> None:
+        classes = self.classes(region)
+        boxes = len(classes[0].runs) * len(classes[1].runs) * len(classes[2].runs)
+        if boxes * MIN_RUN_BOX_VOXELS > region.size:
+            for slab in self.slabs(region):
+                acc[(slice(None),) + slab.slices(region)] /= self.over(slab)
+            return
+        compact = self._compact(classes)
+        for rz, ry, rx in itertools.product(*(c.runs for c in classes)):
+            acc[:, rz.start:rz.stop, ry.start:ry.stop, rx.start:rx.stop] /= compact[
+                rz.compact:rz.compact + rz.stop - rz.start, ry.compact:ry.compact + ry.stop - ry.start,
+                rx.compact:rx.compact + rx.stop - rx.start]
 
     def classes(self, region: Bbox) -> tuple[AxisClasses, AxisClasses, AxisClasses]:
         """The source coordinates and runs of ``region`` along z, y and x (cached per axis range)."""
