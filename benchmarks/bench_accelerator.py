@@ -109,6 +109,9 @@ class Measurement:
 
     def __init__(self, input_url: str, workdir: str, patch: str, overlap: str, block: str, batch: int,
                  rate: float) -> None:
+        # internals on purpose: this also runs with the chunkflow of --baseline, which may predate the
+        # public API (chunkflow.plan), and the simulated backend is injected through Resources, which
+        # the API does not take
         from chunkflow.planning import plan
         from chunkflow.stages import Resources
         from sim_accelerator import SimulatedAccelerator
@@ -129,6 +132,8 @@ class Measurement:
     def once(self, check: bool = False) -> dict:
         """Stage one over every block, stage two over every block, numpy's ``a += b``; with
         ``check``, the output against the identity reference. Returns a JSON-able record."""
+        # the worker path itself (stage one pipelined over every block, one Resources, no markers), in
+        # any checkout: the API's per-block functions go through the task path, one block at a time
         from chunkflow.stages import Stats, inference_and_donate_many
         try:
             from chunkflow.stage_two import receive_and_blend
@@ -165,6 +170,8 @@ class Measurement:
     def difference(self) -> dict:
         """Max |output - identity reference| over the volume and over the blocks' cores (the cores
         must be bit-identical; the bands within float32 rounding, 1e-5). NaN counts as a difference."""
+        # the reference cast to the output dtype, in any checkout (chunkflow.reference is the float32
+        # one, and --baseline's chunkflow may predate it); the output read back: no volume I/O in the API
         from chunkflow.stages import Resources, cast_output, reference
         from chunkflow.storage import open_volume
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from common import BENCH_NET, save, scratch, zyx
+# the model backends themselves are what this measures (load_backend's predict on each): not in the API
 from chunkflow.backends import load_backend
 from chunkflow.demo import make_em_volume
 from chunkflow.demo.train import export_onnx

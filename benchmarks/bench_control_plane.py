@@ -67,9 +67,12 @@ from pathlib import Path
 import fire
 
 from common import HERE, ROOT, save, scratch, volume_url
-from chunkflow.bbox import Bbox, Vec
+import chunkflow
+from chunkflow import Bbox, Vec
+# the control plane itself is what this measures, so the job is fabricated with its internals: a
+# layout of N blocks without a volume, done markers written by the workers' own mark_done (with
+# fabricated finish times), donation objects put straight into the store; none of it is in the API
 from chunkflow.geometry import Layout
-from chunkflow.planning import load_job, plan
 from chunkflow.stages import Stats, mark_done
 from chunkflow.storage import create_volume, open_store
 
@@ -206,9 +209,9 @@ def fabricate(root: Path, n: int, pending: int = 10, donation_blocks: int = 10_0
     layout = layout_for(n)
     started = time.perf_counter()
     create_volume(volume_url(root / "input"), layout.bbox, Vec(BLOCK), 1, "uint8")  # an info file, no chunk
-    job = plan(volume_url(root / "input"), volume_url(root / "output"), store_url, "identity",
-               input_patch=",".join(map(str, BLOCK)), overlap=",".join(map(str, OVERLAP)),
-               block=",".join(map(str, BLOCK)), device="cpu", fill_missing=True)
+    job = chunkflow.plan(volume_url(root / "input"), volume_url(root / "output"), store_url, "identity",
+                         input_patch=",".join(map(str, BLOCK)), overlap=",".join(map(str, OVERLAP)),
+                         block=",".join(map(str, BLOCK)), device="cpu", fill_missing=True)
     assert job.layout.num_blocks == n, (job.layout.num_blocks, n)
     fab.seconds["plan"] = round(time.perf_counter() - started, 3)
     store = open_store(job.store)
@@ -626,7 +629,7 @@ def barrier_polls(job, queue_url: str, counter: "RequestCounter", polls: int, be
     """The requests of each of the first ``polls`` polls of one ``barrier`` call (then it is stopped),
     told apart by the ``time.sleep`` it calls between polls (replaced: nothing waits; ``between(k)``
     runs, uncounted, after poll ``k``). Returns them and an error line (None if all went well)."""
-    from chunkflow.engines import queue as queue_engine
+    from chunkflow.engines import queue as queue_engine  # the queue engine's barrier: not in the API
 
     marks = {"at": counter.snapshot(), "polls": []}
     main = threading.get_ident()
@@ -669,7 +672,7 @@ def count_poll_requests(work: Path, n: int = 10_000, new_markers: int = 100, thr
     and with the done-log checkpoint; a barrier without a checkpoint, poll by poll: poll 1, then
     ``new_markers`` done markers are written (uncounted), poll 2, nothing new, poll 3; and the first
     poll of a second barrier, which starts from the checkpoint the first one left."""
-    from chunkflow.status import job_status
+    from chunkflow.status import job_status  # what `chunkflow status` computes: not in the API
 
     work.mkdir(parents=True, exist_ok=True)
     with FakeGCS(work / "fake-gcs-server.log") as server:
@@ -679,7 +682,7 @@ def count_poll_requests(work: Path, n: int = 10_000, new_markers: int = 100, thr
         fab = fabricate(work / f"gcs-{n}", n, pending=new_markers + 10, donation_blocks=0,
                         store_url=f"gs://{bucket}/job", threads=threads, reuse=False, progress=progress, rate=rate)
         fabricated = time.perf_counter() - started
-        job = load_job(fab.store)
+        job = chunkflow.open_job(fab.store)
         store = open_store(job.store)
         blocks = list(job.layout.block_indices())
         late = [blocks[i] for i in sorted(pending_blocks(n, new_markers + 10))[:new_markers]]
@@ -741,6 +744,7 @@ class Cluster:
         self.scheduler_pid = os.getpid()
 
     def __enter__(self) -> "Cluster":
+        # DaskEngine's map and stream over no-op tasks on a cluster of our own: the API runs only jobs
         from chunkflow.engines.dask import THREADS_PER_WORKER, DaskEngine
 
         if self.kind == "local":

@@ -30,11 +30,13 @@ import fire
 
 import bench_control_plane as bench
 from common import volume_url
-from chunkflow.bbox import Vec
+import chunkflow
+from chunkflow import Vec
+# the light job's markers and done-log entries are written as empty files at the names the control
+# plane reads (its block grid, the log's minute buckets): internals by design, not in the API
 from chunkflow.block_set import BlockGrid
 from chunkflow.done_log import bucket_of, log_name
-from chunkflow.planning import plan
-from chunkflow.storage import create_volume
+from chunkflow.storage import create_volume  # an empty input volume (an info file): the API has no volume I/O
 
 SKIPPED = ("produce --force (all N)",)
 
@@ -56,9 +58,9 @@ def fabricate_light(root: Path, n: int, pending: int = 10, donation_blocks: int 
     started = time.perf_counter()
     layout = bench.layout_for(n)
     create_volume(volume_url(root / "input"), layout.bbox, Vec(bench.BLOCK), 1, "uint8")
-    job = plan(volume_url(root / "input"), volume_url(root / "output"), want.store, "identity",
-               input_patch=",".join(map(str, bench.BLOCK)), overlap=",".join(map(str, bench.OVERLAP)),
-               block=",".join(map(str, bench.BLOCK)), device="cpu", fill_missing=True)
+    job = chunkflow.plan(volume_url(root / "input"), volume_url(root / "output"), want.store, "identity",
+                         input_patch=",".join(map(str, bench.BLOCK)), overlap=",".join(map(str, bench.OVERLAP)),
+                         block=",".join(map(str, bench.BLOCK)), device="cpu", fill_missing=True)
     want.markers = _markers(Path(want.store), BlockGrid(job.layout), bench.pending_blocks(n, pending), rate)
     want.seconds["done_markers"] = round(time.perf_counter() - started, 3)
     started = time.perf_counter()

@@ -27,6 +27,8 @@ def measure(shape: str, block: str, patch: str, overlap: str, repeat: int, compr
     """Median CPU ns per output voxel of encoding and of decoding every donation of the layout."""
     import numpy as np
 
+    # the donation codec alone (encode, decode and verify; no volume, store or model), with the chunkflow
+    # of --baseline too, which may predate the public API: internals on purpose
     from chunkflow.bbox import Bbox, Vec
     from chunkflow.geometry import Layout
     from chunkflow.job import default_storage_chunk

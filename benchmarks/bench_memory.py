@@ -56,13 +56,16 @@ class RssSampler:
 
 def measure(url: str, model: str, shape: str, patch: str, overlap: str, block: str, batch: int) -> dict:
     """Runs in the child process (the input volume was made by the parent, so its memory is not here)."""
-    from chunkflow.bbox import Vec
-    from chunkflow.planning import plan
+    import chunkflow
+    from chunkflow import Vec
+    # the peak of one stage-one task alone: Resources (model, volumes, store) opened before the
+    # sampler starts, the stage function called without the task path's markers; the API's
+    # inference_and_donate opens them inside the task, and their memory would count
     from chunkflow.stages import Resources, inference_and_donate
 
     workdir = scratch("cf-bench-mem-")
-    job = plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), model, patch, overlap=overlap, block=block,
-               batch_size=batch)
+    job = chunkflow.plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), model, patch, overlap=overlap,
+                         block=block, batch_size=batch)
     res = Resources(job)
     res.backend, res.input, res.output, res.store, res.weight_sum  # opened once per worker, not per task
     layout = job.layout

@@ -30,7 +30,9 @@ import fire
 import numpy as np
 
 from common import save, scratch, zyx, zyx_list
-from chunkflow.bbox import Bbox, Vec
+from chunkflow import Bbox, Vec
+# the output volumes' compressions are what this measures: chunkflow's storage layer is called directly
+# (a layer written and read back per compression); the API has no volume I/O of its own
 from chunkflow.storage import create_volume, open_volume
 from chunkflow.storage.precomputed import is_lossless, precomputed_compressions
 
@@ -44,6 +46,7 @@ def unet_probabilities(shape: tuple[int, int, int], seed: int = 3, slab: int = 3
     ``slab`` z-sections at a time with ``halo`` sections of context on each side."""
     import torch
 
+    # the demo U-Net's torch module itself, run on whole slabs (data to compress, not a chunkflow run)
     from chunkflow.demo import builtin_paths, make_em_volume
     from chunkflow.demo.unet import build_model
 

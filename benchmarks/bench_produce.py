@@ -39,6 +39,7 @@ def block_names(n: int) -> list[str]:
 
 
 def one_trial(method: str, n: int, url: str, threads: int | None = None) -> dict:
+    # the queue engine's task insertion is what this measures (`chunkflow produce`): not in the API
     from chunkflow.engines.queue import chunkflow_block, open_queue
     from chunkflow.engines.queue_insert import BlockTasks, insert_tasks
 

@@ -20,9 +20,11 @@ import torch
 
 from bench_vs_monai import run_monai
 from common import make_input, run_two_stage, save, zyx, zyx_list
+import chunkflow
+from chunkflow import Vec
+# the model is loaded once and handed to run_two_stage (its load is not timed) and its torch module to
+# MONAI: the API loads the job's model itself and does not hand out its backend
 from chunkflow.backends import load_backend
-from chunkflow.bbox import Vec
-from chunkflow.planning import plan
 
 NET_SIZES = ("16,256,256", "32,256,256", "32,512,512", "64,512,512")
 IDENTITY_SIZES = ("32,256,256", "64,512,512", "64,1024,1024", "128,1024,1024")
@@ -31,8 +33,8 @@ IDENTITY_SIZES = ("32,256,256", "64,512,512", "64,1024,1024", "128,1024,1024")
 def one(workdir: Path, shape: Vec, model: str, module: torch.nn.Module, patch: str, overlap: str,
         block: str) -> dict:
     url, image = make_input(workdir, tuple(shape))
-    job = plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), model, patch, overlap=overlap,
-               block=block, blend="gaussian", batch_size=1)
+    job = chunkflow.plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), model, patch, overlap=overlap,
+                         block=block, blend="gaussian", batch_size=1)
     backend = load_backend(model)
     ours = run_two_stage(job, backend, read_output=False)
     del ours.output

@@ -33,10 +33,13 @@ import fire
 import numpy as np
 
 from common import make_input, run_two_stage, save, scratch, zyx
-from chunkflow.bbox import Bbox, Vec
+import chunkflow
+from chunkflow import Bbox, Vec
+# the dry run's byte counts for a layout alone (no volume, no job): what `chunkflow plan --dry-run` prints
 from chunkflow.dryrun import summarise
 from chunkflow.geometry import Layout
-from chunkflow.planning import plan
+# peak_memory: the tracemalloc peak of one task alone, with Resources opened before tracing starts and no
+# markers; the API's per-block functions open them inside the task (and rerunning needs force)
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import Resources, inference_and_donate
 
@@ -62,8 +65,9 @@ def _plan(workdir, url: str, fmt: str, sharded: bool, flags: dict, tag: str):
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}.zarr", ignore_errors=True)
     shutil.rmtree(workdir / f"job-{tag}", ignore_errors=True)
-    job = plan(url, output, str(workdir / f"job-{tag}"), flags["model"], flags["patch"], overlap=flags["overlap"],
-               block=flags["block"], storage_chunk=flags["chunk"], blend="gaussian", sharded=sharded)
+    job = chunkflow.plan(url, output, str(workdir / f"job-{tag}"), flags["model"], flags["patch"],
+                         overlap=flags["overlap"], block=flags["block"], storage_chunk=flags["chunk"],
+                         blend="gaussian", sharded=sharded)
     return job, (out if fmt == "precomputed" else workdir / f"out-{tag}.zarr")
 
 

@@ -31,11 +31,12 @@ import fire
 import numpy as np
 
 from common import ROOT, make_input, run_two_stage, save, scratch, zyx
-from chunkflow.bbox import Bbox, Vec
+import chunkflow
+from chunkflow import Bbox, Vec
+# the dry run's donated bytes for layouts of other block sizes (no volume, no job): not in the API
 from chunkflow.dryrun import summarise
 from chunkflow.geometry import Layout
 from chunkflow.job import default_storage_chunk
-from chunkflow.planning import plan
 
 BLOCKS = ("32,256,256", "64,512,512", "112,1152,1152", "128,2048,2048")
 
@@ -63,7 +64,9 @@ def surface(overlap: Vec, block: Vec) -> float:
     return sum(o / b for o, b in zip(overlap, block))
 
 
-#: stage two over every block of the job in ``argv[1]``, timed once the volume and store are open
+#: stage two over every block of the job in ``argv[1]``, timed once the volume and store are open. It runs
+#: with the chunkflow of ``--baseline`` too, which may predate the public API (``chunkflow.open_job``), and
+#: times receive_and_blend itself with one Resources opened beforehand and no markers: internals on purpose.
 DRIVER = r"""
 import json, sys, time
 from chunkflow.planning import load_job
@@ -116,8 +119,8 @@ def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", o
 
     workdir = scratch("cf-bench-s2-")
     url, _ = make_input(workdir, tuple(Vec.parse(shape)), synthetic=False)
-    job = plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), "identity", patch, overlap=overlap,
-               block=block, batch_size=4)
+    job = chunkflow.plan(url, f"file://{workdir / 'out'}", str(workdir / "job"), "identity", patch, overlap=overlap,
+                         block=block, batch_size=4)
     run = run_two_stage(job, read_output=False)
     print(f"stage two over {job.layout.num_blocks} blocks: received {run.stats2.donated_bytes / 2**20:.1f} MiB in "
           f"{run.stats2.donations} pieces (first run, in process: {run.stage2.wall:.3f} s)")

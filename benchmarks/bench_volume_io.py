@@ -44,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import make_input, save, scratch  # noqa: E402
 
-from chunkflow.bbox import Bbox  # noqa: E402
-from chunkflow.planning import plan  # noqa: E402
+import chunkflow  # noqa: E402
+from chunkflow import Bbox  # noqa: E402
+# volume I/O is what this measures: stage one's slabs and chunkflow's storage layer (CloudVolume and its
+# chunk-file path) are called directly; the API has no volume I/O of its own
 from chunkflow.stages import write_slabs  # noqa: E402
 from chunkflow.storage import create_volume, open_volume  # noqa: E402
 from chunkflow.storage.precomputed import PrecomputedVolume  # noqa: E402
@@ -96,8 +98,8 @@ def main(repeat: int = 7, compression: str = "none", keep: str | None = None) ->
     """
     workdir = scratch("cf-bench-volio-", keep)
     url, image = make_input(workdir, (64, 384, 384))
-    job = plan(url, f"file://{workdir / 'out'}", f"file://{workdir / 'store'}", "identity", "16,128,128",
-               overlap="4,32,32", block="32,192,192", batch_size=4)
+    job = chunkflow.plan(url, f"file://{workdir / 'out'}", f"file://{workdir / 'store'}", "identity", "16,128,128",
+                         overlap="4,32,32", block="32,192,192", batch_size=4)
     source = workdir / "input"
     if compression == "gzip":  # the same input, as NAME.gz chunks
         gz = create_volume(f"file://{workdir / 'input_gz'}", job.layout.bbox, open_volume(url).chunk_size, 1, "uint8",

@@ -69,12 +69,16 @@ import torch  # noqa: E402
 
 from common import (BENCH_NET, HERE, ROOT, Timed, choice, make_input, run_two_stage, save, scratch,  # noqa: E402
                     zyx, zyx_list)
+import chunkflow  # noqa: E402
+from chunkflow import Bbox, Vec  # noqa: E402
+# the model is loaded once and reused: its weights are saved for 1.2.0, it runs both stages
+# (run_two_stage) and the timed reference, so the reference's time excludes loading it; the API's
+# chunkflow.reference(job) loads the job's model itself, inside that time
 from chunkflow.backends import load_backend  # noqa: E402
-from chunkflow.bbox import Bbox, Vec  # noqa: E402
-from chunkflow.geometry import Layout  # noqa: E402
-from chunkflow.in_memory import sliding_window  # noqa: E402
-from chunkflow.planning import plan  # noqa: E402
 from chunkflow.stages import Resources, reference as whole_volume_reference  # noqa: E402
+# patch counts of production layouts, without a job or a volume
+from chunkflow.geometry import Layout  # noqa: E402
+# reads 1.2.0's output: the API has no volume I/O
 from chunkflow.storage import open_volume  # noqa: E402
 
 VENV_STEPS = (["-m", "venv"], ["pip", "install", "torch==2.13.0"],
@@ -200,8 +204,8 @@ def anchored_reference(image: np.ndarray, predict, patch: Vec, overlap: Vec, blo
     for lo in itertools.product(*(range(0, s, b) for s, b in zip(image.shape, block))):
         hi = tuple(min(a + b, s) for a, b, s in zip(lo, block, image.shape))
         chunk = grown_block(image, lo, hi, overlap)
-        blended = sliding_window(chunk[None], predict, tuple(patch), overlap=tuple(overlap), blend="bump",
-                                 batch_size=batch, skip_blank=False)
+        blended = chunkflow.sliding_window(chunk[None], predict, tuple(patch), overlap=tuple(overlap), blend="bump",
+                                           batch_size=batch, skip_blank=False)
         crop = tuple(slice(m, m + b - a) for m, a, b in zip(overlap, lo, hi))
         out[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))] = blended[(slice(None),) + crop]
     return out
@@ -282,8 +286,8 @@ def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", o
         theirs_runs.append(theirs)
         print(f"  #{r} chunkflow {theirs['version']}: {theirs['wall']:.2f} s wall, {theirs['cpu']:.2f} s CPU, "
               f"{theirs['patches']} patches (load {os.getloadavg()[0]:.1f})", flush=True)
-        job = plan(url, f"file://{workdir / f'ours{r}'}", str(workdir / f"job{r}"), model, patch_text,
-                   overlap=overlap_text, block=block_text, blend="bump", batch_size=batch)
+        job = chunkflow.plan(url, f"file://{workdir / f'ours{r}'}", str(workdir / f"job{r}"), model, patch_text,
+                             overlap=overlap_text, block=block_text, blend="bump", batch_size=batch)
         ours = run_two_stage(job, backend)
         ours_runs.append(ours)
         print(f"  #{r} chunkflow 2:     {ours.wall:.2f} s wall, {ours.cpu:.2f} s CPU, {ours.stats1.patches} patches "

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from common import BENCH_NET, Timed, choice, make_input, run_two_stage, save, scratch, zyx
+import chunkflow
+from chunkflow import Vec
+# the model is loaded once, handed to run_two_stage (its load untimed, as MONAI's) and its torch module to
+# MONAI: the API loads the job's model itself and does not hand out its backend
 from chunkflow.backends import load_backend
-from chunkflow.bbox import Vec
-from chunkflow.planning import plan
-from chunkflow.storage import create_volume, open_volume
+from chunkflow.storage import create_volume, open_volume  # MONAI's I/O, timed apart: the API has no volume I/O
 
 
 class TimedPredictor:
@@ -102,8 +104,8 @@ def main(shape: str | tuple = "64,512,512", patch: str | tuple = "16,128,128", o
 
     ours, monai, monai_io_s = [], [], []
     for r in range(repeats):
-        job = plan(url, f"file://{workdir / f'out{r}'}", str(workdir / f"job{r}"), BENCH_NET, patch_text,
-                   overlap=overlap_text, block=block_text, blend=blend, batch_size=batch)
+        job = chunkflow.plan(url, f"file://{workdir / f'out{r}'}", str(workdir / f"job{r}"), BENCH_NET, patch_text,
+                             overlap=overlap_text, block=block_text, blend=blend, batch_size=batch)
         run = run_two_stage(job, backend)
         ours.append(run)
         print(f"  ours  #{r}: {run.wall:7.2f} s wall, {run.cpu:7.2f} s CPU, model {run.stats1.seconds['model']:.2f} s"

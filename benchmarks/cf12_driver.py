@@ -105,6 +105,7 @@ def main() -> None:
     args = parse_options(sys.argv)
 
     from cloudvolume import CloudVolume
+    # chunkflow 1.2.0's own modules (this runs in its venv, with -P): not this repository's chunkflow
     from chunkflow.chunk import Chunk
     from chunkflow.flow.divid_conquer.inferencer import Inferencer
     import chunkflow.__version__ as cfv

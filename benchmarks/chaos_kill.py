@@ -37,6 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# queue workers under SIGKILL: the queue engine (produce, barrier) and the store's markers and donations
+# are what this checks; the API runs no queue engine (chunkflow.run: local or dask)
 from chunkflow.engines.queue import barrier, produce  # noqa: E402
 from chunkflow.storage import open_store, open_volume  # noqa: E402
 from tests.test_engines_support import SCRIPTS, assert_complete_and_exact, small_job  # noqa: E402

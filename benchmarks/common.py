@@ -30,10 +30,15 @@ RESULTS = HERE / "results"
 BENCH_NET = str(HERE / "bench_unet.py")
 sys.path.insert(0, str(ROOT))
 
-from chunkflow.bbox import Bbox, Vec  # noqa: E402
+from chunkflow import Bbox, Vec  # noqa: E402
 from chunkflow.demo import make_em_volume  # noqa: E402
+# run_two_stage times the stage functions themselves: one Resources opened once (with an injected,
+# already loaded backend), stage one pipelined over every block by inference_and_donate_many, and no
+# done/running markers; chunkflow.run and chunkflow.inference_and_donate go through the engines' task
+# path (markers, a Resources per task), so they would measure something else.
 from chunkflow.stage_two import receive_and_blend  # noqa: E402
 from chunkflow.stages import Resources, Stats, inference_and_donate_many  # noqa: E402
+# the benchmarks' input volumes and reading outputs back: the API has no volume I/O of its own
 from chunkflow.storage import create_volume, open_volume  # noqa: E402
 
 

@@ -40,10 +40,11 @@ import numpy as np
 import torch
 
 from common import BENCH_NET, ROOT, Timed, make_input, run_two_stage, save, scratch, volume_url, zyx
+import chunkflow
+from chunkflow import Vec
+# the model is loaded once per device and precision, handed to run_two_stage and its torch module to
+# MONAI and to chunkflow.sliding_window: the API loads the job's model itself and does not hand it out
 from chunkflow.backends import load_backend
-from chunkflow.bbox import Vec
-from chunkflow.in_memory import sliding_window
-from chunkflow.planning import plan
 
 #: (shape, patch, overlap, block, batch, repeats) of the MONAI comparison, and the identity volume
 PROFILES = {
@@ -173,8 +174,8 @@ def memory_run(image: np.ndarray, net: torch.nn.Module, device: str, precision: 
                batch: int) -> np.ndarray:
     """``chunkflow.sliding_window`` of the uint8 volume as a device tensor; upload and download included."""
     tensor = torch.from_numpy(image).to(device)
-    return sliding_window(tensor, autocast_predictor(net, device, precision), tuple(patch), overlap=tuple(overlap),
-                          blend="gaussian", batch_size=batch).cpu().numpy()
+    return chunkflow.sliding_window(tensor, autocast_predictor(net, device, precision), tuple(patch),
+                                    overlap=tuple(overlap), blend="gaussian", batch_size=batch).cpu().numpy()
 
 
 def sync(device: str) -> None:
@@ -196,9 +197,10 @@ def versus_monai(workdir: Path, device: str, precisions: list[str], profile: tup
         for r in range(repeats):
             if not times.more(r):
                 break
-            job = plan(url, volume_url(workdir / f"out-{precision}-{r}"), str(workdir / f"job-{precision}-{r}"),
-                       BENCH_NET, patch, overlap=overlap, block=block, blend="gaussian", batch_size=batch,
-                       device=device, precision=precision)
+            job = chunkflow.plan(url, volume_url(workdir / f"out-{precision}-{r}"),
+                                 str(workdir / f"job-{precision}-{r}"), BENCH_NET, patch, overlap=overlap,
+                                 block=block, blend="gaussian", batch_size=batch, device=device,
+                                 precision=precision)
             run = run_two_stage(job, backend)
             times.add("two stages", run.wall)
             outputs["two stages"] = run.output[0]
@@ -237,8 +239,8 @@ def identity_throughput(workdir: Path, device: str, profile: tuple, deadline: fl
         for r in range(max(1, repeats - 1)):
             if not times.more(r):
                 break
-            job = plan(url, volume_url(workdir / f"id{v}-{r}"), str(workdir / f"idjob{v}-{r}"), model, patch,
-                       overlap=overlap, block=block, blend="gaussian", batch_size=batch, device=on)
+            job = chunkflow.plan(url, volume_url(workdir / f"id{v}-{r}"), str(workdir / f"idjob{v}-{r}"), model, patch,
+                                 overlap=overlap, block=block, blend="gaussian", batch_size=batch, device=on)
             run = run_two_stage(job, backend)
             exact = max(exact, float(np.abs(run.output[0] - expected).max()))
             times.add("s1", run.stage1.wall)

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+# a backend of our own, injected through Resources (bench_accelerator.py): it implements the backend
+# contract of chunkflow.backends.base, which the API does not expose
 from chunkflow.backends.base import Backend, ModelError, check_batch, check_device, check_precision
 
 __all__ = ["Launch", "SimulatedAccelerator", "make_simulated_backend"]

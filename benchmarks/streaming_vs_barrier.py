@@ -28,12 +28,15 @@ from pathlib import Path
 import fire
 import numpy as np
 
-from common import save, zyx
-from chunkflow.bbox import Bbox, Vec
+from common import save, zyx  # first: it puts this checkout on sys.path
+import chunkflow
+from chunkflow import Bbox, Vec
 from chunkflow.demo.synthetic import make_em_volume
+# one engine, started once (a Dask cluster's start-up, the model's loading) and kept across every
+# timed run, and the local engine's --slots: chunkflow.run starts and stops an engine per call and
+# always runs the local engine with its default slots, so the runs go through run_job directly
 from chunkflow.engines import LocalEngine, make_engine, run_job
-from chunkflow.planning import plan
-from chunkflow.storage import create_volume, open_volume
+from chunkflow.storage import create_volume, open_volume  # the input volume, and the outputs compared
 
 
 class LoadSampler:
@@ -99,8 +102,8 @@ def main(shape: str | tuple = "32,256,256", block: str | tuple = "16,64,64", pat
         image, _ = make_em_volume(tuple(size), seed=3)
         source = create_volume(f"file://{work / 'input'}", Bbox(Vec(0, 0, 0), size), Vec(16, 64, 64), 1, "uint8")
         source.write(source.bbox, image[None])
-        jobs = {mode: plan(f"file://{work / 'input'}", f"file://{work / mode}", str(work / f"{mode}.job"), model,
-                           patch, overlap=overlap, block=block, device=device)
+        jobs = {mode: chunkflow.plan(f"file://{work / 'input'}", f"file://{work / mode}", str(work / f"{mode}.job"),
+                                     model, patch, overlap=overlap, block=block, device=device)
                 for mode in ("barrier", "streaming")}
         running = LocalEngine(slots) if engine == "local" else make_engine(
             "dask", workers=workers, gpu=device.startswith("cuda"))

@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+import chunkflow
 from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.demo.synthetic import make_em_volume
-from chunkflow.engines import LocalEngine, run_job
-from chunkflow.planning import plan
-from chunkflow.stages import Resources, reference
-from chunkflow.storage import create_volume, open_volume
+from chunkflow.storage import create_volume, open_volume  # the API reads and writes no volumes of its own
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -49,12 +47,12 @@ def run_demo(workdir: Path, shape: str = "32,256,256", block: str = "16,128,128"
     made = time.perf_counter() - started
 
     output_url = f"file://{workdir / 'output'}"
-    job = plan(input_url, output_url, str(workdir / "job"), "builtin:membrane", INPUT_PATCH, overlap=OVERLAP,
-               block=block, blend=blend)
-    summary = run_job(job, LocalEngine(), progress=progress)
+    job = chunkflow.plan(input_url, output_url, str(workdir / "job"), "builtin:membrane", INPUT_PATCH,
+                         overlap=OVERLAP, block=block, blend=blend)
+    summary = chunkflow.run(job, engine="local", progress=progress)
 
     t = time.perf_counter()
-    expected = reference(job, Resources(job))
+    expected = chunkflow.reference(job)
     reference_seconds = time.perf_counter() - t
     output = open_volume(output_url).read(job.layout.bbox)
     deviation = float(np.abs(output - expected).max())
