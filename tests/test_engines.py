@@ -182,6 +182,8 @@ def test_eta_measures_recent_completions_not_the_idle_days_before_a_resume(tmp_p
 
     for i, name in enumerate(names[:4]):  # the job ran for 40 s three days ago, 4 blocks in a row
         done(name, now - days + 10 * (i + 1))
+    # a block runs now (with nothing running, status shows no time at all: tests/test_status.py)
+    store.put(f"running/stage1/{names[7]}", json.dumps({"started": now - 5, "attempt": 1}).encode())
     eta = job_status(job, now=now)["stages"]["1"]["eta_s"]
     assert eta == pytest.approx(40, rel=0.01)  # 4 more blocks at that pace, not 3 more days
     done(names[4], now - 50)  # resumed a minute ago: 2 blocks since (each 10 s of work)

@@ -113,3 +113,127 @@ def test_eta_samples_the_done_bitmap_of_a_big_job(tmp_path):
     report = job_status(job, now=now)["stages"]["1"]
     assert report["done"] == 1000 and SAMPLE < 1000
     assert report["eta_s"] == pytest.approx(3096, rel=0.05)  # 3096 blocks left at about one a second
+
+
+# The ETA shows a time only while the stage progresses: not with nothing running (unless a block
+# finished within G = clamp(2 x mean interval, ETA_GRACE_MIN_S, ETA_GRACE_MAX_S) of now: a queue
+# worker between two tasks), and not when every block left is failed.
+
+def _eta_job(tmp_path, shape=(1, 1, 8)):
+    root = tmp_path / "job"
+    store, job = DirectoryStore(root), grid_job(str(root), shape=shape)
+    _manifest(store, job)
+    return root, store, job, BlockGrid(job.layout)
+
+
+def _one_worker(root: Path, grid: BlockGrid, blocks, last: float, seconds: float = 10.0) -> None:
+    """``blocks`` finished one after the other by one worker, ``seconds`` each, the last at ``last``."""
+    for k, i in enumerate(reversed(list(blocks))):
+        _markers(root, grid, [i], {"finished": last - k * seconds, "seconds": {"model": seconds}})
+
+
+def _run(store: DirectoryStore, grid: BlockGrid, i: int, started: float) -> None:
+    store.put(f"running/stage1/{grid.name(i)}", json.dumps({"started": started, "attempt": 1}).encode())
+
+
+def _fail(store: DirectoryStore, grid: BlockGrid, i: int) -> None:
+    store.put(f"failed/stage1/{grid.name(i)}", json.dumps({"error": "boom", "attempt": 1}).encode())
+
+
+def test_eta_with_nothing_running_shows_why_not_a_time(tmp_path, capsys):
+    """The finding: one block done a minute ago, no worker running: not `23 s`, then `72 s`."""
+    root, store, job, grid = _eta_job(tmp_path)
+    now = time.time()
+    _one_worker(root, grid, [0], last=now - 60)  # a 10 s task: G = 20 s, so 60 s ago is no longer "between tasks"
+    report = json.loads(_status(capsys, root, "--json"))["stages"]["1"]
+    assert (report["done"], report["running"], report["eta_s"], report["eta_reason"]) == (1, 0, None, "none running")
+    assert "inference-and-donate        8      1        0       0  - (none running)" in _status(capsys, root)
+    stage2 = job_status(job, now=now)["stages"]["2"]  # nothing done, nothing running
+    assert (stage2["eta_s"], stage2["eta_reason"]) == (None, "none running")
+
+
+def test_eta_with_a_block_running_is_a_time_over_the_blocks_neither_done_nor_failed(tmp_path, capsys):
+    root, store, job, grid = _eta_job(tmp_path)
+    now = time.time()
+    _one_worker(root, grid, [0, 1], last=now - 2400)  # 2 blocks in 20 s, 40 min ago (before ETA_WINDOW_S)
+    _run(store, grid, 2, now - 5)
+    _fail(store, grid, 3)
+    report = job_status(job, now=now)["stages"]["1"]
+    assert (report["done"], report["running"], report["failed"]) == (2, 1, 1)
+    assert report["eta_reason"] is None
+    assert report["eta_s"] == pytest.approx(5 * 10.0)  # 8 - 2 done - 1 failed = 5 blocks at 10 s each
+    assert "inference-and-donate        8      2        1       1  50 s" in _status(capsys, root)
+
+
+def test_eta_when_every_block_left_is_failed_names_them(tmp_path, capsys):
+    """The finding's stage two: 7 blocks failed, none running, and an ETA of `37 s`."""
+    root, store, job, grid = _eta_job(tmp_path)
+    now = time.time()
+    _one_worker(root, grid, [0], last=now - 1)  # even a block that finished a second ago does not make it a time
+    for i in range(1, 8):
+        _fail(store, grid, i)
+    report = json.loads(_status(capsys, root, "--json"))["stages"]["1"]
+    assert (report["done"], report["failed"], report["eta_s"], report["eta_reason"]) == (1, 7, None, "7 failed")
+    assert "inference-and-donate        8      1        0       7  - (7 failed)" in _status(capsys, root)
+    store.delete(f"failed/stage1/{grid.name(7)}")  # one block left that may still run: a time again
+    report = job_status(job, now=now)["stages"]["1"]
+    assert (report["eta_s"], report["eta_reason"]) == (pytest.approx(11.0), None)  # 1 block per 11 s since it started
+
+
+@pytest.mark.parametrize("ago, shown", [(5.0, True), (30.0, True), (45.0, False), (400.0, False)])
+def test_eta_with_nothing_running_just_after_a_completion_is_still_a_time(tmp_path, ago, shown):
+    """A worker between two tasks has nothing running for a moment. One worker at 20 s a block:
+    mean interval 20 s, so G = 40 s (more than ETA_GRACE_MIN_S = 10 s)."""
+    root, store, job, grid = _eta_job(tmp_path)
+    now = time.time()
+    _one_worker(root, grid, range(4), last=now - ago, seconds=20.0)
+    report = job_status(job, now=now)["stages"]["1"]
+    assert report["running"] == 0
+    if shown:
+        assert report["eta_reason"] is None and report["eta_s"] > 0
+    else:
+        assert (report["eta_s"], report["eta_reason"]) == (None, "none running")
+
+
+def test_eta_grace_is_at_least_the_floor_and_at_most_the_cap(tmp_path):
+    root, store, job, grid = _eta_job(tmp_path)
+    now = time.time()
+    _one_worker(root, grid, range(4), last=now - 8, seconds=0.5)  # 2 x 0.5 s is below the 10 s floor
+    assert job_status(job, now=now)["stages"]["1"]["eta_reason"] is None
+    assert job_status(job, now=now + 5)["stages"]["1"]["eta_reason"] == "none running"  # 13 s after it
+    root, store, job, grid = _eta_job(tmp_path / "long")
+    _one_worker(root, grid, range(4), last=now - 400, seconds=3600.0)  # 2 h tasks: G is capped at 300 s
+    assert job_status(job, now=now)["stages"]["1"]["eta_reason"] == "none running"
+    assert job_status(job, now=now - 150)["stages"]["1"]["eta_reason"] is None
+
+
+def test_eta_with_nothing_running_finds_the_last_completion_in_the_log_when_the_sample_misses_it(tmp_path,
+                                                                                                  monkeypatch):
+    """A big job's ETA sample seldom holds the newest done marker: the done log of the last G
+    seconds finds it."""
+    import chunkflow.status as status
+
+    root, store, job, grid = _eta_job(tmp_path, shape=(4, 32, 32))
+    now = time.time()
+    for i in range(1000):  # a day ago, one a second (entries only in old, unlisted log buckets)
+        _markers(root, grid, [i], {"finished": now - 86400 - i, "seconds": {"model": 1.0}}, log=False)
+    _markers(root, grid, [1000], {"finished": now - 1, "seconds": {"model": 1.0}})  # and one a second ago
+    sample = status._sample
+    monkeypatch.setattr(status, "_sample", lambda done, n: [b for b in sample(done, n) if b != grid.name(1000)])
+    report = job_status(job, now=now)["stages"]["1"]
+    assert (report["done"], report["running"], report["eta_reason"]) == (1001, 0, None)
+    assert report["eta_s"] > 0
+    assert job_status(job, now=now + 60)["stages"]["1"]["eta_reason"] == "none running"
+
+
+def test_eta_column_texts():
+    report = _report(8, 1, 0, 7)
+    first, second = report["stages"]["1"], report["stages"]["2"]
+    first.update(eta_s=None, eta_reason="7 failed", failed_blocks=["b"] * 7)
+    second.update(eta_s=None, eta_reason="none running")
+    lines = format_status(report)
+    assert lines[2].endswith("7  - (7 failed)") and lines[-1].endswith("0  - (none running)")
+    first.update(eta_reason="not measured")
+    second.update(done=8)
+    lines = format_status(report)
+    assert lines[2].endswith("7  ?") and lines[-1].endswith("0  done")
