@@ -119,6 +119,15 @@ class Job:
                            f"{job.job_hash}); plan a new job instead of editing the manifest")
         return job
 
+    def differences(self, other: "Job", limit: int = 3) -> list[str]:
+        """What makes this job's hash differ from ``other``'s, one ``"overlap 4,8,8 here, 4,16,16
+        there"`` per field (this job's value first), at most ``limit`` and then how many more."""
+        mine, theirs = self.values(), other.values()
+        names = [f.name for f in fields(self) if f.name not in _UNHASHED and mine[f.name] != theirs[f.name]]
+        shown = [f"{name.replace('_', ' ')} {_shown(mine[name])} here, {_shown(theirs[name])} there"
+                 for name in names[:limit]]
+        return shown + ([f"and {len(names) - limit} more"] if len(names) > limit else [])
+
     def at(self, store: str) -> "Job":
         """The same job read from ``store`` (the store's location is not part of the hash, so a
         copied or remounted store keeps working: workers use where they found the manifest)."""
@@ -146,6 +155,13 @@ class Job:
     @property
     def context_margin(self) -> Vec:
         return (Vec(self.input_patch) - Vec(self.output_patch)) // 2
+
+
+def _shown(value: object) -> str:
+    """A manifest value as a user writes it: ZYX sizes as ``4,16,16``."""
+    if isinstance(value, tuple):
+        return zyx_text(value)
+    return "none" if value is None else str(value)
 
 
 def validate_parameters(input_patch: Vec, output_patch: Vec, blend: str, output_dtype: str, pad_mode: str,

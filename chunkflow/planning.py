@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from chunkflow.backends import check_device, load_backend, model_checksum, require_device, verify_model
-from chunkflow.bbox import Vec, zyx_text
+from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, Job, JobError, default_storage_chunk,
@@ -62,8 +62,7 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
         if (previous.model, previous.weights) == (job.model, job.weights) \
                 and previous.model_checksum != job.model_checksum:
             verify_model(previous.model, previous.weights, previous.model_checksum)  # one line naming the file
-        raise JobError(f"{store.url} already holds job {previous.job_hash} with other parameters; give a new "
-                       f"--donations location (or delete that one)")
+        raise _another_job(store, job, previous)
     output = params.output
     if existing_output is None:
         create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
@@ -75,9 +74,16 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
         store.put(BLOCK_MAP, block_map)
     planned = load_job(store)
     if planned.job_hash != job.job_hash:  # another planner won a race to this store
-        raise JobError(f"{store.url} already holds job {planned.job_hash} with other parameters; give a new "
-                       f"--donations location (or delete that one)")
+        raise _another_job(store, job, planned)
     return planned
+
+
+def _another_job(store: ObjectStore, job: Job, held: Job) -> JobError:
+    """The refusal to plan ``job`` into a store that holds ``held``, naming what differs."""
+    differences = "; ".join(job.differences(held))
+    which = f" ({differences})" if differences else ""
+    return JobError(f"{store.url} already holds job {held.job_hash} with other parameters{which}; give a new "
+                    "--donations location (or delete that one)")
 
 
 def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | None, object]:
@@ -161,6 +167,7 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
         check_output_compression(output, p.output_compression, p.dtype, out_channels)
         chunk = (Vec.parse(p.storage_chunk, "storage chunk") if p.storage_chunk is not None
                  else default_storage_chunk(block_v))
+    check_patch_fits(bbox, in_patch, out_patch, p.output_patch is not None, p.bbox is not None)
     try:
         Layout(bbox, out_patch, overlap_v, block_v, chunk)
     except GeometryError as err:
@@ -181,6 +188,19 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
     if existing is None:
         output_shard(job)  # refuses a block that the new output's shards cannot tile
     return job, existing, source
+
+
+def check_patch_fits(region: Bbox, in_patch: Vec, out_patch: Vec, out_patch_given: bool, region_given: bool) -> None:
+    """Refuse an output patch larger than the region, naming the flag that set it: without
+    --output-patch the output patch is the input patch, so the input patch is the one to shrink."""
+    for a, axis in enumerate("zyx"):
+        if out_patch[a] <= region.shape[a]:
+            continue
+        what = (f"output patch {zyx_text(out_patch)}" if out_patch_given else
+                f"input patch {zyx_text(in_patch)} (the output patch, as --output-patch is not given)")
+        larger = " (or a larger --bbox)" if region_given else ""
+        raise JobError(f"{what} is larger than the volume {zyx_text(region.shape)} along {axis}; give a patch of "
+                       f"at most {region.shape[a]} along {axis}{larger}")
 
 
 def check_locations(input: str, output: str, store: str | None) -> None:

@@ -80,7 +80,12 @@ PLAN = [
     ({"overlap": "8,8,8"}, "must be smaller than the output patch"),
     ({"output-patch": "8,31,32"}, "not centred"),
     ({"output-patch": "8,40,32"}, "larger than the input patch"),
-    ({"input-patch": "8,128,32"}, "larger than the volume"),
+    ({"input-patch": "8,128,32"}, "input patch 8,128,32 (the output patch, as --output-patch is not given) is larger "
+                                  "than the volume 16,64,64 along y; give a patch of at most 64 along y"),
+    ({"input-patch": "8,128,32", "output-patch": "8,128,32"}, "output patch 8,128,32 is larger than the volume "
+                                                              "16,64,64 along y; give a patch of at most 64 along y"),
+    ({"input-patch": "8,32,32", "bbox": "0-64_0-64_0-4"}, "larger than the volume 4,64,64 along z; give a patch of "
+                                                          "at most 4 along z (or a larger --bbox)"),
     ({"storage-chunk": "16,32,24"}, "not a multiple of the output storage chunk"),
     ({"batch-size": "True"}, "--batch-size True"),
     ({"batch-size": "2.5"}, "--batch-size 2.5"),
@@ -100,6 +105,9 @@ PLAN = [
     ({"model": "no-such-backend"}, "no-such-backend"),
     ({"output": "file://{root}/sharded"}, "sharded"),
     ({"stge": "2"}, "--stge"),
+    ({"input": "{root}/em"}, "'{root}/em' (did you mean file://{root}/em?)"),
+    ({"output": "file:/{root}/new"}, "'file:/{root}/new' (did you mean file://{root}/new?)"),
+    ({"donations": "file:/{root}/newjob"}, "(did you mean file://{root}/newjob?)"),
 ]
 RUN = [
     ({"device": "cuda"}, "CUDA is not available"),

@@ -80,7 +80,21 @@ def test_plan_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, volum
 def test_plan_refuses_a_different_job_in_the_same_store(tmp_path, volume, capsys):
     cli("plan", *common(tmp_path, volume))
     capsys.readouterr()
-    fails_with(capsys, "already holds job", "plan", *common(tmp_path, volume, blend="constant"))
+    line = fails_with(capsys, "already holds job", "plan", *common(tmp_path, volume, blend="constant", overlap="2,4,8"))
+    assert "with other parameters (overlap 2,4,8 here, 2,8,8 there; blend constant here, gaussian there); give a new " \
+           "--donations location" in line, line
+
+
+def test_a_refused_replan_lists_three_differences_and_counts_the_rest(tmp_path, volume, capsys):
+    cli("plan", *common(tmp_path, volume))
+    manifest = (tmp_path / "job" / "manifest.json").read_bytes()
+    capsys.readouterr()
+    line = fails_with(capsys, "already holds job", "plan",
+                      *common(tmp_path, volume, blend="constant", overlap="2,4,8", block="16,64,64",
+                              **{"pad-mode": "constant"}))
+    assert ("(overlap 2,4,8 here, 2,8,8 there; block 16,64,64 here, 16,32,32 there; blend constant here, gaussian "
+            "there; and 1 more)") in line, line
+    assert (tmp_path / "job" / "manifest.json").read_bytes() == manifest
 
 
 def test_edited_manifest_is_refused(tmp_path, volume, capsys):

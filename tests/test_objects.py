@@ -112,3 +112,10 @@ def test_refused_connection_is_one_line(monkeypatch):
 def test_unsupported_store_url():
     with pytest.raises(StorageError):
         open_store("s3://bucket/x")
+
+
+def test_a_store_url_with_two_slashes_suggests_three():
+    with pytest.raises(StorageError) as err:
+        open_store("file://tmp/x/job")
+    assert str(err.value) == ("store URL 'file://tmp/x/job' must be file:///absolute/path (did you mean "
+                              "file:///tmp/x/job?)")

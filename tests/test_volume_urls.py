@@ -48,6 +48,35 @@ def test_unsupported_urls_are_refused_listing_what_is_supported(url):
     assert repr(url) in message and message.endswith(SUPPORTED_URLS) and "\n" not in message
 
 
+@pytest.mark.parametrize("url, meant", [
+    ("/tmp/x/input", "file:///tmp/x/input"),                 # a plain absolute path
+    ("file://tmp/x/input", "file:///tmp/x/input"),           # two slashes: 'tmp' became the host
+    ("file://localhost/tmp/x", "file:///tmp/x"),
+    ("precomputed:///data/em", "precomputed://file:///data/em"),
+    ("precomputed://file://data/em", "precomputed://file:///data/em"),
+])
+def test_an_obvious_slip_is_refused_with_the_url_it_meant(url, meant):
+    with pytest.raises(StorageError) as err:
+        classify(url)
+    assert str(err.value) == f"unsupported volume URL {url!r} (did you mean {meant}?); {SUPPORTED_URLS}"
+    assert classify(meant)[0] == "precomputed"  # the suggestion itself is accepted
+
+
+def test_a_relative_path_is_suggested_as_the_absolute_url_it_resolves_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError) as err:
+        classify("data/em")
+    assert f"(did you mean file://{tmp_path}/data/em?)" in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["http://host/em", "zarr://s3://bucket/em.zarr", "gs:/bucket/em", "file://",
+                                 "file://localhost"])
+def test_no_suggestion_without_an_obvious_fix(url):
+    with pytest.raises(StorageError) as err:
+        classify(url)
+    assert "did you mean" not in str(err.value)
+
+
 @pytest.mark.parametrize("url, fmt", [("/data/em.h5", "HDF5"), ("file:///data/em.n5", "N5"),
                                       ("/data/stack.tif", "TIFF")])
 def test_a_foreign_format_is_refused_by_name_before_anything_else(url, fmt):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from chunkflow.errors import StorageError
 from chunkflow.storage.objects import DirectoryStore, ObjectStore
+from chunkflow.storage.volume_urls import suggest_file_url
 
 __all__ = ["open_store"]
 
@@ -27,7 +28,9 @@ def open_store(url: str, **kwargs) -> ObjectStore:
     if url.startswith("file://"):
         path = url[len("file://"):]
         if not path.startswith("/"):
-            raise StorageError(f"store URL {url!r} must be file:///absolute/path")
+            meant = suggest_file_url(url)
+            hint = f" (did you mean {meant}?)" if meant else ""
+            raise StorageError(f"store URL {url!r} must be file:///absolute/path{hint}")
         return DirectoryStore(path)
     if "://" in url:
         raise StorageError(f"unsupported store URL {url!r}; use a directory path, file:///path or gs://bucket/prefix")

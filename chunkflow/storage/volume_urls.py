@@ -18,7 +18,7 @@ import os
 from chunkflow.errors import StorageError
 from chunkflow.storage.formats import foreign_format
 
-__all__ = ["SUPPORTED_URLS", "classify", "same_or_nested", "volume_format", "volume_location"]
+__all__ = ["SUPPORTED_URLS", "classify", "same_or_nested", "suggest_file_url", "volume_format", "volume_location"]
 
 SUPPORTED_URLS = (
     "supported volume URLs: [precomputed://]file:///abs/path, [precomputed://]gs://bucket/path, "
@@ -39,18 +39,45 @@ def classify(url: str) -> tuple[str, str]:
         if location.startswith("file://"):
             location = location[len("file://"):]
         if not location or location.startswith(("s3://", "http://", "https://")):
-            raise StorageError(f"unsupported volume URL {url!r}; {SUPPORTED_URLS}")
+            raise _unsupported(url)
         return "zarr", location
     if url.startswith("precomputed://"):
         location = url[len("precomputed://"):]
         if location.startswith(("file:///", "gs://", "s3://")):
             return "precomputed", location
-        raise StorageError(f"unsupported volume URL {url!r}; {SUPPORTED_URLS}")
+        raise _unsupported(url)
     if url.startswith(("file:///", "gs://", "s3://")):
         return "precomputed", url
     if "://" not in url and any(part.endswith(".zarr") for part in url.rstrip("/").split("/")):
         return "zarr", url  # a store, or one level inside it (image.zarr/0)
-    raise StorageError(f"unsupported volume URL {url!r}; {SUPPORTED_URLS}")
+    raise _unsupported(url)
+
+
+def _unsupported(url: str) -> StorageError:
+    """The one-line refusal of ``url``, with the URL it most likely meant when that is plain."""
+    meant = suggest_file_url(url)
+    hint = f" (did you mean {meant}?)" if meant else ""
+    return StorageError(f"unsupported volume URL {url!r}{hint}; {SUPPORTED_URLS}")
+
+
+def suggest_file_url(url: str) -> str | None:
+    """The ``file:///`` URL a refused local location most likely means, or None when none is plain.
+
+    ``/abs/path`` and ``relative/path`` (made absolute) lack the scheme; ``file://tmp/x`` has two
+    slashes, so ``tmp`` is read as a host; ``file://localhost/x`` names this machine. A
+    ``precomputed://`` prefix is kept.
+    """
+    if url.startswith("precomputed://"):
+        inner = suggest_file_url(url[len("precomputed://"):])
+        return f"precomputed://{inner}" if inner else None
+    if url.startswith("file://"):
+        host, _, path = url[len("file://"):].partition("/")
+        if not host or not path:
+            return None
+        return f"file:///{path}" if host == "localhost" else f"file:///{host}/{path}"
+    if not url or "://" in url or ":" in url.split("/")[0]:
+        return None  # another scheme, or something like gs:/bucket: no plain guess
+    return "file:///" + os.path.abspath(url).lstrip("/")
 
 
 def volume_location(url: str) -> str:
