@@ -40,6 +40,8 @@ __all__ = ["probe_bucket"]
 
 log = logging.getLogger(__name__)
 
+#: seconds a probe waits for its bucket's answer before it says that it is still waiting
+PATIENCE_S = 5.0
 _ANSWERED: set[tuple[str, str]] = set()  # (endpoint, bucket) that answered a probe
 _LOCK = threading.Lock()
 #: connections in the probe's pool (it makes one call)
@@ -72,6 +74,11 @@ def probe_bucket(url: str, location: str, action: str = "open") -> None:
             return
     deadline = gcs_client.retry_deadline()
     client = _probe_client(url, bucket)
+    waiting = threading.Timer(PATIENCE_S, log.warning, args=(
+        "no answer yet from the GCS endpoint %s for bucket %s after %.0f s; retrying for up to %.0f s "
+        "(CHUNKFLOW_GCS_RETRY_DEADLINE)", gcs_client.endpoint(client), bucket, PATIENCE_S, deadline))
+    waiting.daemon = True
+    waiting.start()  # an unreachable endpoint is retried for the whole deadline: say so, not silence
     try:
         pages = client.list_blobs(bucket, max_results=1, fields="items(name)", retry=gcs_client.retry_policy(deadline),
                                   timeout=gcs_client.attempt_timeouts(deadline))
@@ -81,5 +88,7 @@ def probe_bucket(url: str, location: str, action: str = "open") -> None:
         if not isinstance(cause, (gexc.Forbidden, gexc.Unauthorized)):
             raise gcs_error(exc, attempted(action, url), bucket, gcs_client.endpoint(client)) from exc
         log.debug("probe of %s: %s; leaving the verdict to the volume's library", url, cause)
+    finally:
+        waiting.cancel()
     with _LOCK:
         _ANSWERED.add(key)
