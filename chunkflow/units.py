@@ -1,4 +1,4 @@
-"""Human-readable sizes for summaries, reports and dry runs."""
+"""Human-readable sizes and counts for summaries, reports and dry runs."""
 from __future__ import annotations
 
 
@@ -9,3 +9,8 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PiB"
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1, "block"`` -> ``"1 block"``, ``2, "block"`` -> ``"2 blocks"`` (``plural``: when not noun + s)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

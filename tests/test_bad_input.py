@@ -129,10 +129,15 @@ STAGE_ONE = [
     (["run", "{root}/job", "--cleanup"], "--cleanup"),
     (["run", "{root}/nojob"], "no job at"),
     (["run", "{root}/afile"], "afile"),
+    (["rnu", "{root}/job"], "unknown command 'rnu' for `inference_and_donate.py` (did you mean run?); valid: run, worker"),
+    (["rnu"], "unknown command 'rnu' for `inference_and_donate.py` (did you mean run?)"),
 ]
 STAGE_TWO = [
     (["run", "{root}/job", "--device", "cpu"], "--device"),
     (["run", "{root}/job", "--blocks", "True"], "--blocks"),
+    (["wroker", "fq:///tmp/queue"], "unknown command 'wroker' for `receive_and_blend.py` (did you mean worker?)"),
+    (["run", "{root}/job"], "stage one is not done for 4 of the 4 blocks of the job (first: 0-32_0-32_0-16)"),
+    (["run", "{root}/job", "--blocks", "0-32_0-32_0-16", "--force"], "stage one is not done for 1 of the 1 block"),
 ]
 CHUNKFLOW = [
     (["show", "{root}/nojob"], "no job at"),

@@ -6,6 +6,7 @@ paying a Python start-up per case); a few run the installed scripts as real subp
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,116 @@ def test_stage_script_with_a_mistyped_flag_leases_nothing(tmp_path, volume, caps
                                      "--device, --batch-size, --max-attempts, --slots, --quiet")
     assert open_queue(queue).enqueued == 8 and open_queue(queue).inserted == 8 and open_queue(queue).leased == 0
     assert not (tmp_path / "job" / "done").exists()
+
+
+# ---- a stdout closed early (`chunkflow inspect JOB | head -2`) ------------------------------------
+
+def _many_blocks(tmp_path: Path) -> str:
+    """A planned job of 1024 blocks (a manifest on disk): `inspect --limit 100000` prints ~0.5 MB."""
+    from tests.helpers import hypothetical_job
+
+    hypothetical_job(tmp_path / "many", (16, 128, 128), (4, 8, 8), (1, 2, 2), (4, 8, 8), (4, 8, 8))
+    return str(tmp_path / "many")
+
+
+def _chunkflow(*args: str, stdout) -> subprocess.Popen:
+    """``python -m chunkflow ARGS`` in a process running this checkout's code."""
+    return subprocess.Popen([sys.executable, "-m", "chunkflow", *args], cwd=ROOT, stdout=stdout,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`chunkflow inspect JOB --limit 100000 | head -c 100`: the reader leaves mid-output; the command
+    stops with the status a shell shows for a Unix tool ended by SIGPIPE, and nothing on stderr."""
+    proc = _chunkflow("inspect", _many_blocks(tmp_path), "--limit", "100000", stdout=subprocess.PIPE)
+    assert proc.stdout.read(100).startswith(b"job ")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGPIPE and err == b"", err
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_reader_gone_before_the_first_write_ends_the_command_quietly(tmp_path):
+    """`chunkflow show JOB` whose few lines are written only as the process exits, into a pipe whose
+    reader is already gone: the last flush fails quietly too."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = _chunkflow("show", _many_blocks(tmp_path), stdout=write)
+    finally:
+        os.close(write)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGPIPE and err == b"", err
+
+
+def test_a_broken_pipe_of_a_socket_is_still_a_bug(capsys):
+    """A BrokenPipeError that is not our stdout's (a socket whose peer closed) is reported as a bug."""
+    import socket
+
+    from chunkflow.cli.common import user_errors
+
+    @user_errors
+    def send() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        with ours:
+            ours.sendall(b"x" * 1_000_000)
+
+    with pytest.raises(SystemExit) as exit_info:
+        send()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("chunkflow: bug: BrokenPipeError") and err.count("\n") == 1, err
+
+
+# ---- the stage scripts: a mistyped command is not a job ----------------------------------------
+
+@pytest.mark.parametrize("stage, argv, message", [
+    (1, ["rnu", "{job}"], "unknown command 'rnu' for `inference_and_donate.py` (did you mean run?); valid: run, worker"),
+    (1, ["rnu"], "unknown command 'rnu' for `inference_and_donate.py` (did you mean run?); valid: run, worker"),
+    (2, ["wroker", "fq:///tmp/queue"],
+     "unknown command 'wroker' for `receive_and_blend.py` (did you mean worker?); valid: run, worker"),
+    (2, ["{job}", "all"], "unknown command '{job}' for `receive_and_blend.py`; valid: run, worker"),
+], ids=["rnu-job", "rnu", "wroker-queue", "two-jobs"])
+def test_a_mistyped_stage_command_is_refused_not_read_as_a_job(planned, capsys, stage, argv, message):
+    from chunkflow.cli.stages import main as stage_main
+
+    before = sorted(p.relative_to(planned) for p in planned.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main(stage, [a.replace("{job}", str(planned)) for a in argv])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"chunkflow: error: {message.replace('{job}', str(planned))}\n"
+    assert sorted(p.relative_to(planned) for p in planned.rglob("*")) == before
+
+
+def test_a_stage_script_given_only_a_job_runs_it(tmp_path, volume, capsys, monkeypatch):
+    """`inference_and_donate.py JOB [--flags]` still means `run`, a relative job directory named like a
+    command (`work`, close to `worker`) included."""
+    from chunkflow.cli.stages import main as stage_main
+
+    cli("plan", *common(tmp_path, volume, donations=str(tmp_path / "work")))
+    monkeypatch.chdir(tmp_path)
+    stage_main(1, ["work", "--blocks", "0-32_0-32_0-16", "--quiet"])
+    assert "stage one: 1 block run, 0 already done" in capsys.readouterr().out
+
+
+def test_the_readme_gives_slots_only_to_commands_that_take_it():
+    """README: `--slots` is a flag of the queue workers only; `chunkflow run` and the stage scripts' `run`
+    refuse it, and every command line in the README that passes it is a worker's."""
+    import inspect
+    import re
+
+    from chunkflow.cli.stages import check_command_line, run_command, worker_command
+
+    for stage in (1, 2):
+        assert "slots" in inspect.signature(worker_command(stage)).parameters
+        assert "slots" not in inspect.signature(run_command(stage)).parameters
+    assert "slots" not in inspect.signature(COMMANDS["run"]).parameters
+    with pytest.raises(SystemExit):
+        check_command_line({"run": run_command(1)}, ["run", "/job", "--slots", "1"], "inference_and_donate.py")
+    readme = (ROOT / "README.md").read_text()
+    spans = [s for s in re.findall(r"`([^`]*--slots[^`]*)`", readme) if s != "--slots"]
+    assert spans, "the README no longer says which commands take --slots"
+    for span in spans:
+        assert re.match(r"python -m (inference_and_donate|receive_and_blend) worker ", span), span

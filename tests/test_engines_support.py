@@ -4,6 +4,7 @@ and a watcher that SIGKILLs whichever process parks at a fault-injection point
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,13 @@ SCRIPTS = {1: str(ROOT / "inference_and_donate.py"), 2: str(ROOT / "receive_and_
 SHAPE = (16, 64, 64)
 FLAGS = {"identity": dict(input_patch="8,32,32", overlap="2,8,8", block="8,32,32"),
          "conv3": dict(input_patch="14,38,38", output_patch="8,32,32", overlap="2,8,8", block="8,32,32")}
+
+
+def tasks_run(summary: str) -> int:
+    """The tasks a worker's or a run's summary line says it ran (``... 1 task run`` or ``... 8 tasks run``)."""
+    match = re.search(r": (\d+) tasks? run", summary)
+    assert match, summary
+    return int(match.group(1))
 
 
 def small_job(tmp: Path, model: str = "identity", seed: int = 1):

@@ -12,12 +12,13 @@ import fire
 import numpy as np
 import pytest
 
-from chunkflow.bbox import Vec
+from chunkflow.bbox import Bbox, Vec
 from chunkflow.cli import COMMANDS
 from chunkflow.cli.stages import main as stage_main
 from chunkflow.planning import plan
 from chunkflow.stages import DONATIONS, Resources, reference
 from chunkflow.storage import open_store, open_volume
+from chunkflow.units import count
 from tests.helpers import make_input
 from tests.test_engines_support import SHAPE, assert_complete_and_exact, run_flags, small_job
 
@@ -170,7 +171,7 @@ def test_streaming_does_not_blend_blocks_whose_donor_failed(tmp_path, capsys, en
     (blocker / "in-the-way").unlink()
     blocker.rmdir()
     fire.Fire(COMMANDS, ["run", *run_flags(job, model), "--mode", "streaming", "--quiet", *flags])
-    assert f"stage two: {len(blocked)} tasks run, {8 - len(blocked)} already done" in capsys.readouterr().out
+    assert f"stage two: {count(len(blocked), 'task')} run, {8 - len(blocked)} already done" in capsys.readouterr().out
     assert_complete_and_exact(job)
 
 
@@ -183,7 +184,7 @@ def test_barrier_does_not_start_stage_two_after_a_stage_one_failure(tmp_path, ca
     out, err = _errors(capsys)
     name = job.layout.block_box(donor).name
     assert len(err) == 2 and err[0].startswith(f"chunkflow: error: inference-and-donate {name}: cannot write"), err
-    assert err[1].startswith("chunkflow: error: receive-and-blend not started: stage one failed for 1 blocks")
+    assert err[1].startswith("chunkflow: error: receive-and-blend not started: stage one failed for 1 block;")
     assert "stage one: 7 tasks run" in out and "stage two: not started" in out
     assert len(_done(job, 1)) == 7 and not _done(job, 2)
 
@@ -215,3 +216,63 @@ def test_an_unexpected_error_is_one_line_with_its_type_and_exit_1(tmp_path, caps
     monkeypatch.setenv("CHUNKFLOW_DEBUG", "1")
     with pytest.raises(RuntimeError, match="sentinel voxel"):
         fire.Fire(COMMANDS, argv)
+
+
+# ---- stage two run before stage one -----------------------------------------------------------------
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and directory (None) under ``root``."""
+    return {p.relative_to(root).as_posix(): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def _stage_two_refused(capsys, job, blocks: str, *flags: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        stage_main(2, ["run", job.store, "--blocks", blocks, "--quiet", *flags])
+    assert exit_.value.code == 2
+    out, err = _errors(capsys)
+    assert out == "" and len(err) == 1 and err[0].startswith("chunkflow: error: stage one is not done for "), (out, err)
+    return err[0]
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ("all", "8 of the 8 blocks of the job (first: 0-32_0-32_0-8)"),
+    # its only dependency is itself: no donations to miss, but its own core is not written yet
+    ("0-32_0-32_0-8", "1 of the 1 block the selected blocks depend on (first: 0-32_0-32_0-8)"),
+    ("32-64_32-64_8-16,0-32_0-32_8-16", "8 of the 8 blocks the selected blocks depend on (first: 0-32_0-32_0-8)"),
+])
+@pytest.mark.parametrize("flags", [[], ["--force"], ["--cleanup"]], ids=["plain", "force", "cleanup"])
+def test_stage_two_before_stage_one_is_one_line_and_writes_nothing(tmp_path, capsys, blocks, message, flags):
+    job = small_job(tmp_path)
+    before = _tree(tmp_path)
+    line = _stage_two_refused(capsys, job, blocks, *flags)
+    assert message in line and f"python -m inference_and_donate run {job.store}" in line, line
+    assert _tree(tmp_path) == before  # no marker, log entry, summary or output chunk
+
+
+def test_stage_two_runs_once_the_stage_one_of_its_dependencies_is_done(tmp_path, capsys):
+    """Stage one done for two blocks, the second one's log entry lost (a worker killed between its done
+    marker and its log entry) and absent from the done checkpoint: stage two of a block that depends on
+    those two runs; one that also depends on a block not done is refused and writes nothing."""
+    job = small_job(tmp_path)
+    store = open_store(job.store)
+    first, second, pending = "0-32_0-32_0-8", "32-64_0-32_0-8", "0-32_32-64_0-8"
+    stage_main(1, ["run", job.store, "--blocks", first, "--quiet"])
+    from chunkflow.done_log import done_set
+    from chunkflow.store_layout import log_prefix, summary_name
+
+    done_set(store, 1, job)  # a checkpoint that counts only the first block
+    checkpoint = store.get(summary_name(1))
+    stage_main(1, ["run", job.store, "--blocks", second, "--quiet"])
+    store.put(summary_name(1), checkpoint)
+    for name in store.list(log_prefix(1)):
+        if name.endswith("/" + second):
+            store.delete(name)
+    capsys.readouterr()
+    before = _tree(tmp_path)
+    line = _stage_two_refused(capsys, job, pending)
+    assert f"1 of the 2 blocks the selected blocks depend on (first: {pending})" in line, line
+    assert _tree(tmp_path) == before
+    stage_main(2, ["run", job.store, "--blocks", second, "--quiet"])
+    pieces = len(job.layout.donations_to(job.layout.block_index_of(Bbox.from_name(second))))
+    assert pieces and f"stage two: 1 block run, 0 already done, {pieces} pieces received, " in capsys.readouterr().out
+    assert _done(job, 2) == {second}

@@ -21,7 +21,8 @@ from chunkflow.job import Job
 from chunkflow.store_layout import MANIFEST
 from chunkflow.stages import Resources, reference
 from chunkflow.storage import open_store, open_volume
-from tests.test_engines_support import assert_complete_and_exact, fleet_env, run_fleet, small_job, worker
+from tests.test_engines_support import assert_complete_and_exact, fleet_env, run_fleet, small_job, tasks_run, \
+    worker
 
 
 
@@ -41,7 +42,7 @@ def test_sqs_fleet_with_barrier_equals_reference(tmp_path, sqs_endpoint):
     assert open_queue(one).enqueued == 0
     assert barrier(job, two, poll=0.2, timeout=30) == job.layout.num_blocks
     outputs = run_fleet(2, two, fleet_env())
-    assert sum(int(o.split(": ")[1].split(" tasks run")[0]) for o in outputs) == job.layout.num_blocks
+    assert sum(tasks_run(o) for o in outputs) == job.layout.num_blocks
     assert_complete_and_exact(job)
 
 

@@ -17,7 +17,7 @@ from taskqueue.queueables import totask
 from chunkflow.engines.queue import chunkflow_block, open_queue, produce, task_spec
 from chunkflow.engines.queue_insert import BlockTasks, insert_tasks
 from chunkflow.errors import QueueError
-from tests.test_engines_support import fleet_env, run_fleet, small_job
+from tests.test_engines_support import fleet_env, run_fleet, small_job, tasks_run
 
 STORE, JOB = "file:///shared/projects/em/job", "63d812e1fa75b9ff"
 
@@ -90,7 +90,7 @@ def test_a_fleet_runs_tasks_of_both_formats_in_one_queue(tmp_path):
     assert produce(job, url, blocks=indices[1::2]) == len(indices[1::2])
     assert len(list((tmp_path / "q" / "movement").iterdir())) == len(old)
     outputs = run_fleet(1, url, fleet_env())
-    assert sum(int(o.split(": ")[1].split(" tasks run")[0]) for o in outputs) == job.layout.num_blocks
+    assert sum(tasks_run(o) for o in outputs) == job.layout.num_blocks
     assert open_queue(url).enqueued == 0 and not list((tmp_path / "q" / "movement").iterdir())
 
 

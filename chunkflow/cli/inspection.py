@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json as jsonlib
-import os
 import sys
 
 from chunkflow.geometry import parse_key
@@ -52,13 +51,8 @@ def inspect(store: str, block: str | None = None, piece: str | None = None, json
     """
     from chunkflow.cli.common import user_errors
 
-    try:
-        user_errors(_inspect)(store, block, piece, json, png, z, channel, verify, headers, credentials, workers,
-                              region, sample, limit, quiet)
-    except BrokenPipeError:
-        # The reader went away (``| head``): stop quietly, as the Python docs advise.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    user_errors(_inspect)(store, block, piece, json, png, z, channel, verify, headers, credentials, workers,
+                          region, sample, limit, quiet)  # a reader gone (``| head``) ends it quietly there
 
 
 def _inspect(url: str, block, piece, as_json: bool, png, z, channel, verify: bool, headers: bool, credentials,

@@ -7,13 +7,14 @@ Each has two commands::
     python receive_and_blend.py run JOB --blocks 0-128_0-128_0-16,128-256_0-128_0-16
     python receive_and_blend.py worker QUEUE
 
-``python inference_and_donate.py JOB ...`` (no command) still means ``run``.
+``python inference_and_donate.py JOB ...`` (no command) still means ``run`` (see :func:`_means_run`).
 """
 from __future__ import annotations
 
 import difflib
 import inspect
 import logging
+import os
 import re
 import signal
 import sys
@@ -24,8 +25,10 @@ import fire
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.cli.common import setup_logging, usage_error, user_errors
+from chunkflow.cli.stage_two_guard import require_stage_one
 from chunkflow.job import Job, JobError
 from chunkflow.planning import load_job
+from chunkflow.units import count
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,11 @@ RUN_ARGS = {
 RUN_NOTE = """Every selected block is tried: a block that fails (e.g. its donations are missing or
 corrupt) is reported in one line at the end and the exit status is non-zero (2, or 1 if
 a block failed unexpectedly)."""
+#: what stage two's ``run`` adds to RUN_NOTE
+STAGE_TWO_NOTE = """
+
+Stage two first checks that stage one is done for every block the selected blocks depend on;
+if not, it is refused in one line (exit 2, --force or not) and nothing is written."""
 
 #: per stage, the flags of the other stage's ``run`` and why this stage refuses them
 OTHER_STAGE_FLAGS: dict[int, dict[str, str]] = {
@@ -94,7 +102,8 @@ def run_command(stage: int) -> Callable[..., None]:
             _run_blocks(2, job, blocks, force=force, cleanup=cleanup, quiet=quiet)
     names = inspect.signature(run).parameters
     run.__doc__ = (f"Run stage {'one' if stage == 1 else 'two'} for blocks of a planned job, in this process.\n\n"
-                   "Args:\n" + "".join(f"    {n}: {RUN_ARGS[n]}\n" for n in names) + "\n" + RUN_NOTE)
+                   "Args:\n" + "".join(f"    {n}: {RUN_ARGS[n]}\n" for n in names) + "\n" + RUN_NOTE
+                   + (STAGE_TWO_NOTE if stage == 2 else ""))
     command = user_errors(run)
     FOREIGN_FLAGS[command] = OTHER_STAGE_FLAGS[stage]
     return command
@@ -113,14 +122,18 @@ def _run_blocks(stage: int, job: str, blocks: str, device: str | None = None, ba
 
         require_device(planned.device)  # before any block's markers are written
         verify_model(planned.model, planned.weights, planned.model_checksum)  # and the model is the planned one
+    else:
+        require_stage_one(planned, selected, job)  # before any block's markers are written, --force or not
     summary = run_stage(planned, stage, LocalEngine(), selected, force=force,
                         progress=not quiet, cleanup=cleanup, check=False)
-    print(f"stage {'one' if stage == 1 else 'two'}: {summary.tasks} blocks run, {summary.skipped} already done, "
-          f"{summary.stats.patches} patches, {summary.seconds:.2f} s{summary.counts()}")
+    work = count(summary.stats.patches, "patch", "patches") if stage == 1 else \
+        f"{count(summary.stats.donations, 'piece')} received"
+    print(f"stage {'one' if stage == 1 else 'two'}: {count(summary.tasks, 'block')} run, {summary.skipped} already "
+          f"done, {work}, {summary.seconds:.2f} s{summary.counts()}")
     if summary.swept:
-        print(f"cleanup: {summary.swept} leftover donations of finished blocks removed")
+        print(f"cleanup: {count(summary.swept, 'leftover donation')} of finished blocks removed")
     if summary.stats.filled_chunks:
-        print(f"input: {summary.stats.filled_chunks} missing chunks read as zeros (--fill-missing)")
+        print(f"input: {count(summary.stats.filled_chunks, 'missing chunk')} read as zeros (--fill-missing)")
     report_failures([f.line() for f in summary.failures], exit_status(summary.failures))
 
 
@@ -194,9 +207,40 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     """Fire entry point of a stage script; a first argument that is no command means ``run``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": run_command(stage), "worker": worker_command(stage)}
-    if argv and argv[0] not in commands and not argv[0].startswith("-"):
+    if _means_run(argv, list(commands)):
         argv.insert(0, "run")
     fire.Fire(commands, command=check_command_line(commands, argv, SCRIPTS[stage]), name=SCRIPTS[stage])
+
+
+def _means_run(argv: list[str], commands: list[str]) -> bool:
+    """Whether ``argv`` is ``JOB [--flags]``, the stage script's ``run`` without its name. A first
+    argument that is no command is read as the job only when it is the one positional argument and
+    does not look like a mistyped command (a word with no '/' or ':', close to a command's name, that
+    names no file or directory here): ``rnu /tmp/job``, ``wroker fq:///q`` or ``rnu`` is then refused
+    as an unknown command, not read as a job."""
+    if not argv or argv[0] in commands or argv[0].startswith("-"):
+        return False
+    first = argv[0]
+    mistyped = ("/" not in first and ":" not in first and not os.path.exists(first)
+                and bool(difflib.get_close_matches(first, commands, cutoff=0.6)))
+    return not mistyped and len(_positionals(argv)) == 1
+
+
+def _positionals(argv: list[str]) -> list[str]:
+    """The positional arguments of ``argv``, read the way :func:`check_command_line` reads flags:
+    ``--flag value`` takes the next argument unless it is a flag, ``--flag=value`` does not; the
+    arguments after a final ``--`` are Fire's."""
+    if "--" in argv:
+        argv = argv[:len(argv) - 1 - argv[::-1].index("--")]
+    positional, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not _is_flag(arg):
+            positional.append(arg)
+        elif "=" not in arg and i + 1 < len(argv) and not _is_flag(argv[i + 1]):
+            i += 1
+        i += 1
+    return positional
 
 
 # ---- the command line, checked before Fire runs anything ---------------------------------------

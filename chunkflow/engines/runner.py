@@ -28,7 +28,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from chunkflow.units import human_bytes
+from chunkflow.units import count, human_bytes
 from chunkflow.bbox import Vec
 from chunkflow.block_set import BlockSet
 from chunkflow.done_log import done_set
@@ -112,7 +112,8 @@ class RunSummary:
         """One line per failed or not-run task, and one if stage two was not started."""
         lines = [f.line() for f in self.failures]
         if self.stage2_held:
-            lines.append(f"{STAGE_NAMES[2]} not started: stage one failed for {len(self.stage1.failures)} blocks; "
+            failed = count(len(self.stage1.failures), "block")
+            lines.append(f"{STAGE_NAMES[2]} not started: stage one failed for {failed}; "
                          "run again once they are fixed (finished blocks are skipped)")
         return lines
 
@@ -136,29 +137,33 @@ class RunSummary:
             rate = "n/a"
         finals = self.final_times
         first = f", first block final after {finals[0]:.2f} s" if finals else ""
+        one, two = self.stage1, self.stage2
+        patches = count(layout.num_patches, "patch", "patches")
         lines = [
-            f"job {self.job.job_hash}: {layout.num_blocks} blocks, {layout.num_patches} patches in the grid, "
-            f"{voxels:,} voxels ({self.engine} engine, {self.mode})",
-            f"stage one: {self.stage1.tasks} tasks run, {self.stage1.skipped} already done, "
-            f"{self.stage1.retries} retries, {self.stage1.stats.patches} patches computed, "
-            f"{human_bytes(self.stage1.stats.donated_bytes)} donated in {self.stage1.stats.donations} pieces, "
-            f"{self.stage1.seconds:.2f} s{self.stage1.counts()}",
-            f"stage two: not started, stage one failed for {len(self.stage1.failures)} blocks" if self.stage2_held else
-            f"stage two: {self.stage2.tasks} tasks run, {self.stage2.skipped} already done, "
-            f"{self.stage2.retries} retries, {self.stage2.stats.donations} pieces received, "
-            f"{self.stage2.seconds:.2f} s{self.stage2.counts()}",
+            f"job {self.job.job_hash}: {count(layout.num_blocks, 'block')}, {patches} in the grid, {voxels:,} voxels "
+            f"({self.engine} engine, {self.mode})",
+            f"stage one: {count(one.tasks, 'task')} run, {one.skipped} already done, {_retries(one)}, "
+            f"{count(one.stats.patches, 'patch', 'patches')} computed, {human_bytes(one.stats.donated_bytes)} "
+            f"donated in {count(one.stats.donations, 'piece')}, {one.seconds:.2f} s{one.counts()}",
+            f"stage two: not started, stage one failed for {count(len(one.failures), 'block')}" if self.stage2_held else
+            f"stage two: {count(two.tasks, 'task')} run, {two.skipped} already done, {_retries(two)}, "
+            f"{count(two.stats.donations, 'piece')} received, {two.seconds:.2f} s{two.counts()}",
             f"throughput: {rate}, {total:.2f} s in all{first}",
         ]
-        if self.stage1.stats.filled_chunks:
-            lines.append(f"input: {self.stage1.stats.filled_chunks} missing chunks read as zeros (--fill-missing)")
-        if self.stage2.swept:
-            lines.append(f"cleanup: {self.stage2.swept} leftover donations of finished blocks removed")
+        if one.stats.filled_chunks:
+            lines.append(f"input: {count(one.stats.filled_chunks, 'missing chunk')} read as zeros (--fill-missing)")
+        if two.swept:
+            lines.append(f"cleanup: {count(two.swept, 'leftover donation')} of finished blocks removed")
         for name, stage in (("one", self.stage1), ("two", self.stage2)):
             if stage.stats.seconds:
                 phases = sorted(stage.stats.seconds.items(), key=lambda kv: -kv[1])
                 lines.append(f"stage {name} task seconds by phase (summed over workers): "
                              + ", ".join(f"{k} {v:.2f}" for k, v in phases))
         return lines
+
+
+def _retries(stage: StageSummary) -> str:
+    return count(stage.retries, "retry", "retries")
 
 
 def done_blocks(store: ObjectStore, stage: int, job: Job | None = None) -> set[str]:

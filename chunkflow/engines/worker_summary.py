@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from chunkflow.engines.failures import STAGE_NAMES
 from chunkflow.resources import Stats
+from chunkflow.units import count
 
 __all__ = ["WorkerSummary"]
 
@@ -38,12 +39,15 @@ class WorkerSummary:
         self.given_up_refusals &= other.given_up_refusals
 
     def line(self) -> str:
-        swept = f", {self.swept} leftover donations of finished blocks removed" if self.swept else ""
-        failed = f", {self.failed} failed attempts handed back" if self.failed else ""
-        given_up = f", {len(self.given_up)} tasks given up" if self.given_up else ""
-        return (f"{STAGE_NAMES[self.stage]} worker: {self.tasks} tasks run, {self.skipped} skipped (already done), "
-                f"{self.retries} retries (of tasks that failed or whose worker died), {self.stats.patches} patches, "
-                f"{self.seconds:.1f} s{swept}{failed}{given_up}")
+        swept = f", {count(self.swept, 'leftover donation')} of finished blocks removed" if self.swept else ""
+        failed = f", {count(self.failed, 'failed attempt')} handed back" if self.failed else ""
+        given_up = f", {count(len(self.given_up), 'task')} given up" if self.given_up else ""
+        work = count(self.stats.patches, "patch", "patches") if self.stage == 1 else \
+            f"{count(self.stats.donations, 'piece')} received"
+        retries = count(self.retries, "retry", "retries")
+        return (f"{STAGE_NAMES[self.stage]} worker: {count(self.tasks, 'task')} run, {self.skipped} skipped (already "
+                f"done), {retries} (of tasks that failed or whose worker died), {work}, {self.seconds:.1f} s"
+                f"{swept}{failed}{given_up}")
 
     def exit_status(self) -> int:
         """0 unless this worker gave a task up: then 2 (refusals) or 1 (a bug)."""
