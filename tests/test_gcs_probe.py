@@ -9,7 +9,7 @@ import time
 import pytest
 
 from chunkflow.errors import StorageError
-from chunkflow.storage import gcs_probe
+from chunkflow.storage import gcs_client, gcs_probe
 
 
 def _closed_port() -> int:
@@ -21,8 +21,17 @@ def _closed_port() -> int:
 
 @pytest.fixture
 def unreachable(monkeypatch):
+    """An endpoint that refuses every connection, retried for 3 s in sleeps of at most 0.4 s.
+
+    google-api-core draws each back-off sleep from uniform(0, delay) and gives up at once when the
+    next sleep would cross the deadline, so with its default delays (1, 2, 4 s) a 3 s deadline could
+    end after a 0.1 s sleep, before the probe's patience; short sleeps make the wait last the deadline."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("CHUNKFLOW_GCS_RETRY_DEADLINE", "3")
+    monkeypatch.setattr(gcs_client, "retry_policy",
+                        lambda deadline: DEFAULT_RETRY.with_timeout(deadline).with_delay(initial=0.4, maximum=0.4))
     monkeypatch.setattr(gcs_probe, "PATIENCE_S", 0.2)
 
 
