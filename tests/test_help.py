@@ -9,8 +9,12 @@ the demo's difference picture says in absolute numbers how small the difference 
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import string
+import subprocess
+import sys
+from pathlib import Path
 
 import fire
 import numpy as np
@@ -19,6 +23,8 @@ import pytest
 from chunkflow.cli import COMMANDS
 from chunkflow.cli.stages import SCRIPTS, check_command_line, run_command, short_flags, worker_command
 from chunkflow.demo.pipeline import difference_image
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _clis() -> list[tuple[str, dict]]:
@@ -159,3 +165,15 @@ def test_difference_picture_of_identical_results():
     image, texts = difference_image(np.zeros((8, 8), np.float32), 3, 0.0)
     assert texts[0] == "max |difference| = 0 (bit-identical)" and texts[2:] == ["0"]
     assert image.width > 8 and image.height > 8
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_the_command_list_comes_without_fire_s_info_line(flag):
+    """`chunkflow --help` lists the commands; Fire's "INFO: Showing help with the command ..." line
+    (which tells the user to type a `--` they never need) is not printed."""
+    result = subprocess.run([sys.executable, "-m", "chunkflow", flag], capture_output=True, text=True,
+                            cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    shown = result.stdout + result.stderr  # Fire pages help to stdout on a terminal, else to stderr
+    assert result.returncode == 0, shown
+    assert "INFO:" not in shown
+    assert "COMMAND is one of the following" in shown and "plan" in shown

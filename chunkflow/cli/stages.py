@@ -320,7 +320,8 @@ def check_command_line(commands: dict, argv: list[str], prog: str) -> list[str]:
     else:
         args, fire_flags = list(argv), []
     if not args or args[0] in HELP_FLAGS:
-        return list(argv)  # Fire lists the commands
+        # Fire lists the commands; given after "--" it does so without its "INFO: Showing help" line
+        return ["--", "--help", *fire_flags[1:]] if args else list(argv)
     name = args[0]
     fn = commands.get(name, commands.get(name.replace("-", "_")))
     if fn is None and name.startswith("-"):
