@@ -257,5 +257,5 @@ def test_plan_help_states_every_price_with_its_date(capsys):
 
     text = help_text(cli.COMMANDS["plan"], "plan", "chunkflow")
     for flag in PRICE_PARAMETERS:
-        assert f"--{flag}=" in text
+        assert f"--{flag.replace('_', '-')}=" in text
     assert text.count("as of 2025") == 5

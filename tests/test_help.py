@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from chunkflow.cli import COMMANDS
-from chunkflow.cli.stages import SCRIPTS, check_command_line, run_command, short_flags, worker_command
+from chunkflow.cli.stages import SCRIPTS, check_command_line, help_text, run_command, short_flags, worker_command
 from chunkflow.demo.pipeline import difference_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +49,11 @@ def _help(capsys, commands: dict, name: str, prog: str, *where: str) -> str:
 
 
 def _flags(text: str) -> list[tuple[str | None, str]]:
-    """(short letter or None, long name) of every flag in the FLAGS section of a help screen."""
+    """(short letter or None, parameter name) of every flag in the FLAGS section of a help screen."""
     section = text.split("\nFLAGS\n", 1)[1] if "\nFLAGS\n" in text else ""
     section = re.split(r"\n[A-Z][A-Z ]+\n", section)[0]
-    return re.findall(r"^\s+(?:-([A-Za-z]), )?--(\w+)=", section, flags=re.MULTILINE)
+    found = re.findall(r"^\s+(?:-([A-Za-z]), )?--([\w-]+)=", section, flags=re.MULTILINE)
+    return [(short, long.replace("-", "_")) for short, long in found]  # printed with hyphens: the parameter
 
 
 def _required(fn) -> list[str]:
@@ -130,7 +131,7 @@ def test_each_stage_run_takes_only_its_own_flags(capsys, stage, own, other, belo
     params = set(inspect.signature(commands["run"]).parameters)
     assert own <= params and other not in params
     text = _help(capsys, commands, "run", SCRIPTS[stage], "--help")
-    assert f"--{other}=" not in text and all(f"--{flag}=" in text for flag in own)
+    assert f"--{other.replace('_', '-')}=" not in text and all(f"--{flag.replace('_', '-')}=" in text for flag in own)
     flag = "--" + other.replace("_", "-")
     for argv in (["run", "/job", flag, "1"], ["run", "/job", flag], ["/job", "--no" + other]):
         argv = argv if argv[0] == "run" else ["run", *argv]
@@ -177,3 +178,14 @@ def test_the_command_list_comes_without_fire_s_info_line(flag):
     assert result.returncode == 0, shown
     assert "INFO:" not in shown
     assert "COMMAND is one of the following" in shown and "plan" in shown
+
+
+def test_help_spells_flags_with_hyphens_as_the_docs_do():
+    """Fire lists `--input_patch`; the README, the docs and the errors say `--input-patch` (both work)."""
+    commands = [(fn, name, "chunkflow") for name, fn in COMMANDS.items()]
+    commands += [(make(stage), name, SCRIPTS[stage]) for stage in SCRIPTS
+                 for name, make in (("run", run_command), ("worker", worker_command))]
+    for fn, name, prog in commands:
+        text = help_text(fn, name, prog)
+        assert not re.search(r"--[a-z0-9]+_[a-z0-9_]+", text), (prog, name, re.findall(r"--\w+_\w+", text))
+    assert "--output-patch=" in help_text(COMMANDS["plan"], "plan", "chunkflow")

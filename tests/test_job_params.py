@@ -38,7 +38,7 @@ def _listed(text: str) -> set[str]:
     positional = text.split("\nPOSITIONAL ARGUMENTS\n", 1)[1].split("\nFLAGS\n", 1)[0]
     flags = text.split("\nFLAGS\n", 1)[1]
     return ({n.lower() for n in re.findall(r"^    ([A-Z_]+)$", positional, re.M)}
-            | set(re.findall(r"^\s+(?:-[A-Za-z], )?--(\w+)=", flags, re.M)))
+            | {f.replace("-", "_") for f in re.findall(r"^\s+(?:-[A-Za-z], )?--([\w-]+)=", flags, re.M)})
 
 
 @pytest.mark.parametrize("name", sorted(OWN))

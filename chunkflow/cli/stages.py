@@ -284,7 +284,8 @@ def help_text(fn: Callable[..., object], name: str, prog: str, verbose: bool = F
         return match.group(0) if shorts.get(letter) == flag else match.group(1) + "--" + flag
 
     text = helptext.HelpText(fn, trace=fire_trace, verbose=verbose)
-    return re.sub(r"^(\s*(?:\x1b\[[\d;]*m)*)-([A-Za-z]), --(\w+)", keep, text, flags=re.MULTILINE)
+    text = re.sub(r"^(\s*(?:\x1b\[[\d;]*m)*)-([A-Za-z]), --(\w+)", keep, text, flags=re.MULTILINE)
+    return re.sub(r"--(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), text)  # as the docs spell flags
 
 
 def _show_help(fn, name: str, prog: str, fire_flags: list[str]) -> None:
