@@ -174,8 +174,7 @@ class WeightSum:
         its box of the compact sum (slab by slab through :meth:`over` where the runs are too short to
         be worth a numpy call each)."""
         if self.separable:
-            for slab in self.slabs(region):
-                acc[(slice(None),) + slab.slices(region)] /= self.over(slab)
+            self._divide_by_slabs(acc, region)
             return
         _, along_y, along_x = self.classes(region)
         for slab in region.z_slabs(max(1, SLAB_VOXELS // (along_y.size * along_x.size))):
@@ -185,14 +184,17 @@ class WeightSum:
         classes = self.classes(region)
         boxes = len(classes[0].runs) * len(classes[1].runs) * len(classes[2].runs)
         if boxes * MIN_RUN_BOX_VOXELS > region.size:
-            for slab in self.slabs(region):
-                acc[(slice(None),) + slab.slices(region)] /= self.over(slab)
+            self._divide_by_slabs(acc, region)
             return
         compact = self._compact(classes)
         for rz, ry, rx in itertools.product(*(c.runs for c in classes)):
             acc[:, rz.start:rz.stop, ry.start:ry.stop, rx.start:rx.stop] /= compact[
                 rz.compact:rz.compact + rz.stop - rz.start, ry.compact:ry.compact + ry.stop - ry.start,
                 rx.compact:rx.compact + rx.stop - rx.start]
+
+    def _divide_by_slabs(self, acc: np.ndarray, region: Bbox) -> None:
+        for slab in self.slabs(region):
+            acc[(slice(None),) + slab.slices(region)] /= self.over(slab)
 
     def classes(self, region: Bbox) -> tuple[AxisClasses, AxisClasses, AxisClasses]:
         """The source coordinates and runs of ``region`` along z, y and x (cached per axis range)."""

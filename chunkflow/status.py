@@ -205,14 +205,14 @@ def _measure(store: ObjectStore, stage: int, done: BlockSet, now: float) -> tupl
         return None
     scale = len(done) / len(tasks)  # each sampled marker stands for this many done blocks
     recent = [t for t in tasks if t[0] >= now - ETA_WINDOW_S]
-    if recent:
-        span = now - min(start for _, start in recent)
-    else:
+    windowed = bool(recent)
+    if not windowed:
         recent = sorted(tasks, reverse=True)[:ETA_RECENT]
-        span = max(end for end, _ in recent) - min(start for _, start in recent)
+    first = min(start for _, start in recent)
+    busy = max(end for end, _ in recent) - first  # the time they ran, not the time since
+    span = now - first if windowed else busy
     if span <= 0:
         return None
-    busy = max(end for end, _ in recent) - min(start for _, start in recent)  # the time they ran, not since
     return len(recent) * scale / span, max(busy, 0.0) / (len(recent) * scale), max(end for end, _ in tasks)
 
 

@@ -230,8 +230,7 @@ def _positionals(argv: list[str]) -> list[str]:
     """The positional arguments of ``argv``, read the way :func:`check_command_line` reads flags:
     ``--flag value`` takes the next argument unless it is a flag, ``--flag=value`` does not; the
     arguments after a final ``--`` are Fire's."""
-    if "--" in argv:
-        argv = argv[:len(argv) - 1 - argv[::-1].index("--")]
+    argv, _ = _split_fire_flags(argv)
     positional, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -296,6 +295,14 @@ def _show_help(fn, name: str, prog: str, fire_flags: list[str]) -> None:
     sys.exit(0)
 
 
+def _split_fire_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` cut at its last ``--``: (the command's arguments, Fire's flags from ``--`` on)."""
+    if "--" not in argv:
+        return list(argv), []
+    cut = len(argv) - 1 - argv[::-1].index("--")
+    return argv[:cut], argv[cut:]
+
+
 def _is_flag(arg: str) -> bool:
     """Fire's notion of a flag (so ``-1,2,3`` and ``-5`` are values, not flags)."""
     return arg.startswith("--") or re.match(r"^-[a-zA-Z]", arg) is not None
@@ -315,11 +322,7 @@ def check_command_line(commands: dict, argv: list[str], prog: str) -> list[str]:
     help (:func:`help_text`) and runs nothing; Fire's own flags go after a ``--``. ``--no-flag``
     is rewritten to Fire's ``--noflag``, ``-x`` to the long flag it stands for.
     """
-    if "--" in argv:
-        cut = len(argv) - 1 - argv[::-1].index("--")
-        args, fire_flags = argv[:cut], argv[cut:]
-    else:
-        args, fire_flags = list(argv), []
+    args, fire_flags = _split_fire_flags(argv)
     if not args or args[0] in HELP_FLAGS:
         # Fire lists the commands; given after "--" it does so without its "INFO: Showing help" line
         return ["--", "--help", *fire_flags[1:]] if args else list(argv)
