@@ -176,3 +176,25 @@ def test_gzip_chunks_are_read_and_a_new_layer_gets_its_scale_directory(tmp_path)
     names = os.listdir(tmp_path / "g" / "8.0_8.0_40.0")
     assert len(names) == 3 * 3 * 2 and all(n.endswith(".gz") for n in names)
     np.testing.assert_array_equal(open_volume(url, missing="refuse").read(box), data)
+
+
+def test_a_rewritten_chunk_holds_exactly_the_new_bytes_shorter_or_longer(tmp_path):
+    """Chunks are written over in place and cut to length (not truncated first): a gzip chunk that
+    shrinks (noise, then zeros) or grows again holds CloudVolume's bytes and reads back exactly."""
+    box, chunk = Bbox(Vec(0, 0, 0), Vec(4, 16, 16)), Vec(4, 8, 8)
+    root = tmp_path / "layers"
+    direct, reference = (create_volume(f"file://{root / name}", box, chunk, 1, "float32", compression="gzip")
+                         for name in ("direct", "reference"))
+    _through_cloudvolume(reference)
+    noise, zeros = _data((1, *box.shape), "float32", 11), np.zeros((1, *box.shape), np.float32)
+    sizes = []
+    for data in (noise, zeros, noise, zeros):
+        for vol in (direct, reference):
+            vol.write(box, data)
+        assert _tree(root / "direct") == _tree(root / "reference")
+        sizes.append(sum(p.stat().st_size for p in (root / "direct").rglob("*.gz")))
+        np.testing.assert_array_equal(open_volume(f"file://{root / 'direct'}", missing="refuse").read(box), data)
+    assert sizes[0] > sizes[1] < sizes[2] > sizes[3]  # the chunks did shrink and grow
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in (root / "direct").rglob("*.gz"))

@@ -154,10 +154,25 @@ class ChunkFiles:
             path = os.path.join(self.directory, name)
             if compress is not None:
                 content, path = compress(content, "gzip"), path + ".gz"
-            try:
-                f = open(path, "wb")
-            except FileNotFoundError:  # a new layer has no scale directory yet
-                os.makedirs(self.directory, exist_ok=True)
-                f = open(path, "wb")
-            with f:
-                f.write(content)
+            _overwrite(path, content, self.directory)
+
+
+def _overwrite(path: str, content: bytes | memoryview, directory: str) -> None:
+    """Make the file ``path`` hold exactly ``content``: written over the old bytes in place, then cut
+    to its length. Not ``open(path, "wb")``: on ext4 truncating a file that holds data frees its
+    blocks and starts their writeback at close, which made rewriting a chunk 4x the CPU of
+    writing over it (``benchmarks/bench_accelerator.py``, docs/benchmarks.md section 11). Neither is
+    atomic; rewriting a chunk with the same bytes (a rerun) never shows a reader anything else."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    except FileNotFoundError:  # a new layer has no scale directory yet
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        view = memoryview(content).cast("B")
+        size = view.nbytes
+        while view:
+            view = view[os.write(fd, view):]
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
