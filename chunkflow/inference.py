@@ -8,8 +8,8 @@ Where the time goes, and why it is laid out this way (the model should be the on
 - *gather*: each patch is copied (and, for integer input, scaled to [0, 1]) straight into one
   reusable float32 batch buffer, so the input chunk can stay in its stored dtype (a uint8
   chunk costs a quarter of a float32 copy) and no per-batch ``np.stack`` allocates;
-- *accumulate*: ``w * y`` goes into one reusable patch buffer (``np.multiply(..., out=)``) and
-  is then added in place into the chunk buffer: no patch-sized temporaries per patch;
+- *accumulate*: ``w * y`` goes into one reusable buffer of a few z-planes (``np.multiply(..., out=)``)
+  and is added in place into the chunk buffer while still in the cache (:func:`_add_weighted`);
 - *normalise*: the division by ``N(x)`` runs slab by slab (:class:`chunkflow.blend.WeightSum`),
   so ``N`` never needs a chunk-sized buffer;
 - *overlap*: with ``submit`` (a backend's :meth:`~chunkflow.backends.Backend.submit`), batch
@@ -18,7 +18,7 @@ Where the time goes, and why it is laid out this way (the model should be the on
   sums are the same numbers in the same order as without it.
 
 Memory of one call: the input as given + the float32 output (C x region) + one batch in and
-out + one output patch + one ``N`` slab (at most ~32 MiB).
+out + a few z-planes of one output patch + one ``N`` slab (at most ~32 MiB).
 
 ``run_blended`` is what stage one and the reference call with a backend: a torch backend on CUDA
 blends on its device instead (:mod:`chunkflow.device_blend`: the chunk goes up once, patches are
@@ -55,10 +55,33 @@ def to_float(image: np.ndarray) -> np.ndarray:
 
 
 def _float_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """``dst[...] = to_float(src)`` without the temporary: the same casts, bit for bit."""
-    dst[...] = src
+    """``dst[...] = to_float(src)`` without the temporary, in one pass: the same casts, bit for bit
+    (``dtype=float32`` makes numpy cast each integer to float32 before dividing, as ``to_float``)."""
     if np.issubdtype(src.dtype, np.integer):
-        dst /= np.float32(np.iinfo(src.dtype).max)
+        np.divide(src, np.float32(np.iinfo(src.dtype).max), out=dst, dtype=np.float32)
+    else:
+        dst[...] = src
+
+
+#: the bytes of ``w * y`` computed at once before it is added (a few z-planes of a patch): small
+#: enough to be added from the cache, not from memory (multiply and add stay separate roundings)
+ACCUMULATE_BYTES = 256 << 10
+
+
+def _add_weighted(acc: np.ndarray, out: np.ndarray, weights: np.ndarray, product: np.ndarray) -> bool:
+    """``acc += out * weights`` (C,Z,Y,X views of one patch) a few z-planes at a time through
+    ``product`` (C, k, Y, X): the same two float32 roundings per voxel as one whole-patch multiply
+    and add, with ``w * y`` still in the cache when it is added. Returns False, having stopped, at
+    the first planes of ``out`` that hold NaN or Inf."""
+    planes = product.shape[1]
+    for z in range(0, out.shape[1], planes):
+        part = out[:, z:z + planes]
+        if not np.isfinite(part).all():
+            return False
+        into = product[:, :part.shape[1]]
+        np.multiply(part, weights[z:z + planes], out=into)
+        acc[:, z:z + planes] += into
+    return True
 
 
 def blended_inference(
@@ -102,7 +125,8 @@ def blended_inference(
         turn: this region's turn on a device shared with other regions
             (:class:`chunkflow.stage_pipeline.Turn`): taken just before the first submit (the first
             batch already gathered), handed over right after the last one, before the last output
-            is accumulated. Its waits are not counted under ``model``.
+            is accumulated (or, per batch, taken and given back around each submit). Its waits are
+            not counted under ``model``.
 
     A batch whose output holds NaN or Inf raises :class:`~chunkflow.errors.NonFiniteOutput`
     naming the first such patch (nothing is returned, so nothing of the region is written).
@@ -119,7 +143,9 @@ def blended_inference(
     batch_size = max(1, batch_size)
     acc = np.zeros((channels,) + tuple(region.shape), dtype=np.float32)
     batch = np.empty((min(batch_size, max(1, len(origins))), image.shape[0]) + tuple(input_patch), dtype=np.float32)
-    product = np.empty((channels,) + tuple(output_patch), dtype=np.float32)
+    plane_bytes = channels * output_patch[1] * output_patch[2] * 4
+    product = np.empty((channels, max(1, min(output_patch[0], ACCUMULATE_BYTES // plane_bytes)))
+                       + tuple(output_patch[1:]), dtype=np.float32)
     if submit is None:
         def submit(b: np.ndarray) -> Callable[[], np.ndarray]:
             out = predict(b)
@@ -134,14 +160,11 @@ def blended_inference(
         outputs = _crop_to(outputs, output_patch)
         if outputs.shape[1] != channels:
             raise ModelError(f"the model returned {outputs.shape[1]} channels; the job expects {channels}")
-        if not np.isfinite(outputs).all():
-            bad = next(o for o, out in zip(kept, outputs) if not np.isfinite(out).all())
-            raise NonFiniteOutput(f"the model returned NaN or Inf for the output patch "
-                                  f"{Bbox(bad, bad + output_patch).name}; nothing of this block was written "
-                                  "(check the model and its input there)")
         for origin, out in zip(kept, outputs):
-            np.multiply(out, weights, out=product)
-            acc[(slice(None),) + Bbox(origin, origin + output_patch).slices(region)] += product
+            box = Bbox(origin, origin + output_patch)
+            if not _add_weighted(acc[(slice(None),) + box.slices(region)], out, weights, product):
+                raise NonFiniteOutput(f"the model returned NaN or Inf for the output patch {box.name}; nothing of "
+                                      "this block was written (check the model and its input there)")
         timer.lap("accumulate")
         if progress is not None:
             progress(done)
@@ -162,7 +185,11 @@ def blended_inference(
                 waited = turn.waited
                 turn.before_submit()
                 timer.skip(turn.waited - waited)
-            started = submit(batch[:len(kept)])
+            try:
+                started = submit(batch[:len(kept)])
+            finally:
+                if turn is not None:
+                    turn.after_submit()
             timer.lap("model")
             if pending is not None:
                 accumulate(*pending)

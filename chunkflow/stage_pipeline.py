@@ -29,7 +29,10 @@ takes the device (``Resources.device_lock``) just before its first batch is subm
 already gathered it, and hands it over right after its last batch is submitted, so the next block's
 first batch queues behind it while it accumulates its last output. Since a backend's output stays
 valid only until the second-next ``submit`` (:meth:`chunkflow.backends.Backend.submit`), the next
-block's second submit waits until the previous block has consumed its last output.
+block's second submit waits until the previous block has consumed its last output. A backend whose
+submit finishes its batch and returns a new array (``Backend.independent_batches``: the identity)
+has no output to protect: its blocks take the device batch by batch, so one gathers and accumulates
+on one core while the other's batch runs.
 
 :class:`InputPrefetcher` reads one block's input ahead in the background (one task slot, where no
 second slot reads while the first computes).
@@ -141,9 +144,11 @@ class DeviceTurns:
         self._guard = threading.Lock()
         self._last_done: threading.Event | None = None  # set once the last block to hand over has its outputs
 
-    def turn(self) -> "Turn":
-        """A turn for one block (nothing is taken until its first :meth:`Turn.before_submit`)."""
-        return Turn(self)
+    def turn(self, per_batch: bool = False) -> "Turn":
+        """A turn for one block (nothing is taken until its first :meth:`Turn.before_submit`); with
+        ``per_batch`` (a backend with ``independent_batches``), the device is taken for each submit
+        only (:meth:`Turn.after_submit` gives it back)."""
+        return Turn(self, per_batch)
 
     def _take(self) -> threading.Event | None:
         self.lock.acquire()
@@ -158,13 +163,21 @@ class DeviceTurns:
 
 
 class Turn:
-    """One block's use of the device: :meth:`before_submit` before every submit, :meth:`hand_over`
-    after the last one, :meth:`close` once its outputs have all been consumed (or it failed).
+    """One block's use of the device: :meth:`before_submit` before every submit, :meth:`after_submit`
+    after it, :meth:`hand_over` after the last one, :meth:`close` once its outputs have all been
+    consumed (or it failed).
+
+    Block by block (the default), the device is held from the first submit to the last. With
+    ``per_batch`` it is held around each submit only: for a backend whose submit finishes its batch
+    and returns a new array (``Backend.independent_batches``), so there is no output to protect and
+    nothing running on the device between two submits; blocks then interleave their batches, one
+    call at a time, and each still accumulates its own outputs in its own order.
 
     ``waited``: seconds spent waiting for the device (the lock, and the previous block's last output)."""
 
-    def __init__(self, turns: DeviceTurns):
+    def __init__(self, turns: DeviceTurns, per_batch: bool = False):
         self.turns = turns
+        self.per_batch = per_batch
         self.waited = 0.0
         self.submits = 0
         self.holding = False
@@ -172,6 +185,13 @@ class Turn:
         self._previous: threading.Event | None = None
 
     def before_submit(self) -> None:
+        if self.per_batch:
+            t = time.perf_counter()
+            self.turns.lock.acquire()
+            self.holding = True
+            self.waited += time.perf_counter() - t
+            self.submits += 1
+            return
         if self.submits == 0:
             t = time.perf_counter()
             self._previous = self.turns._take()
@@ -183,8 +203,17 @@ class Turn:
             self.waited += time.perf_counter() - t
         self.submits += 1
 
+    def after_submit(self) -> None:
+        """A batch is submitted: per batch, the device is free again (block by block, nothing)."""
+        if self.per_batch and self.holding:
+            self.holding = False
+            self.turns.lock.release()
+
     def hand_over(self) -> None:
         """The last batch is submitted: the next block may start submitting."""
+        if self.per_batch:
+            self.after_submit()
+            return
         if self.holding:
             self.holding = False
             if self._previous is not None and self.submits < 2:

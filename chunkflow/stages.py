@@ -59,7 +59,8 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
 
     1. *read*: the input is read (or taken from the prefetcher);
     2. *device*: the patches are gathered, run and accumulated, the device taken from the first
-       submit to the last (``res.turns``, one block at a time);
+       submit to the last (``res.turns``, one block at a time; batch by batch for a backend with
+       ``independent_batches``);
     3. *write-behind*: the chunk is normalised and its core and donations are written in parallel
        (:func:`chunkflow.block_writes.write_block`); the done marker is written last, after every
        write of the block has finished.
@@ -205,7 +206,7 @@ def _infer_region(job: Job, res: Resources, region: Bbox, origins: list[Vec], st
             progress(done)
 
     seconds: dict[str, float] = {}
-    with res.turns.turn() as turn:
+    with res.turns.turn(per_batch=getattr(backend, "independent_batches", False)) as turn:
         out, patches = run_blended(image, region.grow(job.context_margin), origins, region, res.weight_sum,
                                    res.blend_map, backend, Vec(job.input_patch), job.out_channels, job.batch_size,
                                    step, seconds, normalise=False, turn=turn)

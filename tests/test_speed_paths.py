@@ -9,30 +9,81 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import chunkflow.blend as blend
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, normalise, weight_map, weight_sum
 from chunkflow.geometry import Layout
+import chunkflow.inference as inference
+from chunkflow.errors import NonFiniteOutput
 from chunkflow.inference import _float_into, blended_inference, to_float
 from chunkflow.planning import plan
 from chunkflow.stage_two import receive_and_blend
 from chunkflow.stages import InputPrefetcher, Resources, inference_and_donate, inference_and_donate_many, reference
 from chunkflow.storage import StorageError, open_volume
-from tests.helpers import CONV3, make_input, stored_bytes
+from tests.helpers import CONV3, examples, make_input, stored_bytes
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32", "float64"])
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+                                   "float16", "float32", "float64"])
 def test_float_into_is_to_float_bit_for_bit(dtype):
     rng = np.random.default_rng(0)
     if np.issubdtype(np.dtype(dtype), np.integer):
         info = np.iinfo(dtype)
-        src = rng.integers(info.min, info.max, size=(1, 5, 7, 9), endpoint=True).astype(dtype)
+        src = rng.integers(info.min, info.max, size=(1, 5, 7, 9), dtype=dtype, endpoint=True)
     else:
         src = rng.standard_normal((1, 5, 7, 9)).astype(dtype)
     dst = np.empty(src.shape, dtype=np.float32)
     _float_into(dst, src)
     assert np.array_equal(dst.view(np.uint32), to_float(src).view(np.uint32))
+    strided = np.empty((2, *src.shape), dtype=np.float32)[1]
+    _float_into(strided, src[..., ::-1])  # a patch cut from a chunk is not contiguous
+    assert np.array_equal(strided.view(np.uint32), to_float(src[..., ::-1]).view(np.uint32))
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(patch=st.tuples(st.integers(1, 9), st.integers(1, 12), st.integers(1, 12)), channels=st.integers(1, 3),
+       planes_bytes=st.integers(1, 2000), mode=st.sampled_from(["constant", "gaussian", "bump"]),
+       seed=st.integers(0, 2 ** 16), batch_size=st.integers(1, 3))
+def test_accumulating_a_few_planes_at_a_time_is_the_whole_patch_multiply_and_add(
+        patch, channels, planes_bytes, mode, seed, batch_size):
+    """``w * y`` is added a few z-planes at a time (``ACCUMULATE_BYTES``), bit for bit the sum of whole-patch
+    ``np.multiply`` then ``+=`` in grid order: the two roundings per voxel did not become one."""
+    rng = np.random.default_rng(seed)
+    patch = Vec(patch)
+    region = Bbox(Vec(0, 0, 0), patch * 2 + Vec(1, 2, 3))
+    w = weight_map(mode, tuple(patch))
+    origins = [Vec(int(rng.integers(0, s - p + 1)) for s, p in zip(region.shape, patch)) for _ in range(7)]
+    image = rng.standard_normal((1, *region.shape)).astype(np.float32) * 1e3
+
+    def predict(batch):
+        return np.concatenate([batch * np.float32(c + 1.3) for c in range(channels)], axis=1)
+
+    expected = np.zeros((channels, *region.shape), np.float32)
+    for o in origins:
+        box = Bbox(o, o + patch)
+        y = predict(image[(None, slice(None)) + box.slices(region)])[0]
+        expected[(slice(None),) + box.slices(region)] += np.multiply(y, w)
+    old = inference.ACCUMULATE_BYTES
+    inference.ACCUMULATE_BYTES = planes_bytes * 4
+    try:
+        got = blended_inference(image, region, origins, region, np.ones(region.shape, np.float32), w, predict,
+                                patch, channels, batch_size, normalise=False)
+    finally:
+        inference.ACCUMULATE_BYTES = old
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_a_non_finite_plane_anywhere_in_a_patch_is_refused_naming_that_patch(monkeypatch):
+    monkeypatch.setattr(inference, "ACCUMULATE_BYTES", 4 * 4 * 4 * 4)  # one plane at a time
+    region, patch = Bbox(Vec(0, 0, 0), Vec(8, 4, 4)), Vec(4, 4, 4)
+    image = np.ones((1, 8, 4, 4), np.float32)
+    image[0, 7, 3, 3] = np.inf  # the last plane of the second patch only
+    with pytest.raises(NonFiniteOutput, match="output patch 0-4_0-4_4-8"):
+        blended_inference(image, region, [Vec(0, 0, 0), Vec(4, 0, 0)], region, np.ones((8, 4, 4), np.float32),
+                          weight_map("constant", (4, 4, 4)), lambda b: b.copy(), patch, 1)
 
 
 @pytest.mark.parametrize("mode", ["constant", "gaussian", "bump"])

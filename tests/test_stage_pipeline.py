@@ -2,7 +2,8 @@
 block has left the model, while that block's writes go on behind it; never more than ``slots``
 blocks write behind or read/compute at once; a failure in a write behind the model fails that
 block's task (no done marker, a failed marker, the engine told); the device is handed from block
-to block at the last submit without breaking the backends' output-validity contract.
+to block at the last submit without breaking the backends' output-validity contract, or batch by
+batch for a backend whose batches are independent (``Backend.independent_batches``).
 
 Every wait here is on an event with a timeout: under the old design (a slot takes its next block
 only once the last one is written) the first test's writes would wait for a third block that never
@@ -312,3 +313,84 @@ def test_a_block_with_one_submit_hands_over_only_after_the_block_before_it():
     thread.join(TIMEOUT)
     b.close()
     assert not turns.lock.locked()
+
+
+def test_per_batch_turns_hold_the_device_around_each_submit_only():
+    """Per batch, a block gives the device back after each submit: another block's submit goes in
+    between two of its own, and nobody waits for a previous block's last output."""
+    turns = DeviceTurns(threading.Lock())
+    a, b = turns.turn(per_batch=True), turns.turn(per_batch=True)
+    a.before_submit()
+    assert turns.lock.locked()
+    got = threading.Event()
+    thread = threading.Thread(target=lambda: (b.before_submit(), got.set()))
+    thread.start()
+    assert not got.wait(0.2)  # one call at a time
+    a.after_submit()
+    assert got.wait(TIMEOUT)
+    thread.join(TIMEOUT)
+    b.after_submit()
+    a.before_submit()  # a's second submit: b has not handed over, and need not
+    a.after_submit()
+    b.before_submit()
+    b.hand_over()
+    assert not turns.lock.locked()
+    a.close()
+    b.close()
+    assert not turns.lock.locked()
+
+
+class Recording:
+    """The identity backend, recording which block's thread ran each batch (``reading``: the block
+    each thread last read the input of), slow enough (10 ms a batch) for two blocks to meet."""
+
+    def __init__(self, independent: bool, reading: dict[int, str]):
+        self.backend, self.reading = load_backend("identity"), reading
+        self.name, self.device, self.independent_batches = "identity", "cpu", independent
+        self.lock, self.inside, self.most_inside, self.calls = threading.Lock(), 0, 0, []
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self.calls.append(self.reading[threading.get_ident()])
+        time.sleep(0.01)
+        try:
+            return self.backend.predict(batch)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_blocks_interleave_their_batches_only_when_the_backend_allows_it(tmp_path, independent):
+    """With ``independent_batches`` two blocks' batches interleave on the model (one call at a time);
+    without it each block's batches run together. Either way the result is the reference's, and
+    the cores bit for bit."""
+    job = _job(tmp_path, batch_size=1)
+    layout, blocks = job.layout, list(job.layout.block_indices())
+    reading: dict[int, str] = {}
+    res = Resources(job, Recording(independent, reading))
+    plain_read = res.read_input
+
+    def read(box):
+        reading[threading.get_ident()] = next(layout.block_box(b).name for b in blocks
+                                              if layout.chunk_box(b).grow(job.context_margin) == box)
+        return plain_read(box)
+
+    res.read_input = read
+    assert [b for b, _ in inference_and_donate_many(job, blocks, res, slots=2)] == blocks
+    calls = res.backend.calls
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert res.backend.most_inside == 1
+    assert (len(runs) > len(set(runs))) == independent, runs  # a block's batches split by another's
+    for block in blocks:
+        receive_and_blend(job, block, Resources(job))
+    want = reference(job, Resources(job))
+    np.testing.assert_allclose(open_volume(job.output).read(layout.bbox), want, rtol=0, atol=1e-6)
+    for block in blocks:
+        core = layout.core_box(block)
+        if core.is_empty():
+            continue
+        got = open_volume(job.output).read(core)
+        assert np.array_equal(got, want[(slice(None),) + core.slices(layout.bbox)])

@@ -117,6 +117,13 @@ class Backend(ABC):
     name: str = "backend"
     device: str = "cpu"
     precision: str = "float32"
+    #: True when :meth:`submit` has finished its batch when it returns and every output is a new
+    #: array that no later call touches: the blocks of a worker may then take the model batch by
+    #: batch (one call at a time) instead of block by block, so one block gathers and accumulates
+    #: while another's batch runs (:class:`chunkflow.stage_pipeline.Turn`). False (block by block)
+    #: unless a backend says so: an asynchronous device, or outputs valid only until the
+    #: second-next submit, need the block's whole turn.
+    independent_batches: bool = False
 
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:

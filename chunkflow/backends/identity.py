@@ -21,6 +21,7 @@ class IdentityBackend(Backend):
     """Returns its input unchanged (channels preserved) or ``channels`` copies of channel 0."""
 
     name = "identity"
+    independent_batches = True  # computed in submit(), into a new array each time
 
     def __init__(self, channels: int | None = None, device: str = "cpu", precision: str = "float32") -> None:
         self.channels = channels
