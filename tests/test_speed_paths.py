@@ -286,3 +286,21 @@ def test_overlapped_batches_give_the_same_bytes_and_run_ahead(tmp_path):
     assert [k for what, k in events if what == "wait"] == list(range(deferred.backend.submitted))
     np.testing.assert_array_equal(reference(job, Resources(job, DeferredConv(load_backend(CONV3)))),
                                   reference(job, Resources(job)))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_a_patch_is_blank_exactly_when_every_voxel_is_zero(dtype):
+    """The blank-patch test decides from the first row when it can, and scans the patch otherwise:
+    one non-zero voxel anywhere (a NaN too) makes a patch hold data, as ``patch.any()`` says."""
+    shape = (2, 3, 4, 5)
+    assert not inference._holds_data(np.zeros(shape, dtype))
+    for index in [(0, 0, 0, 0), (0, 0, 0, 4), (0, 0, 1, 0), (1, 2, 3, 4), (1, 0, 0, 0)]:
+        patch = np.zeros(shape, dtype)
+        patch[index] = 1
+        assert inference._holds_data(patch) and inference._holds_data(patch[:, ::-1])
+    if dtype == "float32":
+        patch = np.zeros(shape, dtype)
+        patch[1, 1, 1, 1] = np.nan
+        assert inference._holds_data(patch) == bool(patch.any()) is True
+        patch[1, 1, 1, 1] = -0.0
+        assert not inference._holds_data(patch)
