@@ -214,7 +214,8 @@ def report_lines(summary: PlanSummary, layout: Layout, calibration: Calibration 
         f"  donations: {s.donations:,} objects ({s.donations_between_blocks:,} between blocks, "
         f"{s.donations - s.donations_between_blocks:,} to a block's own band), {human_bytes(s.donated_bytes)} "
         f"uncompressed = {s.donated_bytes / s.output_bytes:.3f} x the output",
-        f"  output: {human_bytes(s.output_bytes)}",
+        f"  output: {human_bytes(s.output_bytes)} in storage chunks of {zyx_text(layout.storage_chunk)} z,y,x"
+        + (" (each block's core written whole, in its shard)" if layout.whole_block_writes else ""),
         f"  largest stage-one task: chunk {zyx_text(s.largest_chunk)}, ~{human_bytes(s.task_bytes)} of buffers "
         f"(input + output chunk + one batch; plus one more input chunk where the next block's input is "
         f"prefetched, and the model)",

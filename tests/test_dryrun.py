@@ -90,6 +90,7 @@ def test_calibration_and_hypothetical_volume():
     assert c.patches == 4 and c.seconds_per_patch > 0 and c.device == "cpu"
     text = hypothetical("1000,20000,20000", "20,256,256", "112,1152,1152", overlap="4,64,64", batch_size=2)
     assert "redundant compute" in text and "= 1.000" in text and "hours" in text
+    assert "in storage chunks of 16,64,64 z,y,x" in text  # the default the planner would pick
 
 
 def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
@@ -105,6 +106,7 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert f"patches: {layout.num_patches} in the grid, {expected['patches_computed']} computed" in printed
     assert f"= {expected['patches_computed'] / layout.num_patches:.3f}" in printed
     assert f"donations: {expected['donations']} objects" in printed
+    assert "in storage chunks of 4,16,20 z,y,x" in printed  # what the output volume will be made with
     assert "ms per patch" in printed and "hours" in printed
     assert f"output objects + {expected['donations']} donations + " in printed  # the cost model's lines
     assert "per teravoxel" in printed and "list prices as of 2025" in printed
