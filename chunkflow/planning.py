@@ -167,6 +167,7 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
         check_output_compression(output, p.output_compression, p.dtype, out_channels)
         chunk = (Vec.parse(p.storage_chunk, "storage chunk") if p.storage_chunk is not None
                  else default_storage_chunk(block_v))
+    check_overlap_fits(overlap_v, in_patch, out_patch, p.output_patch is not None)
     check_patch_fits(bbox, in_patch, out_patch, p.output_patch is not None, p.bbox is not None)
     try:
         Layout(bbox, out_patch, overlap_v, block_v, chunk)
@@ -190,14 +191,28 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
     return job, existing, source
 
 
+def _output_patch_named(in_patch: Vec, out_patch: Vec, out_patch_given: bool) -> str:
+    """The output patch as the user set it: without --output-patch it is the input patch."""
+    return (f"output patch {zyx_text(out_patch)}" if out_patch_given else
+            f"input patch {zyx_text(in_patch)} (the output patch, as --output-patch is not given)")
+
+
+def check_overlap_fits(overlap: Vec, in_patch: Vec, out_patch: Vec, out_patch_given: bool) -> None:
+    """Refuse an overlap that is not smaller than the output patch, naming the flag that set the patch."""
+    for a, axis in enumerate("zyx"):
+        if out_patch[a] > 0 and overlap[a] >= out_patch[a]:
+            raise JobError(f"overlap {zyx_text(overlap)} must be smaller than the "
+                           f"{_output_patch_named(in_patch, out_patch, out_patch_given)} along {axis}; give an "
+                           f"overlap of at most {out_patch[a] - 1} along {axis}")
+
+
 def check_patch_fits(region: Bbox, in_patch: Vec, out_patch: Vec, out_patch_given: bool, region_given: bool) -> None:
     """Refuse an output patch larger than the region, naming the flag that set it: without
     --output-patch the output patch is the input patch, so the input patch is the one to shrink."""
     for a, axis in enumerate("zyx"):
         if out_patch[a] <= region.shape[a]:
             continue
-        what = (f"output patch {zyx_text(out_patch)}" if out_patch_given else
-                f"input patch {zyx_text(in_patch)} (the output patch, as --output-patch is not given)")
+        what = _output_patch_named(in_patch, out_patch, out_patch_given)
         larger = " (or a larger --bbox)" if region_given else ""
         raise JobError(f"{what} is larger than the volume {zyx_text(region.shape)} along {axis}; give a patch of "
                        f"at most {region.shape[a]} along {axis}{larger}")

@@ -77,7 +77,10 @@ PLAN = [
     ({"block": "True,32,32"}, "'True,32,32'"),
     ({"input-patch": "8,32"}, "'8,32'"),
     ({"input-patch": "0,32,32"}, "must be positive"),
-    ({"overlap": "8,8,8"}, "must be smaller than the output patch"),
+    ({"overlap": "8,8,8"}, "must be smaller than the input patch 8,32,32 (the output patch, as --output-patch is not "
+                           "given) along z; give an overlap of at most 7 along z"),
+    ({"overlap": "2,32,8", "output-patch": "8,32,32"}, "overlap 2,32,8 must be smaller than the output patch 8,32,32 "
+                                                        "along y; give an overlap of at most 31 along y"),
     ({"output-patch": "8,31,32"}, "not centred"),
     ({"output-patch": "8,40,32"}, "larger than the input patch"),
     ({"input-patch": "8,128,32"}, "input patch 8,128,32 (the output patch, as --output-patch is not given) is larger "

@@ -50,7 +50,10 @@ def common(tmp_path, volume, **overrides):
 
 
 BAD = [
-    ({"overlap": "8,8,8"}, "must be smaller than the output patch"),
+    ({"overlap": "8,8,8"}, "must be smaller than the input patch 8,32,32 (the output patch, as --output-patch is not "
+                           "given) along z; give an overlap of at most 7 along z"),
+    ({"overlap": "2,32,8", "output-patch": "8,32,32"}, "overlap 2,32,8 must be smaller than the output patch 8,32,32 "
+                                                        "along y; give an overlap of at most 31 along y"),
     ({"overlap": "2,8,8", "block": "16,32,8", "storage-chunk": "8,8,8"}, "must be smaller than the block"),
     ({"input-patch": "8,128,32"}, "larger than the volume"),
     ({"block": "16,32,32", "storage-chunk": "16,32,24"}, "not a multiple of the output storage chunk"),
