@@ -198,7 +198,8 @@ def _output_patch_named(in_patch: Vec, out_patch: Vec, out_patch_given: bool) ->
 
 
 def check_overlap_fits(overlap: Vec, in_patch: Vec, out_patch: Vec, out_patch_given: bool) -> None:
-    """Refuse an overlap that is not smaller than the output patch, naming the flag that set the patch."""
+    """Refuse an overlap that is not smaller than the output patch, naming the flag that set the patch
+    (``Layout`` checks the same with the geometry's words; a patch that is not positive is left to it)."""
     for a, axis in enumerate("zyx"):
         if out_patch[a] > 0 and overlap[a] >= out_patch[a]:
             raise JobError(f"overlap {zyx_text(overlap)} must be smaller than the "

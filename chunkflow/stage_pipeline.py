@@ -137,7 +137,11 @@ class Place:
 
 
 class DeviceTurns:
-    """Blocks taking turns on one device, handing it over at their last submit (see the module doc)."""
+    """Blocks taking turns on one device, handing it over at their last submit (see the module doc).
+
+    All turns of one DeviceTurns must be of one kind (block by block, or per batch): a per-batch
+    turn does not wait for the last output of a block-by-block one. They are: the kind comes from
+    the one backend of the worker's :class:`~chunkflow.resources.Resources`."""
 
     def __init__(self, lock: threading.Lock):
         self.lock = lock
@@ -186,6 +190,8 @@ class Turn:
 
     def before_submit(self) -> None:
         if self.per_batch:
+            if self.holding:
+                raise RuntimeError("bug: a per-batch turn was taken twice without after_submit()")
             t = time.perf_counter()
             self.turns.lock.acquire()
             self.holding = True
@@ -210,7 +216,8 @@ class Turn:
             self.turns.lock.release()
 
     def hand_over(self) -> None:
-        """The last batch is submitted: the next block may start submitting."""
+        """The last batch is submitted: the next block may start submitting (per batch, it already
+        could: only a device still held, as by :meth:`hold`, is given back)."""
         if self.per_batch:
             self.after_submit()
             return

@@ -190,7 +190,8 @@ def _infer_region(job: Job, res: Resources, region: Bbox, origins: list[Vec], st
                   prefetch_next: Vec | None = None) -> np.ndarray:
     """The plain sum of ``w * y`` over ``region`` (float32; divide it by ``N`` with
     :func:`chunkflow.blend.normalise`): the input read first, then the model's part, the device
-    taken from the first submit to the last (``res.turns``)."""
+    taken from the first submit to the last (``res.turns``; around each submit for a backend with
+    ``independent_batches``)."""
     t = time.perf_counter()
     backend = res.backend  # loaded (once) before the input is read, so a bad model costs no read
     with res.reading:  # one read at a time: the first block of a run is not slowed by the second's

@@ -77,7 +77,7 @@ def test_accumulating_a_few_planes_at_a_time_is_the_whole_patch_multiply_and_add
 
 
 def test_a_non_finite_plane_anywhere_in_a_patch_is_refused_naming_that_patch(monkeypatch):
-    monkeypatch.setattr(inference, "ACCUMULATE_BYTES", 4 * 4 * 4 * 4)  # one plane at a time
+    monkeypatch.setattr(inference, "ACCUMULATE_BYTES", 4 * 4 * 4)  # one plane (4x4 float32) at a time
     region, patch = Bbox(Vec(0, 0, 0), Vec(8, 4, 4)), Vec(4, 4, 4)
     image = np.ones((1, 8, 4, 4), np.float32)
     image[0, 7, 3, 3] = np.inf  # the last plane of the second patch only

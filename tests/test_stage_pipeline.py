@@ -340,6 +340,33 @@ def test_per_batch_turns_hold_the_device_around_each_submit_only():
     assert not turns.lock.locked()
 
 
+def test_a_per_batch_turn_gives_the_device_back_when_its_submit_fails():
+    """A model that raises in ``submit`` leaves the device free for the next block (the turn is
+    given back after the submit, and again when it closes); taking a per-batch turn twice is a bug."""
+    from chunkflow.bbox import Bbox, Vec
+    from chunkflow.blend import weight_map
+    from chunkflow.inference import blended_inference
+
+    turns = DeviceTurns(threading.Lock())
+    region = Bbox(Vec(0, 0, 0), Vec(4, 4, 4))
+
+    def broken(batch):
+        raise RuntimeError("the model broke")
+
+    with pytest.raises(RuntimeError, match="the model broke"):
+        with turns.turn(per_batch=True) as turn:
+            blended_inference(np.ones((1, 4, 4, 4), np.float32), region, [Vec(0, 0, 0)], region,
+                              np.ones((4, 4, 4), np.float32), weight_map("constant", (4, 4, 4)), broken,
+                              Vec(4, 4, 4), 1, turn=turn)
+    assert not turns.lock.locked()
+    with turns.turn(per_batch=True) as turn:
+        turn.before_submit()
+        with pytest.raises(RuntimeError, match="bug: a per-batch turn was taken twice"):
+            turn.before_submit()
+        turn.after_submit()
+    assert not turns.lock.locked()
+
+
 class Recording:
     """The identity backend, recording which block's thread ran each batch (``reading``: the block
     each thread last read the input of), slow enough (10 ms a batch) for two blocks to meet."""
