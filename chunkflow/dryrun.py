@@ -208,7 +208,7 @@ def report_lines(summary: PlanSummary, layout: Layout, calibration: Calibration 
         f"dry run: nothing was written. {s.blocks:,} blocks of {zyx_text(layout.block)} ({zyx_text(layout.grid_shape)} z,y,x) "
         f"over {layout.bbox.name} ({s.output_voxels:,} voxels)",
         f"  tasks: {s.stage_one_tasks:,} stage one (inference-and-donate), {s.stage_two_tasks:,} stage two "
-        f"(receive-and-blend)",
+        f"(receive-and-blend)" + _patchless(s),
         f"  patches: {s.patches_grid:,} in the grid, {s.patches_computed:,} computed; redundant compute "
         f"{s.patches_computed:,} / {s.patches_grid:,} = {s.redundancy:.3f}",
         f"  donations: {s.donations:,} objects ({s.donations_between_blocks:,} between blocks, "
@@ -229,6 +229,17 @@ def report_lines(summary: PlanSummary, layout: Layout, calibration: Calibration 
                      f"({seconds / 3600 / 24:,.2f} days); divide by the number of workers")
     return lines
 
+
+
+def _patchless(s: PlanSummary) -> str:
+    """Why some blocks have no stage-one task: no patch of the grid starts in them."""
+    idle = s.blocks - s.stage_one_tasks
+    if idle <= 0:
+        return ""
+    return (f"; {idle:,} of the {s.blocks:,} blocks own no patch (no patch of the grid starts in them: the last "
+            "patch along an axis starts in the block before and ends flush with the volume, and a block narrower "
+            "than the patch stride can fall between two starts), so they run no model and stage two fills them "
+            "from their neighbours' donations")
 
 
 def dry_run_job(job, calibrate_batches: int = 3, prices: Prices = DEFAULT_PRICES) -> list[str]:

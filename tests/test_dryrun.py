@@ -91,6 +91,10 @@ def test_calibration_and_hypothetical_volume():
     text = hypothetical("1000,20000,20000", "20,256,256", "112,1152,1152", overlap="4,64,64", batch_size=2)
     assert "redundant compute" in text and "= 1.000" in text and "hours" in text
     assert "in storage chunks of 16,64,64 z,y,x" in text  # the default the planner would pick
+    assert "own no patch" not in text
+    edges = hypothetical("32,256,256", "16,64,64", "16,120,120", calibrate_batches=0)  # origins 0,64,128,192
+    assert "tasks: 8 stage one (inference-and-donate), 18 stage two" in edges
+    assert "10 of the 18 blocks own no patch" in edges and "neighbours' donations" in edges
 
 
 def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
