@@ -23,6 +23,7 @@ from chunkflow.job import Job
 from chunkflow.masking import BLOCK_MAP, encode_block_map
 from chunkflow.stages import is_done
 from chunkflow.storage import DirectoryStore, ObjectStore, open_store
+from chunkflow.storage import gcs
 from tests.helpers import examples
 
 T0 = 1_700_000_000.0  # the fabricated clocks of the property test start here
@@ -212,21 +213,24 @@ def _put_many(store: ObjectStore, names: list[str]) -> None:
         list(pool.map(lambda n: store.put(n, b""), names))
 
 
-def test_a_poll_lists_the_new_log_entries_not_every_marker(gcs_bucket):
+def test_a_poll_lists_the_new_log_entries_not_every_marker(gcs_bucket, monkeypatch):
     """2100 blocks finished hours ago, then k more: a poll from the checkpoint makes one list request
-    per 1000 new entries (at least one), where listing the markers takes one per 1000 done blocks."""
+    per page of new entries (at least one), where listing the markers takes one per page of done
+    blocks. Pages of 100 names (GCS's are 1000), so that 2,100 blocks take 420 puts, not 4,200."""
+    page = 100
+    monkeypatch.setattr(gcs, "LIST_PAGE", page)
     store = open_store(f"gs://{gcs_bucket}/job")
     job = grid_job(store.url, shape=(1, 64, 128))
     grid = BlockGrid(job.layout)
-    old = 2100
+    old = 210
     hours_ago = time.time() - 3 * 3600
     _put_many(store, [f"done/stage1/{grid.name(i)}" for i in range(old)]
               + [log_name(1, grid.name(i), int(hours_ago // BUCKET_S) + i % 50) for i in range(old)])
     counter = RequestCounter(store)
     assert len(done_set(store, 1, job)) == old  # no checkpoint yet: every marker listed, once
-    assert counter.lists() == math.ceil(old / 1000)
+    assert counter.lists() == math.ceil(old / page)
     added = old
-    for k in (0, 300, 1200):
+    for k in (0, 30, 120):
         names = [grid.name(i) for i in range(added, added + k)]
         _put_many(store, [f"done/stage1/{n}" for n in names])
         _put_many(store, [log_name(1, n, int(time.time() // BUCKET_S)) for n in names])
@@ -235,14 +239,14 @@ def test_a_poll_lists_the_new_log_entries_not_every_marker(gcs_bucket):
         counter.reset()
         assert len(view.refresh()) == added
         # one read of the checkpoint, then the log from the watermark on: the entries of the last
-        # minutes (this test's, all of them new), not the 2100 old ones
-        assert counter.lists() == max(1, math.ceil((added - old) / 1000)), counter.sent
+        # minutes (this test's, all of them new), not the old ones
+        assert counter.lists() == max(1, math.ceil((added - old) / page)), counter.sent
         assert len(counter.sent) == counter.lists() + 1
         assert all("startOffset=" in url for method, url in counter.sent if url.split("?")[0].endswith("/o"))
         view.save()
     counter.reset()
     DoneView(store, 1, job, grid).rebuild()
-    assert counter.lists() == math.ceil(added / 1000)  # what every poll cost before the log
+    assert counter.lists() == math.ceil(added / page)  # what every poll cost before the log
 
 
 # ---- (4) the barrier never starts stage two while a counted block has no done marker ----------------
