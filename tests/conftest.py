@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
@@ -118,10 +119,28 @@ def _fake_gcs_binary() -> Path | None:
         return path if path.exists() else None
 
 
+#: under pytest-xdist, worker gwN takes its servers' ports from its own slice of PORTS_BELOW_EPHEMERAL:
+#: a RestartableGCSServer is restarted on its port, and while it is stopped neither another worker's
+#: server nor an outgoing connection (the kernel's ephemeral ports start at 32768) may take it
+PORTS_BELOW_EPHEMERAL = range(20000, 32000)
+
+
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():  # one process: any port the kernel gives
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    width = 1000
+    first = PORTS_BELOW_EPHEMERAL.start + int(worker[2:]) * width % len(PORTS_BELOW_EPHEMERAL)
+    for port in random.sample(range(first, first + width), width):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + width} for xdist worker {worker}")
 
 
 @pytest.fixture(scope="session")
