@@ -36,6 +36,7 @@ setup(
         "compression": ["fpzip>=1.2", "pyspng-seunglab>=1.1"],
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "monai>=1.3",
             "onnxruntime>=1.17",
