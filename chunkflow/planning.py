@@ -22,6 +22,7 @@ from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
 from chunkflow.store_layout import MANIFEST
+from chunkflow.storage.durability import local_volume_directory, sync_filesystems
 from chunkflow.storage.volume_factory import check_output_compression
 from chunkflow.storage.volume_urls import same_or_nested, volume_format, volume_location
 from chunkflow.storage.volumes import input_missing
@@ -72,6 +73,7 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
         log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks, job.layout.num_patches)
     if block_map is not None:
         store.put(BLOCK_MAP, block_map)
+    sync_filesystems([p for p in (local_volume_directory(output), store.local_root) if p])  # survives a crash
     planned = load_job(store)
     if planned.job_hash != job.job_hash:  # another planner won a race to this store
         raise _another_job(store, job, planned)

@@ -19,6 +19,7 @@ from chunkflow.blend import WeightSum, weight_map
 from chunkflow.job import Job
 from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
 from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
+from chunkflow.storage.durability import Durability, local_volume_directory
 from chunkflow.storage.volumes import input_missing
 from chunkflow.stage_pipeline import DeviceTurns, InputPrefetcher, StageGates
 
@@ -124,6 +125,13 @@ class Resources:
     def store(self) -> ObjectStore:
         return open_store(self.job.store)
 
+    @cached_property
+    def durable(self) -> Durability:
+        """Flushes the local filesystems of the output volume and the store before a block's done
+        marker, one flush for the blocks of this worker that finish together
+        (:mod:`chunkflow.storage.durability`); nothing to flush for remote ones."""
+        return Durability([p for p in (local_volume_directory(self.job.output), self.store.local_root) if p])
+
     @property
     def backend(self) -> Backend:
         """The job's model, loaded on first use pinned to the manifest's ``model_checksum`` (a file
@@ -160,7 +168,7 @@ class Resources:
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("device_lock", "turns", "reading", "cancelled", "_loading", "_pools", "_gates")}
+                if k not in ("device_lock", "turns", "reading", "cancelled", "_loading", "_pools", "_gates", "durable")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

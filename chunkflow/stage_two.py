@@ -85,7 +85,7 @@ def receive_and_blend(job: Job, block: Vec, res: Resources | None = None, cleanu
             for slab in write_slabs(core, job.storage_chunk[0], job.out_channels * 4):
                 res.output.write(slab, np.zeros((job.out_channels,) + tuple(slab.shape), dtype=job.output_dtype))
             stats.voxels += core.size
-    mark_done(res.store, 2, box, job, stats)
+    mark_done(res.store, 2, box, job, stats, res.durable if stats.voxels else None)
     if cleanup:
         for donation in expected:
             res.store.delete(DONATIONS + donation.key)

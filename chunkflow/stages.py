@@ -33,6 +33,7 @@ from chunkflow.backend_blend import run_blended
 from chunkflow.job import Job
 from chunkflow import store_layout
 from chunkflow.storage import ObjectStore
+from chunkflow.storage.durability import Durability
 from chunkflow.block_writes import write_block
 from chunkflow.store_layout import DONATIONS
 from chunkflow.resources import SLOTS, Resources, Stats
@@ -88,7 +89,7 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
             stats.seconds["wait_write"] = place.leave_device(res.cancelled)
             _write_behind(job, res, block, chunk, out, stats)
             del out
-            mark_done(res.store, 1, box, job, stats)
+            mark_done(res.store, 1, box, job, stats, res.durable)
         return stats
     if prefetch_next is not None:
         res.prefetch(prefetch_next)
@@ -250,11 +251,17 @@ def is_done(store: ObjectStore, stage: int, block: Bbox) -> bool:
     return True
 
 
-def mark_done(store: ObjectStore, stage: int, block: Bbox, job: Job, stats: Stats) -> None:
+def mark_done(store: ObjectStore, stage: int, block: Bbox, job: Job, stats: Stats,
+              durable: Durability | None = None) -> None:
     """Write the block's done marker (the authority), then its entry in the done log, which is how
-    ``status`` and ``barrier`` learn of it without listing every marker (:mod:`chunkflow.done_log`)."""
+    ``status`` and ``barrier`` learn of it without listing every marker (:mod:`chunkflow.done_log`).
+
+    ``durable``: settled first, so that every write of the block is on disk before a marker can be
+    (:mod:`chunkflow.storage.durability`); given by every caller whose block wrote anything."""
     from chunkflow.done_log import announce
 
+    if durable is not None:
+        durable.settle()
     record = {"job": job.job_hash, "block": block.name, "patches": stats.patches, "voxels": stats.voxels,
               "donated_bytes": stats.donated_bytes, "seconds": stats.seconds, "finished": time.time()}
     store.put(done_marker(stage, block), json.dumps(record).encode())

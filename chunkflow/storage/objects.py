@@ -27,6 +27,9 @@ class ObjectStore:
     """A flat namespace of ``a/b/c`` names mapping to bytes."""
 
     url: str
+    #: the local directory holding the objects, whose filesystem must be flushed to make them
+    #: durable (:mod:`chunkflow.storage.durability`); None where a write is durable when it returns
+    local_root: str | None = None
 
     def put(self, name: str, data: bytes, if_absent: bool = False) -> bool:
         """Store ``data`` atomically. With ``if_absent``, keep an existing object and return False."""
@@ -103,10 +106,12 @@ class ObjectStore:
 class DirectoryStore(ObjectStore):
     """Objects as files under a local directory.
 
-    ``put`` writes a temp file in the target's directory, fsyncs it, then publishes it
-    with ``os.replace`` (atomic overwrite) or ``os.link`` (atomic create-if-absent:
-    link fails with EEXIST if the name exists). Temp files start with ``.cftmp-`` and
-    are never listed.
+    ``put`` writes a temp file in the target's directory, then publishes it with ``os.replace``
+    (atomic overwrite) or ``os.link`` (atomic create-if-absent: link fails with EEXIST if the name
+    exists). Temp files start with ``.cftmp-`` and are never listed. A killed writer leaves the old
+    object or the new one, never a torn one. No ``fsync`` per object: what must survive a power
+    loss is flushed once per block, before its done marker (:mod:`chunkflow.storage.durability`,
+    through :attr:`local_root`).
 
     The root directory is created by the first ``put``, not when the store is opened,
     so reading commands (``show``, ``inspect``) on a mistyped path leave nothing behind.
@@ -115,6 +120,7 @@ class DirectoryStore(ObjectStore):
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).resolve()
         self.url = f"file://{self.root}"
+        self.local_root = str(self.root)
 
     def _path(self, name: str) -> Path:
         return self.root / validate_name(name)
@@ -130,7 +136,6 @@ class DirectoryStore(ObjectStore):
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
             finally:
                 os.close(fd)
             if if_absent:
@@ -142,7 +147,6 @@ class DirectoryStore(ObjectStore):
                     os.unlink(tmp)
             else:
                 os.replace(tmp, path)
-            self._fsync_dir(path.parent)
             return True
         except OSError as exc:
             try:
@@ -150,19 +154,6 @@ class DirectoryStore(ObjectStore):
             except OSError:
                 pass
             raise StorageError(f"cannot write {name} to {self.url}: {exc.strerror or exc}") from exc
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        try:
-            fd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
     def get(self, name: str) -> bytes:
         path = self._path(name)
