@@ -22,7 +22,7 @@ from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
 from chunkflow.store_layout import MANIFEST
-from chunkflow.storage.durability import local_volume_directory, sync_filesystems
+from chunkflow.storage.durability import Durability, local_volume_directory
 from chunkflow.storage.volume_factory import check_output_compression
 from chunkflow.storage.volume_urls import same_or_nested, volume_format, volume_location
 from chunkflow.storage.volumes import input_missing
@@ -65,15 +65,18 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
             verify_model(previous.model, previous.weights, previous.model_checksum)  # one line naming the file
         raise _another_job(store, job, previous)
     output = params.output
-    if existing_output is None:
-        create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
-                      resolution=source.resolution, compression=job.output_compression, shard=output_shard(job))
     block_map = _block_map(job, source) if job.mask and not store.exists(BLOCK_MAP) else None
-    if previous is None and store.put(MANIFEST, job.to_json().encode(), if_absent=True):
-        log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks, job.layout.num_patches)
-    if block_map is not None:
-        store.put(BLOCK_MAP, block_map)
-    sync_filesystems([p for p in (local_volume_directory(output), store.local_root) if p])  # survives a crash
+    if existing_output is None or previous is None or block_map is not None:  # a new job survives a crash
+        durable = Durability([p for p in (local_volume_directory(output), store.local_root) if p])
+        if existing_output is None:
+            create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
+                          resolution=source.resolution, compression=job.output_compression, shard=output_shard(job))
+        if previous is None and store.put(MANIFEST, job.to_json().encode(), if_absent=True):
+            log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks,
+                     job.layout.num_patches)
+        if block_map is not None:
+            store.put(BLOCK_MAP, block_map)
+        durable.settle()
     planned = load_job(store)
     if planned.job_hash != job.job_hash:  # another planner won a race to this store
         raise _another_job(store, job, planned)

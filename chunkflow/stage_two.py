@@ -70,6 +70,7 @@ def receive_and_blend(job: Job, block: Vec, res: Resources | None = None, cleanu
     """Stage two for block index ``block``: verify, sum and write every donated piece."""
     res = res or Resources(job)
     layout, stats = job.layout, Stats()
+    durable = res.durable  # its directories opened before this block's first write
     box = layout.block_box(block)
     bands = layout.band_boxes(block)
     expected = layout.donations_to(block)
@@ -85,7 +86,7 @@ def receive_and_blend(job: Job, block: Vec, res: Resources | None = None, cleanu
             for slab in write_slabs(core, job.storage_chunk[0], job.out_channels * 4):
                 res.output.write(slab, np.zeros((job.out_channels,) + tuple(slab.shape), dtype=job.output_dtype))
             stats.voxels += core.size
-    mark_done(res.store, 2, box, job, stats, res.durable if stats.voxels else None)
+    mark_done(res.store, 2, box, job, stats, durable if stats.voxels else None)
     if cleanup:
         for donation in expected:
             res.store.delete(DONATIONS + donation.key)

@@ -79,6 +79,7 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
     box = layout.block_box(block)
     chunk = layout.chunk_box(block)
     if chunk is not None:
+        durable = res.durable  # its directories opened before this block's first write
         with res.gates(slots).enter(res.cancelled, box.name) as place:
             filled = res.input.filled_chunks
             origins = layout.own_origins(block)
@@ -89,7 +90,7 @@ def inference_and_donate(job: Job, block: Vec, res: Resources | None = None, pro
             stats.seconds["wait_write"] = place.leave_device(res.cancelled)
             _write_behind(job, res, block, chunk, out, stats)
             del out
-            mark_done(res.store, 1, box, job, stats, res.durable)
+            mark_done(res.store, 1, box, job, stats, durable)
         return stats
     if prefetch_next is not None:
         res.prefetch(prefetch_next)
@@ -264,5 +265,5 @@ def mark_done(store: ObjectStore, stage: int, block: Bbox, job: Job, stats: Stat
         durable.settle()
     record = {"job": job.job_hash, "block": block.name, "patches": stats.patches, "voxels": stats.voxels,
               "donated_bytes": stats.donated_bytes, "seconds": stats.seconds, "finished": time.time()}
-    store.put(done_marker(stage, block), json.dumps(record).encode())
+    store.put(done_marker(stage, block), json.dumps(record).encode(), durable=True)  # before a queue ack or cleanup
     announce(store, stage, block.name)

@@ -43,17 +43,18 @@ def test_resources_flush_the_output_and_the_store_of_a_local_job(tmp_path):
     job = small_job(tmp_path)
     durable = Resources(job).durable
     assert durable.paths == [str(tmp_path / "out"), str((tmp_path / "job").resolve())]
+    assert durable.directories == [str(tmp_path / "out")]  # one filesystem: one syncfs
 
 
-def test_every_settle_waits_for_a_flush_that_started_after_it_and_callers_share_flushes():
+def test_every_settle_waits_for_a_flush_that_started_after_it_and_callers_share_flushes(tmp_path):
     flushes: list[tuple[float, float]] = []
 
-    def slow_flush(paths):
+    def slow_flush(fd, where):
         start = time.perf_counter()
         time.sleep(0.02)
         flushes.append((start, time.perf_counter()))
 
-    durable = Durability(["/unused"], sync=slow_flush)
+    durable = Durability([str(tmp_path)], flush=slow_flush)
     calls: list[tuple[float, float]] = []
     lock = threading.Lock()
 
@@ -76,21 +77,64 @@ def test_every_settle_waits_for_a_flush_that_started_after_it_and_callers_share_
     assert durable.flushes == len(flushes) < len(calls)  # shared: 8 threads asking at once
 
 
-def test_a_failed_flush_raises_in_the_caller_and_the_next_settle_flushes_again():
+def test_a_failed_flush_fails_every_later_settle_of_the_worker(tmp_path):
+    """The kernel reports a writeback error once per open file: a second flush could return 0 over the
+    lost data, so neither the callers waiting on the failed flush nor later ones may go on."""
     attempts = []
+    started, release = threading.Event(), threading.Event()
 
-    def failing_then_fine(paths):
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise StorageError("cannot make the writes under /x durable: Input/output error (errno EIO)")
+    def failing_flush(fd, where):
+        attempts.append(where)
+        started.set()
+        release.wait(5)
+        raise StorageError(f"cannot make the writes under {where} durable: Input/output error (errno EIO)")
 
-    durable = Durability(["/x"], sync=failing_then_fine)
-    with pytest.raises(StorageError, match="durable"):
+    durable = Durability([str(tmp_path)], flush=failing_flush)
+    errors: list[str] = []
+
+    def settle():
+        try:
+            durable.settle()
+        except StorageError as err:
+            errors.append(str(err))
+
+    first = threading.Thread(target=settle)
+    first.start()
+    started.wait(5)
+    waiting = [threading.Thread(target=settle) for _ in range(3)]  # they wait on the flush that fails
+    for t in waiting:
+        t.start()
+    time.sleep(0.05)
+    release.set()
+    for t in [first, *waiting]:
+        t.join(5)
+    with pytest.raises(StorageError, match="an earlier flush failed: restart this worker"):
         durable.settle()
+    assert len(errors) == 4 and all("Input/output error" in e for e in errors)
+    assert attempts == [str(tmp_path)]  # never flushed again: that flush could not see the error
+
+
+def test_a_remote_job_has_nothing_to_flush():
+    durable = Durability([], flush=lambda fd, where: pytest.fail("flushed a remote job"))
     durable.settle()
-    assert len(attempts) == 2
-    Durability([], sync=failing_then_fine).settle()  # a remote job: nothing to flush
-    assert len(attempts) == 2
+    assert durable.flushes == 0
+
+
+def test_an_interrupt_during_a_flush_leaves_the_next_settle_free_to_flush(tmp_path):
+    calls = []
+
+    def interrupted_once(fd, where):
+        calls.append(where)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    durable = Durability([str(tmp_path)], flush=interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        durable.settle()
+    done = threading.Thread(target=durable.settle)
+    done.start()
+    done.join(5)
+    assert not done.is_alive() and len(calls) == 2
 
 
 # -- the system calls of a real run ----------------------------------------------------------------------
@@ -148,8 +192,8 @@ def test_a_done_marker_is_published_only_after_a_syncfs_that_began_after_its_blo
         pytest.skip("strace is not installed (apt-get install strace)")
     job = small_job(tmp_path)
     trace = tmp_path / "trace.txt"
-    result = subprocess.run(["strace", "-f", "-ttt", "-T", "-s", "400", "-o", str(trace), "-e",
-                             "trace=openat,close,rename,renameat,renameat2,syncfs",
+    result = subprocess.run(["strace", "-f", "-y", "-ttt", "-T", "-s", "400", "-o", str(trace), "-e",
+                             "trace=openat,close,rename,renameat,renameat2,syncfs,fsync",
                              PY, "-m", "chunkflow.cli", "run", *run_flags(job), "--quiet"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -159,28 +203,41 @@ def test_a_done_marker_is_published_only_after_a_syncfs_that_began_after_its_blo
     assert_complete_and_exact(job)
 
     calls = sorted(_syscalls(trace), key=lambda c: c["end"])
-    open_for_write: dict[int, str] = {}
+    flushed_dirs = {str(tmp_path / "out"), str((tmp_path / "job").resolve())}
+    open_for_write: set[tuple[int, str]] = set()  # strace -y names each descriptor's file
     written: dict[tuple[int, str], float] = {}  # (stage, block) -> when its last data file was closed
-    syncs = [(c["start"], c["end"]) for c in calls if c["name"] == "syncfs" and c["result"] == 0]
+    syncs = [(c["start"], c["end"]) for c in calls if c["name"] == "syncfs" and c["result"] == 0
+             and re.match(r"syncfs\(\d+<([^>]+)>", c["args"]).group(1) in flushed_dirs]
     markers = []
     for c in calls:
         if c["name"] == "openat" and c["result"] is not None and c["result"] >= 0 \
                 and re.search(r"O_WRONLY|O_RDWR", c["args"]):
-            open_for_write[c["result"]] = re.search(r'"([^"]+)"', c["args"]).group(1)
-        elif c["name"] == "close" and (fd := int(re.match(r"close\((\d+)", c["args"]).group(1))) in open_for_write:
-            owner = _owner(open_for_write.pop(fd), job)
+            open_for_write.add((c["result"], re.search(r'"([^"]+)"', c["args"]).group(1)))
+        elif c["name"] == "close" and (m := re.match(r"close\((\d+)<([^>]+)>\s*\)", c["args"])) \
+                and (int(m.group(1)), m.group(2)) in open_for_write:
+            open_for_write.discard((int(m.group(1)), m.group(2)))
+            owner = _owner(m.group(2), job)
             if owner is not None:
                 written[owner] = max(written.get(owner, 0.0), c["end"])
         elif c["name"].startswith("rename") and (m := re.search(r'"[^"]*/done/stage(\d)/([^"/]+)"\D*$',
                                                                  c["args"].split(") =")[0])):
             markers.append((int(m.group(1)), m.group(2), c["start"]))
+    assert not [path for _, path in open_for_write if _owner(path, job)], "a data file's close was not read"
     blocks = {job.layout.block_box(b).name for b in job.layout.block_indices()}
     assert {(stage, name) for stage, name, _ in markers} == {(s, n) for s in (1, 2) for n in blocks}
-    assert len(written) >= len(blocks)  # every block wrote chunks or donations in some stage
+    # every block donated in stage one; every block with a band wrote it in stage two
+    assert {(1, name) for name in blocks} <= set(written)
+    assert {(2, job.layout.block_box(b).name) for b in job.layout.block_indices() if job.layout.band_boxes(b)} \
+        <= set(written)
     for stage, name, published in markers:
         last_write = written.get((stage, name))
         if last_write is None:
-            continue  # this stage of this block had nothing to write (no band, say)
+            continue  # this stage of this block had nothing to write (no band)
         assert last_write < published, (stage, name)
         assert any(last_write <= start and end <= published for start, end in syncs), \
             f"stage {stage} marker of {name}: no syncfs between its last write and its marker"
+    # and each marker is durable itself (put(durable=True)): its directory fsynced after its rename
+    for stage, name, published in markers:
+        folder = str((tmp_path / "job").resolve() / "done" / f"stage{stage}")
+        assert any(c["name"] == "fsync" and c["start"] >= published and f"<{folder}>" in c["args"] for c in calls), \
+            (stage, name)

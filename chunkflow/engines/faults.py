@@ -98,6 +98,7 @@ def watched(resources, stage: int):
         return resources
     if stage == 1:  # load these on the shared object, not on the per-task copy
         resources.backend, resources.input
+    resources.durable  # one flush shared by the worker's tasks, as without the watch
     watch = _Watch(stage)
     view = copy.copy(resources)
     view.__dict__["output"] = _Watched(resources.output, watch)

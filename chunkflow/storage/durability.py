@@ -7,11 +7,21 @@ run's bytes: an exit 0 with lost data. So, once a block's writes have all return
 filesystems the job writes to (the output volume's, the donation store's) are flushed with one
 ``syncfs(2)`` each, and only then is the done marker written.
 
-The marker and its log entry need no flush of their own: a marker lost in a crash only makes a
-rerun compute its block again, and one that survives was written after its block's data was on
-disk. Donations and chunks are written without an ``fsync`` each (a temp file renamed, or a chunk
+The marker itself is then written with an ``fsync`` of its own (``put(durable=True)``), so that an
+engine acknowledging the task, or ``cleanup`` deleting the block's donations, come after a marker
+on disk; its log entry is not flushed (a lost one is found again, :mod:`chunkflow.done_log`).
+Donations and chunks are written without an ``fsync`` each (a temp file renamed, or a chunk
 written over): against a killed process those writes are already all-or-nothing or rewritten by the
 rerun (docs/design.md section 11); against a crash, this flush is what counts.
+
+A failed flush (a disk that reports ``EIO`` or ``ENOSPC`` on writeback) fails every later flush of
+the same :class:`Durability` too: the kernel reports a writeback error once per open file, so a
+second flush could return 0 over the lost data. The worker has to be restarted. The directories are
+opened when the :class:`Durability` is made, before the first write it covers, so that an error
+met by the kernel's own writeback in between is still reported to them.
+
+``syncfs`` is Linux's; elsewhere ``os.sync()`` stands in, which neither reports errors nor, on
+macOS and the BSDs, waits for the disk: power-loss safety of local outputs is a Linux property.
 
 Remote stores need nothing: a GCS or S3 write is durable when it returns.
 
@@ -25,6 +35,7 @@ import errno
 import logging
 import os
 import threading
+import weakref
 from typing import Callable, Iterable, Sequence
 
 from chunkflow.errors import StorageError
@@ -34,8 +45,10 @@ __all__ = ["Durability", "local_volume_directory", "sync_filesystems"]
 
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syncfs = getattr(_libc, "syncfs", None)  # Linux; elsewhere os.sync() flushes every filesystem
+try:
+    _syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+except OSError:  # no C library to load by name (Windows)
+    _syncfs = None
 
 
 def local_volume_directory(url: str) -> str | None:
@@ -55,29 +68,45 @@ def _existing(path: str) -> str:
     return path
 
 
-def sync_filesystems(paths: Iterable[str]) -> list[str]:
-    """Flush every filesystem holding one of ``paths`` (one ``syncfs`` per filesystem) and wait until
-    its data is on disk. Returns the paths flushed, one per filesystem. A filesystem that reports a
-    failed write (``EIO``, ``ENOSPC``) raises :class:`~chunkflow.errors.StorageError`."""
-    flushed: dict[int, str] = {}
+def _one_per_filesystem(paths: Iterable[str]) -> list[str]:
+    """The existing directories standing for ``paths``, the first one of each filesystem."""
+    seen: dict[int, str] = {}
     for path in paths:
         where = _existing(path)
-        device = os.stat(where).st_dev
-        if device in flushed:
-            continue
-        flushed[device] = where
-        if _syncfs is None:
-            os.sync()
-            continue
+        seen.setdefault(os.stat(where).st_dev, where)
+    return list(seen.values())
+
+
+def _flush(fd: int, where: str) -> None:
+    if _syncfs is None:
+        os.sync()
+        return
+    if _syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        reason = f"{os.strerror(code)} (errno {errno.errorcode.get(code, code)})" if code else "syncfs failed"
+        raise StorageError(f"cannot make the writes under {where} durable: {reason}")
+
+
+def sync_filesystems(paths: Iterable[str]) -> list[str]:
+    """Flush every filesystem holding one of ``paths`` (one ``syncfs`` per filesystem) and wait until
+    its data is on disk. Returns the directories flushed, one per filesystem. A filesystem that
+    reports a failed write raises :class:`~chunkflow.errors.StorageError`."""
+    flushed = _one_per_filesystem(paths)
+    for where in flushed:
         fd = os.open(where, os.O_RDONLY)
         try:
-            if _syncfs(fd) != 0:
-                code = ctypes.get_errno()
-                reason = f"{os.strerror(code)} (errno {errno.errorcode.get(code, code)})" if code else "syncfs failed"
-                raise StorageError(f"cannot make the writes under {where} durable: {reason}")
+            _flush(fd, where)
         finally:
             os.close(fd)
-    return list(flushed.values())
+    return flushed
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class Durability:
@@ -85,38 +114,60 @@ class Durability:
     every caller that arrived before it started (group commit).
 
     Args:
-        paths: local directories the job writes to (empty: nothing to flush, as for GCS).
-        sync: the flush (default :func:`sync_filesystems`); it is called with ``paths``.
+        paths: local directories the job writes to (empty: nothing to flush, as for GCS). One
+            directory per filesystem is opened now and kept (see the module doc).
+        flush: flushes one opened directory (``fd``, its path); default ``syncfs``. Tests pass a
+            slow or failing one.
     """
 
-    def __init__(self, paths: Sequence[str], sync: Callable[[Sequence[str]], object] = sync_filesystems):
+    def __init__(self, paths: Sequence[str], flush: Callable[[int, str], None] = _flush):
         self.paths = list(paths)
-        self._sync = sync
+        self.directories = _one_per_filesystem(self.paths)
+        self._fds = [os.open(where, os.O_RDONLY) for where in self.directories]
+        weakref.finalize(self, _close_all, list(self._fds))
+        self._flush_one = flush
         self._cond = threading.Condition()
         self._asked = 0  # tickets handed out
         self._covered = 0  # every ticket up to this one is covered by a finished flush
         self._flushing = False
+        self._failed: StorageError | None = None
         self.flushes = 0
 
     def settle(self) -> None:
         """Return once every write this process finished before the call is on disk (a flush that
-        started after the call has finished); raise the flush's StorageError if it failed."""
-        if not self.paths:
+        started after the call has finished). Raises the StorageError of a failed flush, then and
+        in every later call."""
+        if not self._fds:
             return
         with self._cond:
             self._asked += 1
             ticket = self._asked
-            while self._covered < ticket:
-                if self._flushing:
-                    self._cond.wait()
-                    continue
-                self._flushing, upto = True, self._asked  # every ticket so far was taken after its writes
-                self._cond.release()
-                try:
-                    self._sync(self.paths)
-                finally:
-                    self._cond.acquire()
-                    self._flushing = False
-                    self._cond.notify_all()
-                self.flushes += 1
-                self._covered = max(self._covered, upto)
+        while True:
+            flusher = False
+            try:
+                with self._cond:
+                    while True:
+                        if self._failed is not None:
+                            raise StorageError(f"{self._failed} (an earlier flush failed: restart this worker)")
+                        if self._covered >= ticket:
+                            return
+                        if not self._flushing:
+                            break
+                        self._cond.wait()
+                    self._flushing = flusher = True
+                    upto = self._asked  # every ticket so far was taken after its writes had returned
+                for fd, where in zip(self._fds, self.directories):
+                    self._flush_one(fd, where)
+                with self._cond:
+                    self._covered = max(self._covered, upto)
+                    self.flushes += 1
+            except StorageError as failed:
+                if flusher:
+                    with self._cond:
+                        self._failed = failed
+                raise
+            finally:
+                if flusher:
+                    with self._cond:
+                        self._flushing = False
+                        self._cond.notify_all()

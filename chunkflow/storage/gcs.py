@@ -94,7 +94,8 @@ class GCSStore(ObjectStore):
     def _blob(self, name: str):
         return self._bucket.blob(self.prefix + validate_name(name))
 
-    def put(self, name: str, data: bytes, if_absent: bool = False) -> bool:
+    def put(self, name: str, data: bytes, if_absent: bool = False, durable: bool = False) -> bool:
+        """An object is durable once its upload returns: ``durable`` asks nothing more of GCS."""
         from google.api_core.exceptions import PreconditionFailed
 
         blob = self._blob(name)

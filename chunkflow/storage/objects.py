@@ -31,8 +31,11 @@ class ObjectStore:
     #: durable (:mod:`chunkflow.storage.durability`); None where a write is durable when it returns
     local_root: str | None = None
 
-    def put(self, name: str, data: bytes, if_absent: bool = False) -> bool:
-        """Store ``data`` atomically. With ``if_absent``, keep an existing object and return False."""
+    def put(self, name: str, data: bytes, if_absent: bool = False, durable: bool = False) -> bool:
+        """Store ``data`` atomically. With ``if_absent``, keep an existing object and return False.
+        With ``durable``, the object survives a power loss once this returns (a done marker that an
+        engine acknowledges, or cleanup deletes donations, after); other writes are made durable
+        together (:mod:`chunkflow.storage.durability`)."""
         raise NotImplementedError
 
     def get(self, name: str) -> bytes:
@@ -103,15 +106,24 @@ class ObjectStore:
         return f"{type(self).__name__}({self.url!r})"
 
 
+def _fsync_directory(directory: Path) -> None:
+    """Make a file's name in ``directory`` survive a power loss (after a rename or a link)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DirectoryStore(ObjectStore):
     """Objects as files under a local directory.
 
     ``put`` writes a temp file in the target's directory, then publishes it with ``os.replace``
     (atomic overwrite) or ``os.link`` (atomic create-if-absent: link fails with EEXIST if the name
     exists). Temp files start with ``.cftmp-`` and are never listed. A killed writer leaves the old
-    object or the new one, never a torn one. No ``fsync`` per object: what must survive a power
-    loss is flushed once per block, before its done marker (:mod:`chunkflow.storage.durability`,
-    through :attr:`local_root`).
+    object or the new one, never a torn one. Only a ``durable`` put is fsynced (the file, then its
+    directory): a block's other objects are flushed together before its done marker
+    (:mod:`chunkflow.storage.durability`, through :attr:`local_root`).
 
     The root directory is created by the first ``put``, not when the store is opened,
     so reading commands (``show``, ``inspect``) on a mistyped path leave nothing behind.
@@ -125,7 +137,7 @@ class DirectoryStore(ObjectStore):
     def _path(self, name: str) -> Path:
         return self.root / validate_name(name)
 
-    def put(self, name: str, data: bytes, if_absent: bool = False) -> bool:
+    def put(self, name: str, data: bytes, if_absent: bool = False, durable: bool = False) -> bool:
         path = self._path(name)
         tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         try:
@@ -136,6 +148,8 @@ class DirectoryStore(ObjectStore):
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             if if_absent:
@@ -147,6 +161,8 @@ class DirectoryStore(ObjectStore):
                     os.unlink(tmp)
             else:
                 os.replace(tmp, path)
+            if durable:
+                _fsync_directory(path.parent)
             return True
         except OSError as exc:
             try:
