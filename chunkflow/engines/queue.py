@@ -60,6 +60,10 @@ DEFAULT_LEASE = 120
 PROTOCOLS = ("fq://", "sqs://")
 #: seconds a task of another job that a worker handed back stays invisible (so its next lease finds another)
 HAND_BACK_SECONDS = 2
+#: a worker that has leased only other jobs' tasks stops after its lease or this many hand-backs,
+#: whichever is longer: two workers of two jobs hide each other's tasks for HAND_BACK_SECONDS at a time
+#: (with ``--lease 2`` both once stopped with a task of their job still queued)
+FOREIGN_HAND_BACKS = 5
 #: seconds between the checkpoints (``summary/stage1``) a waiting barrier writes
 SAVE_EVERY_S = 60.0
 
@@ -294,10 +298,13 @@ class JobBinding:
         """Whether a worker without ``--wait``, handing back other jobs' tasks, should stop: its job's
         ``stage`` is complete (every block done or given up; looked at most once per ``poll``), or it
         has leased only other jobs' tasks for ``lease`` seconds (a dead worker's task of its job would
-        have come back by then, so this queue holds nothing more for it)."""
+        have come back by then, so this queue holds nothing more for it), and for at least
+        :data:`FOREIGN_HAND_BACKS` hand-backs (a task of its job hidden by another job's worker comes
+        back after each)."""
         now = time.monotonic()
-        if self._foreign_since is not None and now - self._foreign_since > lease:
-            log.info("no task of job %s in %.0f s, only other jobs' tasks: stopping", self.job.job_hash, lease)
+        patience = max(lease, FOREIGN_HAND_BACKS * HAND_BACK_SECONDS)
+        if self._foreign_since is not None and now - self._foreign_since > patience:
+            log.info("no task of job %s in %.0f s, only other jobs' tasks: stopping", self.job.job_hash, patience)
             return True
         if now - self._checked < poll:
             return False
