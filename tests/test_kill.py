@@ -4,6 +4,7 @@ the lease runs out) and the output equals the whole-volume reference, with every
 once. The kill points come from the test-only hook in ``chunkflow.engines.faults``."""
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
@@ -43,7 +44,9 @@ def test_dask_survives_killed_workers(tmp_path, arm, mode):
     assert proc.returncode == 0, err[-3000:]
     assert set(killer.killed) == {p.replace(":", "-") for p in ARMS[arm].split(",")}
     assert_complete_and_exact(job)
-    assert "retries" in out, out  # whole summary: once (CI-like -n 2 run) it said "1 retry" in each stage
+    # rescheduled attempts are reported (a count, "1 retry" or "N retries"; once, under -n 2, stage two's two
+    # kills were reported as "1 retry": not reproduced, named in the closing note of 2026-11-28)
+    assert re.search(r"\b[1-9]\d* retr(y|ies)\b", out), out
 
 
 @pytest.mark.parametrize("arm", ["a", "b"])
