@@ -22,7 +22,7 @@ from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
 from chunkflow.store_layout import MANIFEST
-from chunkflow.storage.durability import Durability, local_volume_directory
+from chunkflow.storage.durability import job_durability
 from chunkflow.storage.volume_factory import check_output_compression
 from chunkflow.storage.volume_urls import same_or_nested, volume_format, volume_location
 from chunkflow.storage.volumes import input_missing
@@ -67,7 +67,7 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
     output = params.output
     block_map = _block_map(job, source) if job.mask and not store.exists(BLOCK_MAP) else None
     if existing_output is None or previous is None or block_map is not None:  # a new job survives a crash
-        durable = Durability([p for p in (local_volume_directory(output), store.local_root) if p])
+        durable = job_durability(output, store)
         if existing_output is None:
             create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
                           resolution=source.resolution, compression=job.output_compression, shard=output_shard(job))

@@ -19,7 +19,7 @@ from chunkflow.blend import WeightSum, weight_map
 from chunkflow.job import Job
 from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
 from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
-from chunkflow.storage.durability import Durability, local_volume_directory
+from chunkflow.storage.durability import Durability, job_durability
 from chunkflow.storage.volumes import input_missing
 from chunkflow.stage_pipeline import DeviceTurns, InputPrefetcher, StageGates
 
@@ -130,7 +130,7 @@ class Resources:
         """Flushes the local filesystems of the output volume and the store before a block's done
         marker, one flush for the blocks of this worker that finish together
         (:mod:`chunkflow.storage.durability`); nothing to flush for remote ones."""
-        return Durability([p for p in (local_volume_directory(self.job.output), self.store.local_root) if p])
+        return job_durability(self.job.output, self.store)
 
     @property
     def backend(self) -> Backend:

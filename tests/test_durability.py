@@ -19,17 +19,19 @@ import pytest
 from chunkflow.bbox import Bbox
 from chunkflow.errors import StorageError
 from chunkflow.resources import Resources
-from chunkflow.storage.durability import Durability, local_volume_directory, sync_filesystems
+from chunkflow.storage.durability import Durability, local_volume_directory
 from tests.test_engines_support import PY, ROOT, assert_complete_and_exact, run_flags, small_job
 
 
-def test_sync_filesystems_flushes_each_filesystem_once_and_takes_a_missing_path_by_its_parent(tmp_path):
+def test_one_directory_per_filesystem_is_flushed_and_a_missing_path_stands_for_its_parent(tmp_path):
     (tmp_path / "a").mkdir()
-    flushed = sync_filesystems([str(tmp_path / "a"), str(tmp_path), str(tmp_path / "not" / "yet")])
-    assert flushed == [str(tmp_path / "a")]  # one filesystem: one syncfs
+    durable = Durability([str(tmp_path / "a"), str(tmp_path), str(tmp_path / "not" / "yet")])
+    assert durable.directories == [str(tmp_path / "a")]  # one filesystem: one syncfs
+    durable.settle()  # the real syncfs
+    assert durable.flushes == 1
     if os.path.isdir("/dev/shm") and os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
-        assert sync_filesystems([str(tmp_path), "/dev/shm"]) == [str(tmp_path), "/dev/shm"]
-    assert sync_filesystems([]) == []
+        assert Durability([str(tmp_path), "/dev/shm"]).directories == [str(tmp_path), "/dev/shm"]
+    assert Durability([]).directories == []
 
 
 def test_local_volume_directory_names_local_volumes_only(tmp_path):

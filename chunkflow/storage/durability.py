@@ -32,18 +32,18 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 import threading
 import weakref
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from chunkflow.errors import StorageError
 from chunkflow.storage.volume_urls import volume_location
 
-__all__ = ["Durability", "local_volume_directory", "sync_filesystems"]
+if TYPE_CHECKING:
+    from chunkflow.storage.objects import ObjectStore
 
-log = logging.getLogger(__name__)
+__all__ = ["Durability", "job_durability", "local_volume_directory"]
 
 try:
     _syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
@@ -85,20 +85,6 @@ def _flush(fd: int, where: str) -> None:
         code = ctypes.get_errno()
         reason = f"{os.strerror(code)} (errno {errno.errorcode.get(code, code)})" if code else "syncfs failed"
         raise StorageError(f"cannot make the writes under {where} durable: {reason}")
-
-
-def sync_filesystems(paths: Iterable[str]) -> list[str]:
-    """Flush every filesystem holding one of ``paths`` (one ``syncfs`` per filesystem) and wait until
-    its data is on disk. Returns the directories flushed, one per filesystem. A filesystem that
-    reports a failed write raises :class:`~chunkflow.errors.StorageError`."""
-    flushed = _one_per_filesystem(paths)
-    for where in flushed:
-        fd = os.open(where, os.O_RDONLY)
-        try:
-            _flush(fd, where)
-        finally:
-            os.close(fd)
-    return flushed
 
 
 def _close_all(fds: list[int]) -> None:
@@ -171,3 +157,9 @@ class Durability:
                     with self._cond:
                         self._flushing = False
                         self._cond.notify_all()
+
+
+def job_durability(output_url: str, store: "ObjectStore") -> Durability:
+    """The :class:`Durability` of a job's writes: the output volume's and the store's local
+    directories (none for remote ones)."""
+    return Durability([p for p in (local_volume_directory(output_url), store.local_root) if p])
