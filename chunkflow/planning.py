@@ -24,7 +24,7 @@ from chunkflow.storage.sharding import check_shards_tile, output_shard
 from chunkflow.store_layout import MANIFEST
 from chunkflow.storage.durability import job_durability
 from chunkflow.storage.volume_factory import check_output_compression
-from chunkflow.storage.volume_urls import same_or_nested, volume_format, volume_location
+from chunkflow.storage.volume_urls import absolute_url, same_or_nested, volume_format, volume_location
 from chunkflow.storage.volumes import input_missing
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
                 and previous.model_checksum != job.model_checksum:
             verify_model(previous.model, previous.weights, previous.model_checksum)  # one line naming the file
         raise _another_job(store, job, previous)
-    output = params.output
+    output = job.output
     block_map = _block_map(job, source) if job.mask and not store.exists(BLOCK_MAP) else None
     if existing_output is None or previous is None or block_map is not None:  # a new job survives a crash
         durable = job_durability(output, store)
@@ -119,6 +119,7 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
         if not isinstance(value, bool):
             raise JobError(f"{flag} takes no value (got {value!r})")
     check_locations(p.input, p.output, p.donations)
+    p = replace(p, input=absolute_url(p.input), output=absolute_url(p.output))  # one volume from any directory
     for flag, value in (("--mip", p.mip), ("--mask-mip", p.mask_mip)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise JobError(f"{flag} {value!r} is not a resolution level (0, 1, 2, ...)")
@@ -129,6 +130,7 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
             raise JobError(f"--mask {p.mask} is the output {p.output} (or inside it, or holds it); give the mask "
                            "layer")
         open_volume(p.mask, missing="zeros", mip=p.mask_mip)  # refused here if absent or without that level
+        p = replace(p, mask=absolute_url(p.mask))
     if not isinstance(p.output_compression, str):
         raise JobError(f"--output-compression {p.output_compression!r} is not a codec name")
 

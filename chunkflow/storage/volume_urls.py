@@ -18,7 +18,7 @@ import os
 from chunkflow.errors import StorageError
 from chunkflow.storage.formats import foreign_format
 
-__all__ = ["SUPPORTED_URLS", "classify", "same_or_nested", "suggest_file_url", "volume_format", "volume_location"]
+__all__ = ["SUPPORTED_URLS", "absolute_url", "classify", "same_or_nested", "suggest_file_url", "volume_format", "volume_location"]
 
 SUPPORTED_URLS = (
     "supported volume URLs: [precomputed://]file:///abs/path, [precomputed://]gs://bucket/path, "
@@ -51,6 +51,18 @@ def classify(url: str) -> tuple[str, str]:
     if "://" not in url and any(part.endswith(".zarr") for part in url.rstrip("/").split("/")):
         return "zarr", url  # a store, or one level inside it (image.zarr/0)
     raise _unsupported(url)
+
+
+def absolute_url(url: str) -> str:
+    """``url`` with a relative local zarr path made absolute (``~`` expanded), in the same spelling
+    otherwise, so that a job's manifest names the same volume from any working directory: a worker
+    started elsewhere must not open another ``em.zarr``. Precomputed local URLs (``file:///``) are
+    absolute already; remote URLs pass unchanged. StorageError for an unsupported URL."""
+    fmt, location = classify(url)
+    if fmt != "zarr" or "://" in location or os.path.isabs(location):
+        return url
+    absolute = os.path.abspath(os.path.expanduser(location))
+    return f"zarr://{absolute}" if url.startswith("zarr://") else absolute
 
 
 def _unsupported(url: str) -> StorageError:
