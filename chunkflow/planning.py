@@ -129,7 +129,7 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
         if same_or_nested(volume_location(p.mask), volume_location(p.output)):
             raise JobError(f"--mask {p.mask} is the output {p.output} (or inside it, or holds it); give the mask "
                            "layer")
-        open_volume(p.mask, missing="zeros", mip=p.mask_mip)  # refused here if absent or without that level
+        mask = open_volume(p.mask, missing="zeros", mip=p.mask_mip)  # refused here if absent or without that level
         p = replace(p, mask=absolute_url(p.mask))
     if not isinstance(p.output_compression, str):
         raise JobError(f"--output-compression {p.output_compression!r} is not a codec name")
@@ -138,6 +138,8 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
         raise JobError(f"output dtype float16 is not supported by Neuroglancer precomputed ({p.output}); use float32 "
                        "or uint8, or a zarr output")
     source = open_volume(p.input, missing=input_missing(p.fill_missing), mip=p.mip)
+    if p.mask is not None:
+        check_mask_resolution(mask, source, p.mask, p.mip)
     bbox = parse_region(p.bbox, source.bbox, p.mip)
     block_v = Vec.parse(p.block, "block") if p.block is not None else Vec(min(s, 128) for s in bbox.shape)
     check_device(p.device)
@@ -224,6 +226,19 @@ def check_patch_fits(region: Bbox, in_patch: Vec, out_patch: Vec, out_patch_give
         larger = " (or a larger --bbox)" if region_given else ""
         raise JobError(f"{what} is larger than the volume {zyx_text(region.shape)} along {axis}; give a patch of "
                        f"at most {region.shape[a]} along {axis}{larger}")
+
+
+def check_mask_resolution(mask, source, mask_url: str, mip: int) -> None:
+    """Refuse a mask without a voxel size of its own where the default (1 nm) would misplace it: the
+    mask is laid over the input by physical coordinates, so a plain zarr mask over a 40x8x8 nm input
+    would cover a corner and leave the rest uncomputed, at exit 0 (a mask and an input that both lack
+    a voxel size agree voxel for voxel and are accepted)."""
+    if mask.resolution_known or tuple(mask.resolution) == tuple(source.resolution):
+        return
+    raise JobError(f"--mask {mask_url} has no voxel size (a zarr array without a 'resolution' attribute), so it "
+                   f"would be laid over the input as {zyx_text(mask.resolution, floats=True)} nm voxels while the "
+                   f"input at mip {mip} has {zyx_text(source.resolution, floats=True)} nm; give the mask its voxel "
+                   f"size: python3 -c \"import zarr; zarr.open_array('{mask.url}').attrs.update(resolution=[Z, Y, X])\"")
 
 
 def check_locations(input: str, output: str, store: str | None) -> None:

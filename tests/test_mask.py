@@ -108,3 +108,34 @@ def test_a_bad_mask_is_refused_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
         assert not (tmp_path / "out").exists() and not (tmp_path / "job").exists()
+
+
+def test_a_mask_without_a_voxel_size_is_refused_where_it_would_be_misplaced(tmp_path, capsys):
+    """A plain zarr mask without a ``resolution`` attribute reads as 1 nm voxels: over a 40x8x8 nm
+    input it would cover a corner and leave the rest uncomputed at exit 0 (a new user's walkthrough,
+    2026-11-29). Refused in one line naming both voxel sizes and how to set the mask's, nothing
+    written; accepted once the mask has its voxel size, or where the input has none either."""
+    import zarr
+
+    url, _ = make_input(tmp_path / "em", SHAPE, seed=34)  # precomputed, 40x8x8 nm
+    bare = str(tmp_path / "bare.zarr")
+    zarr.create_array(bare, shape=(1, *SHAPE), chunks=(1, 8, 48, 48), dtype="uint8")[:] = 1
+    out, job = f"file://{tmp_path / 'out'}", str(tmp_path / "job")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plan", "--donations", job, *_flags(url, out, bare, "16,48,48")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "has no voxel size" in err[0] and "40,8,8" in err[0] and "resolution=[Z, Y, X]" in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "job").exists()
+
+    zarr.open_array(bare).attrs.update(resolution=[40, 8, 8])
+    cli.main(["plan", "--donations", job, *_flags(url, out, bare, "16,48,48")])
+    assert (tmp_path / "job" / "manifest.json").exists()
+
+    plain_input = str(tmp_path / "plain_em.zarr")  # no voxel size either: the two agree voxel for voxel
+    zarr.create_array(plain_input, shape=(1, *SHAPE), chunks=(1, 8, 48, 48), dtype="uint8")[:] = 7
+    bare2 = str(tmp_path / "bare2.zarr")
+    zarr.create_array(bare2, shape=(1, *SHAPE), chunks=(1, 8, 48, 48), dtype="uint8")[:] = 1
+    cli.main(["plan", "--donations", str(tmp_path / "job2"),
+              *_flags(plain_input, str(tmp_path / "out2.zarr"), bare2, "16,48,48")])
+    assert (tmp_path / "job2" / "manifest.json").exists()

@@ -43,6 +43,9 @@ class Volume:
     #: the box of chunks one shard holds (ZYX, from the volume's start), the unit of every write of a
     #: sharded volume; None for a sharded volume whose shards are not boxes (it cannot be written)
     shard_size: Vec | None = None
+    #: False where the format held no voxel size and ``resolution`` is a default (a plain zarr array
+    #: without a ``resolution`` attribute): fine for an input, not for a mask laid over one by nm
+    resolution_known: bool = True
     #: chunks that did not exist and were read as zeros because the volume was opened with fill_missing
     filled_chunks: int = 0
 

@@ -130,6 +130,7 @@ class ZarrVolume(Volume):
         self.mip = mip
         shape = tuple(array.shape)
         attrs = dict(array.attrs)
+        level_given = level is not None  # OME-Zarr metadata places every level in physical units
         if level is None:
             if len(shape) not in (3, 4):
                 raise StorageError(f"zarr array at {url} has shape {shape}; expected Z,Y,X or C,Z,Y,X")
@@ -153,6 +154,7 @@ class ZarrVolume(Volume):
             dtype=array.dtype,
             resolution=level.resolution,
         )
+        self.resolution_known = level_given or "resolution" in attrs
 
     @staticmethod
     def _agree(url: str, level: ome.LevelGeometry, attrs: dict) -> ome.LevelGeometry:
