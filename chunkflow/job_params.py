@@ -80,6 +80,8 @@ class JobParameters:
     mask_mip: int = _param("resolution level of the mask layer (default 0).", 0)
     sharded: bool = _param("create the output sharded (precomputed shards, zarr v3 shards) in shards that tile the "
                            "block; stage two then writes whole blocks (docs/design.md, sharded outputs).", False)
+    overwrite: bool = _param("write over a region of an existing output that another job wrote (refused without it, "
+                             "naming that job).", False)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

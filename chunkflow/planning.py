@@ -18,6 +18,7 @@ from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, Job, JobError, default
                            validate_parameters)
 from chunkflow.job_params import JobParameters, takes_job_parameters
 from chunkflow.masking import BLOCK_MAP, encode_block_map, masked_blocks, open_mask
+from chunkflow.output_claims import check_claims, claim_output
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
@@ -57,20 +58,24 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
     """
     store = open_store(params.donations)
     check_store(store)
-    job, existing_output, source = make_job(replace(params, donations=store.url), device_here)
+    job, existing_output, source = make_job(replace(params, donations=store.url), device_here, claims=False)
     previous = _existing_job(store)
     if previous is not None and previous.job_hash != job.job_hash:
         if (previous.model, previous.weights) == (job.model, job.weights) \
                 and previous.model_checksum != job.model_checksum:
             verify_model(previous.model, previous.weights, previous.model_checksum)  # one line naming the file
         raise _another_job(store, job, previous)
+    if existing_output is not None:  # after the store's refusal, which names what differs
+        check_claims(existing_output, job, params.overwrite)
     output = job.output
     block_map = _block_map(job, source) if job.mask and not store.exists(BLOCK_MAP) else None
     if existing_output is None or previous is None or block_map is not None:  # a new job survives a crash
         durable = job_durability(output, store)
         if existing_output is None:
-            create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels, job.output_dtype,
-                          resolution=source.resolution, compression=job.output_compression, shard=output_shard(job))
+            existing_output = create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels,
+                                            job.output_dtype, resolution=source.resolution,
+                                            compression=job.output_compression, shard=output_shard(job))
+        claim_output(existing_output, job)  # before the first byte of data: the region is this job's
         if previous is None and store.put(MANIFEST, job.to_json().encode(), if_absent=True):
             log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks,
                      job.layout.num_patches)
@@ -91,7 +96,7 @@ def _another_job(store: ObjectStore, job: Job, held: Job) -> JobError:
                     "--donations location (or delete that one)")
 
 
-def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | None, object]:
+def make_job(p: JobParameters, device_here: bool = True, claims: bool = True) -> tuple[Job, object | None, object]:
     """Validate everything and build the Job, writing nothing.
 
     Args:
@@ -101,6 +106,8 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
             sharded if it is).
         device_here: also load the model on ``p.device`` on this machine (False when the
             workers are elsewhere, e.g. a Dask scheduler's).
+        claims: refuse a region of an existing output that another job claimed, unless
+            ``p.overwrite`` (:mod:`chunkflow.output_claims`); ``plan_job`` checks it itself, later.
 
     Returns:
         ``(job, existing output volume or None, input volume)``.
@@ -115,7 +122,7 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
         raise JobError(f"compression {p.compression!r} is not one of {', '.join(COMPRESSIONS)}")
     if not isinstance(p.batch_size, int) or isinstance(p.batch_size, bool) or p.batch_size < 1:
         raise JobError(f"--batch-size {p.batch_size!r} must be a positive integer")
-    for flag, value in (("--fill-missing", p.fill_missing), ("--sharded", p.sharded)):
+    for flag, value in (("--fill-missing", p.fill_missing), ("--sharded", p.sharded), ("--overwrite", p.overwrite)):
         if not isinstance(value, bool):
             raise JobError(f"{flag} takes no value (got {value!r})")
     check_locations(p.input, p.output, p.donations)
@@ -197,6 +204,8 @@ def make_job(p: JobParameters, device_here: bool = True) -> tuple[Job, object | 
               mask_mip=p.mask_mip, sharded=sharded)
     if existing is None:
         output_shard(job)  # refuses a block that the new output's shards cannot tile
+    elif claims:
+        check_claims(existing, job, p.overwrite)
     return job, existing, source
 
 

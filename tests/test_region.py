@@ -95,7 +95,7 @@ def test_two_regions_one_after_another_into_one_output(tmp_path):
                  *FLAGS) == 0  # a full-size output to write the second region into
     for i, region in enumerate(("0-64_0-64_0-16", "64-128_32-64_0-16")):
         out = f"file://{tmp_path / 'whole'}"
-        assert _main("run", "--input", url, "--output", out, "--donations", tmp_path / f"r{i}", "--block",
+        assert _main("run", "--input", url, "--output", out, "--donations", tmp_path / f"r{i}", "--overwrite", "--block",
                      "16,32,32", "--bbox", region, *FLAGS) == 0
         ref = f"file://{tmp_path / f'ref{i}'}"
         assert _main("reference", "--input", url, "--output", ref, "--bbox", region, *FLAGS) == 0

@@ -17,6 +17,7 @@ from chunkflow.cost_model import DEFAULT_PRICES, Prices, takes_prices
 from chunkflow.engines import check_options, make_engine, run_job
 from chunkflow.job import JobError
 from chunkflow.job_params import JobParameters, takes_job_parameters
+from chunkflow.output_claims import claim_output
 from chunkflow.planning import load_job, make_job, plan_job
 from chunkflow.region import parse_region
 from chunkflow.stages import Resources, cast_output, reference as reference_output
@@ -116,8 +117,9 @@ def reference(params: JobParameters, quiet: bool = False) -> None:
     whole = tuple(-(-s // c) * c for s, c in zip(region.shape, chunk))
     job, existing, source = make_job(replace(params, block=whole, bbox=region.name))
     result = reference_output(job, Resources(job))
-    target = existing or create_volume(params.output, region, job.storage_chunk, job.out_channels, params.dtype,
+    target = existing or create_volume(job.output, region, job.storage_chunk, job.out_channels, params.dtype,
                                        resolution=source.resolution, compression=params.output_compression)
+    claim_output(target, job)
     target.write(region, cast_output(result, params.dtype))
     print(f"reference of {region.name} (mip {params.mip}) written to {params.output}")
 

@@ -35,7 +35,7 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import MissingInput, StorageError, one_line
 from chunkflow.storage.precomputed_files import ChunkFiles
 from chunkflow.storage.sharding import precomputed_shard_size, precomputed_sharding_spec, write_precomputed_shards
-from chunkflow.storage.volumes import Volume
+from chunkflow.storage.volumes import CLAIMS_KEY, Volume
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,20 @@ class PrecomputedVolume(Volume):
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot create volume {url}: {one_line(exc, first_only=True, typed=True)}") from exc
         return cls(url, cv)
+
+    def claims(self) -> list:
+        return [c for c in self._cv.info.get(CLAIMS_KEY, []) if isinstance(c, dict) and c.get("mip", 0) == self.mip]
+
+    def add_claim(self, claim: dict) -> None:
+        """Re-read the info file, append ``claim`` (with this level's mip) and write it back."""
+        with self._lock:
+            try:
+                self._cv.refresh_info()
+                self._cv.info[CLAIMS_KEY] = list(self._cv.info.get(CLAIMS_KEY, [])) + [{**claim, "mip": self.mip}]
+                self._cv.commit_info()
+            except Exception as exc:  # noqa: BLE001 - cloud-files raises many kinds; report one line
+                raise StorageError(f"cannot record this job in {self.url}'s info file: "
+                                   f"{one_line(exc, first_only=True, typed=True)}") from exc
 
     @property
     def compression(self) -> str:

@@ -29,6 +29,11 @@ def input_missing(fill_missing: bool) -> str:
     return "count" if fill_missing else "refuse"
 
 
+#: where a volume's metadata keeps the jobs' claims on its regions (:mod:`chunkflow.output_claims`): a key of
+#: a precomputed info file (a list of claims, each with its mip), an attribute of a zarr array
+CLAIMS_KEY = "chunkflow_jobs"
+
+
 class Volume:
     """A C,Z,Y,X array in global voxel coordinates. Subclasses implement ``_read``/``_write``."""
 
@@ -64,6 +69,15 @@ class Volume:
         self.num_channels = int(num_channels)
         self.dtype = np.dtype(dtype)
         self.resolution = tuple(float(r) for r in resolution)  # type: ignore[assignment]
+
+    def claims(self) -> list:
+        """The jobs' claims on regions of this level (:mod:`chunkflow.output_claims`), from the
+        volume's own metadata; [] where it holds none."""
+        return []
+
+    def add_claim(self, claim: dict) -> None:
+        """Append ``claim`` to the claims in the volume's own metadata (:mod:`chunkflow.output_claims`)."""
+        raise StorageError(f"{self.url}: this kind of volume keeps no claims")
 
     # -- back-end hooks -------------------------------------------------------------
     def _read(self, bbox: Bbox) -> np.ndarray:  # pragma: no cover - abstract

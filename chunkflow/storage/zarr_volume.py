@@ -39,7 +39,7 @@ import numpy as np
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import StorageError, one_line
 from chunkflow.storage import ome_zarr as ome
-from chunkflow.storage.volumes import Volume
+from chunkflow.storage.volumes import CLAIMS_KEY, Volume
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,17 @@ class ZarrVolume(Volume):
         log.debug("created OME-Zarr %s (compression %s)", url, compression)
         return cls(url, array, ome.LevelGeometry(bbox.start, tuple(resolution),  # type: ignore[arg-type]
                                                  ome.Layout(("c", "z", "y", "x"), channel=0)))
+
+    def claims(self) -> list:
+        return [c for c in self._array.attrs.get(CLAIMS_KEY, []) if isinstance(c, dict)]
+
+    def add_claim(self, claim: dict) -> None:
+        """Append ``claim`` to the array's attribute and write its metadata back."""
+        try:
+            self._array.update_attributes({CLAIMS_KEY: list(self._array.attrs.get(CLAIMS_KEY, [])) + [claim]})
+        except Exception as exc:  # noqa: BLE001 - stores raise many kinds; report one line
+            raise StorageError(f"cannot record this job in {self.url}'s attributes: "
+                               f"{one_line(exc, first_only=True, typed=True)}") from exc
 
     def _selection(self, bbox: Bbox) -> tuple:
         return (*self._lead, *bbox.slices(self.bbox))
