@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from chunkflow.bbox import Bbox
+from chunkflow.errors import ModelError
 from chunkflow.geometry import Layout
 from chunkflow.job import Job
 from chunkflow.storage import ObjectStore, Volume
@@ -70,6 +71,8 @@ def write_block(job: Job, layout: Layout, block, chunk: Bbox, out: np.ndarray, o
     donations = layout.donations_from(block)
     if job.donation_dtype == "float16":  # refuse before the first write, not after some pieces went out
         _check_float16(out, chunk, donations)
+    if job.output_dtype == "float16":
+        check_fits_float16_output(out, chunk, slabs)
     futures: list[Future] = []
     try:
         futures += [pool.submit(write, slab) for slab in slabs]
@@ -104,3 +107,14 @@ def _check_float16(out: np.ndarray, chunk: Bbox, donations) -> None:
         if piece.size and not float(np.abs(piece).max()) < FLOAT16_LIMIT:  # NaN fails the comparison too
             raise ValueError(f"donation {donation.key}: values do not fit float16 (|value| > 65504, or NaN); "
                              "plan the job with --donation-dtype float32")
+
+
+def check_fits_float16_output(data: np.ndarray, box: Bbox, parts: list[Bbox]) -> None:
+    """Refuse (ModelError, one line) output values a float16 output volume cannot hold, before the first
+    write: cast, they would be stored as inf at exit 0. ``data`` covers ``box``; ``parts`` are the boxes
+    about to be written."""
+    for part in parts:
+        values = data[(slice(None),) + part.slices(box)]
+        if values.size and not float(np.abs(values).max()) < FLOAT16_LIMIT:  # NaN fails the comparison too
+            raise ModelError(f"output values in {part.name} do not fit float16 (|value| > 65504, or NaN): nothing of "
+                             "this block was written; plan the job with --dtype float32")

@@ -22,7 +22,7 @@ from chunkflow.output_claims import check_claims, claim_output
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
-from chunkflow.store_layout import MANIFEST
+from chunkflow.store_layout import DONATIONS, DONE, MANIFEST
 from chunkflow.storage.durability import job_durability
 from chunkflow.storage.volume_factory import check_output_compression
 from chunkflow.storage.volume_urls import absolute_url, same_or_nested, volume_format, volume_location
@@ -42,7 +42,7 @@ def plan(params: JobParameters, device_here: bool = True) -> Job:
     return plan_job(params, device_here)
 
 
-def plan_job(params: JobParameters, device_here: bool = True) -> Job:
+def plan_job(params: JobParameters, device_here: bool = True, force: bool = False) -> Job:
     """Validate every parameter, create the output volume if needed, write the manifest.
 
     Planning the same parameters twice returns the existing job; planning different ones into a
@@ -52,6 +52,8 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
         params: the job's parameters (``params.donations`` is the job store).
         device_here: also load the model on ``params.device`` on this machine (False when the
             workers are elsewhere, e.g. a Dask scheduler's).
+        force: the caller recomputes every block (``run --force``), so a store whose done markers
+            stand over a missing output is no refusal (:func:`check_leftovers`).
 
     Returns:
         The planned job, as its manifest holds it.
@@ -67,6 +69,7 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
         raise _another_job(store, job, previous)
     if existing_output is not None:  # after the store's refusal, which names what differs
         check_claims(existing_output, job, params.overwrite)
+    check_leftovers(store, job, previous is not None, existing_output is not None, force)
     output = job.output
     block_map = _block_map(job, source) if job.mask and not store.exists(BLOCK_MAP) else None
     if existing_output is None or previous is None or block_map is not None:  # a new job survives a crash
@@ -86,6 +89,26 @@ def plan_job(params: JobParameters, device_here: bool = True) -> Job:
     if planned.job_hash != job.job_hash:  # another planner won a race to this store
         raise _another_job(store, job, planned)
     return planned
+
+
+def check_leftovers(store: ObjectStore, job: Job, planned: bool, output_exists: bool, force: bool = False) -> None:
+    """Refuse done markers that would vouch for data that is not there (found by an adversarial review,
+    2026-11-29; each was an exit 0 with zeros or another job's output):
+
+    * a store without a manifest that holds done markers or donations: another job's leftovers (a
+      manifest deleted, an interrupted ``rm -r``), whose markers would make this job skip its blocks;
+    * this job's store with done markers while its output does not exist: the output was deleted
+      after the blocks were done, and a rerun would skip them over a new, empty output (unless
+      ``force``, which recomputes every block)."""
+    if not planned:
+        for prefix, what in ((f"{DONE}/", "done markers"), (DONATIONS, "donations")):
+            if next(iter(store.list(prefix)), None) is not None:
+                raise JobError(f"{store.url} holds {what} but no manifest.json: the leftovers of another job; give a "
+                               "new --donations location, or delete that one")
+    elif not output_exists and not force and next(iter(store.list(f"{DONE}/")), None) is not None:
+        raise JobError(f"output {job.output} does not exist, but job store {store.url} holds done markers of this "
+                       "job: the data they vouch for is gone; recompute every block with `chunkflow run --force`, "
+                       "or plan into a new --donations location")
 
 
 def _another_job(store: ObjectStore, job: Job, held: Job) -> JobError:

@@ -49,6 +49,7 @@ from typing import Iterator
 import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
+from chunkflow.block_writes import check_fits_float16_output
 from chunkflow.errors import MissingDonations
 from chunkflow.geometry import Donation
 from chunkflow.job import Job
@@ -76,6 +77,9 @@ def receive_and_blend(job: Job, block: Vec, res: Resources | None = None, cleanu
     expected = layout.donations_to(block)
     if bands:
         sums = _receive_and_sum(job, res, box, bands, expected, stats)
+        if job.output_dtype == "float16":
+            for band, total in zip(sums.bands, sums.sums):
+                check_fits_float16_output(total, band, [band])
         t = time.perf_counter()
         pool = res.threads("band-write", WRITE_WORKERS)
         stats.voxels += _write_bands(res.output, sums, job, layout.whole_block_writes, pool)

@@ -17,6 +17,7 @@ import pytest
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.engines import LocalEngine, run_job
+from chunkflow.errors import ModelError
 from chunkflow.donation_report import inspect_store
 from chunkflow.planning import plan
 from chunkflow.stages import DONATIONS, Resources, reference
@@ -111,3 +112,44 @@ def test_cli_run_with_compression_reports_the_ratio_in_inspect(tmp_path):
     assert "(donations float16, compression blosc;" in shown.stdout
     ratio = float(shown.stdout.split("ratio ")[-1].split("x)")[0])
     assert ratio > 1.0
+
+
+@pytest.mark.parametrize("model_scale", [1e5])
+def test_float16_output_overflow_is_refused_not_written(tmp_path, model_scale):
+    """A float16 (zarr) output cannot hold |value| > 65504: such values were written as inf at exit 0
+    (an adversarial review, 2026-11-29). Each block is refused before its first write, in stage one
+    (its core) and in stage two (its band), like float16 donations; a float32 output takes them."""
+    url = _input(tmp_path, scale=model_scale)
+    job = plan(url, str(tmp_path / "half.zarr"), str(tmp_path / "half"), "identity", "8,32,32", overlap="2,8,8",
+               block="8,32,32", dtype="float16")
+    with np.errstate(over="ignore"), pytest.raises(ModelError, match="do not fit float16"):
+        run_job(job, LocalEngine(), progress=False)
+    written = open_volume(job.output).read(job.layout.bbox)
+    assert not np.isinf(written).any()  # refused blocks wrote nothing; blocks whose values fit are exact
+    done = [name for name in open_store(job.store).list() if name.startswith("done/stage1/")]
+    assert len(done) < job.layout.num_blocks
+    fits = np.abs(open_volume(url).read(job.layout.bbox)) < 65504
+    assert np.all((written == 0) | fits)
+    # large values only in the bands: stage one writes every core and donates, stage two refuses every band
+    layout = job.layout
+    bands = [band for block in layout.block_indices() for band in layout.band_boxes(block)]
+    data = smooth(SHAPE)
+    for band in bands:
+        data[(slice(None),) + band.slices(layout.bbox)] += np.float32(model_scale)
+    vol = create_volume(f"file://{tmp_path / 'banded'}", layout.bbox, Vec(8, 32, 32), 1, "float32")
+    vol.write(vol.bbox, data)
+    banded = plan(vol.url, str(tmp_path / "b.zarr"), str(tmp_path / "b"), "identity", "8,32,32", overlap="2,8,8",
+                  block="8,32,32", dtype="float16")
+    with np.errstate(over="ignore"), pytest.raises(ModelError, match="do not fit float16"):
+        run_job(banded, LocalEngine(), progress=False)
+    store = open_store(banded.store)
+    assert sum(name.startswith("done/stage1/") for name in store.list()) == layout.num_blocks
+    with_bands = {layout.block_box(b).name for b in layout.block_indices() if layout.band_boxes(b)}
+    assert with_bands and not with_bands & {n.rsplit("/", 1)[1] for n in store.list() if n.startswith("done/stage2/")}
+    written = open_volume(banded.output).read(layout.bbox)
+    assert not np.isinf(written).any()
+    for block in layout.block_indices():
+        core = layout.core_box(block)
+        np.testing.assert_allclose(written[(slice(None),) + core.slices(layout.bbox)],
+                                   data[(slice(None),) + core.slices(layout.bbox)], rtol=1e-3)
+    np.testing.assert_allclose(_run(_job(tmp_path, "full", url)), open_volume(url).read(job.layout.bbox), rtol=1e-6)

@@ -13,6 +13,7 @@ from chunkflow.cli.common import setup_logging, user_errors
 from chunkflow.cli.stages import report_failures
 from chunkflow.backends import check_device
 from chunkflow.bbox import zyx_text
+from chunkflow.block_writes import check_fits_float16_output
 from chunkflow.cost_model import DEFAULT_PRICES, Prices, takes_prices
 from chunkflow.engines import check_options, make_engine, run_job
 from chunkflow.job import JobError
@@ -87,7 +88,7 @@ def run(params: JobParameters, force: bool = False, cleanup: bool = False, engin
     running = make_engine(engine, workers=workers, scheduler=scheduler,
                           gpu=check_device(params.device).startswith("cuda"))
     try:
-        job = plan_job(params, device_here)
+        job = plan_job(params, device_here, force=force)
         job = job.with_runtime(device=params.device, batch_size=params.batch_size)
         summary = run_job(job, running, force=force, progress=not quiet, cleanup=cleanup, mode=mode, check=False)
     finally:
@@ -117,6 +118,8 @@ def reference(params: JobParameters, quiet: bool = False) -> None:
     whole = tuple(-(-s // c) * c for s, c in zip(region.shape, chunk))
     job, existing, source = make_job(replace(params, block=whole, bbox=region.name))
     result = reference_output(job, Resources(job))
+    if params.dtype == "float16":
+        check_fits_float16_output(result, region, [region])  # refused before the output is made or written
     target = existing or create_volume(job.output, region, job.storage_chunk, job.out_channels, params.dtype,
                                        resolution=source.resolution, compression=params.output_compression)
     claim_output(target, job)
