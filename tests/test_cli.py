@@ -362,3 +362,15 @@ def test_the_readme_gives_slots_only_to_commands_that_take_it():
     assert spans, "the README no longer says which commands take --slots"
     for span in spans:
         assert re.match(r"python -m (inference_and_donate|receive_and_blend) worker ", span), span
+
+
+@pytest.mark.parametrize("flag", ["--cleanup=no", "--force=false", "--quiet=3", "--fill-missing=yes", "--overwrite=0"])
+def test_on_off_flags_take_no_value(tmp_path, volume, capsys, flag):
+    """Fire passes ``--cleanup=no`` as the string "no", which is true: it deleted the donations it was
+    told to keep (an adversarial review, 2026-11-29). Every flag annotated bool refuses a value, in one
+    line, before anything is written."""
+    name = flag.split("=")[0]
+    line = fails_with(capsys, f"{name} takes no value", "run", volume, f"file://{tmp_path / 'out'}", "identity",
+                      "8,32,32", "--overlap", "2,8,8", "--block", "8,32,32", "--donations", tmp_path / "job", flag)
+    assert repr(flag.split("=")[1])[1:-1] in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "job").exists()

@@ -6,6 +6,7 @@ depend on the library, and nothing in the library imports them.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import select
@@ -13,7 +14,7 @@ import signal
 import sys
 from typing import Callable, NoReturn
 
-from chunkflow.errors import Interrupted, Refusal, Terminated, one_line
+from chunkflow.errors import Interrupted, Refusal, Terminated, UsageError, one_line
 
 
 def user_errors(fn):
@@ -23,9 +24,12 @@ def user_errors(fn):
     ``CHUNKFLOW_DEBUG=1`` re-raises instead, with the traceback. A BrokenPipeError of our own
     stdout (``chunkflow inspect JOB | head -2``) is no bug: the command ends quietly, exit
     :data:`CLOSED_STDOUT`; one of anything else (a socket) is still a bug."""
+    switches = _switches(fn)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_switches(fn, switches, args, kwargs)
             return fn(*args, **kwargs)
         except Interrupted as err:
             print(f"chunkflow: interrupted: {err}", file=sys.stderr)
@@ -49,6 +53,32 @@ def user_errors(fn):
                   file=sys.stderr)
             sys.exit(1)
     return wrapper
+
+
+def _switches(fn: Callable) -> list[str]:
+    """The parameters of ``fn`` annotated ``bool``: flags that take no value."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name, p in parameters.items() if p.annotation in (bool, "bool")]
+
+
+def _check_switches(fn: Callable, switches: list[str], args: tuple, kwargs: dict) -> None:
+    """Refuse a value given to an on/off flag (Fire passes ``--cleanup=no`` as the string "no", which is
+    true: it deleted donations; ``--force=false`` forced), before the command does anything."""
+    if not switches:
+        return
+    try:
+        given = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return  # Fire reports a wrong call itself
+    for name in switches:
+        value = given.get(name, False)
+        if not isinstance(value, bool):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} takes no value (got {value!r}): give {flag} to turn it on, leave it out "
+                             "to keep it off")
 
 
 #: libraries that log their own retries and tracebacks for errors chunkflow reports in one line
