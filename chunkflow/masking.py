@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLOCK_MAP = "mask/blocks.bin"
+#: sha256 of the patches the mask keeps, block by block in raster order, as planned: a mask changed in
+#: place and planned again is refused, not mixed with the planned block map (:func:`masked_blocks`)
+MASK_DIGEST = "mask/kept.sha256"
 #: read the mask over the whole region at once below this many bytes, else block by block
 WHOLE_READ_BYTES = 256 << 20
 
@@ -92,10 +95,11 @@ def open_mask(job, input_resolution: Sequence[float]) -> PatchMask | None:
                      Vec(job.output_patch))
 
 
-def masked_blocks(job, mask: PatchMask) -> tuple[np.ndarray, int]:
+def masked_blocks(job, mask: PatchMask, digest=None) -> tuple[np.ndarray, int]:
     """For every block in raster order, whether none of its own patches is kept; and how many
     patches are kept in all. Reads the mask over the whole region at once when it is small,
-    else block by block."""
+    else block by block. ``digest`` (a hashlib object): updated with every block's kept patch
+    origins, in order."""
     layout = job.layout
     grid = tuple(layout.grid_shape)
     masked = np.zeros(int(np.prod(grid)), dtype=bool)
@@ -109,6 +113,8 @@ def masked_blocks(job, mask: PatchMask) -> tuple[np.ndarray, int]:
             mask.keep(own, within=chunk) if chunk is not None else []
         kept_patches += len(kept)
         masked[i] = not kept
+        if digest is not None:
+            digest.update(np.asarray(kept, dtype=np.int64).tobytes() + b";")
     return masked, kept_patches
 
 

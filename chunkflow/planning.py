@@ -5,6 +5,7 @@ output volume behind.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import replace
@@ -17,7 +18,7 @@ from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, Job, JobError, default_storage_chunk,
                            validate_parameters)
 from chunkflow.job_params import JobParameters, takes_job_parameters
-from chunkflow.masking import BLOCK_MAP, encode_block_map, masked_blocks, open_mask
+from chunkflow.masking import BLOCK_MAP, MASK_DIGEST, encode_block_map, masked_blocks, open_mask
 from chunkflow.output_claims import check_claims, claim_output
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
@@ -71,7 +72,12 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
         check_claims(existing_output, job, params.overwrite)
     check_leftovers(store, job, previous is not None, existing_output is not None, force)
     output = job.output
-    block_map = _block_map(job, source) if job.mask and not store.exists(BLOCK_MAP) else None
+    block_map = None
+    if job.mask:  # computed again when planned again: a mask changed in place is refused, not mixed in
+        block_map, digest = _block_map(job, source)
+        if store.exists(BLOCK_MAP):
+            _check_mask_unchanged(store, job, digest)
+            block_map = None
     if existing_output is None or previous is None or block_map is not None:  # a new job survives a crash
         durable = job_durability(output, store)
         if existing_output is None:
@@ -83,6 +89,7 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
             log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks,
                      job.layout.num_patches)
         if block_map is not None:
+            store.put(MASK_DIGEST, digest.encode())
             store.put(BLOCK_MAP, block_map)
         durable.settle()
     planned = load_job(store)
@@ -307,12 +314,27 @@ def check_store(store: ObjectStore) -> None:
         raise StorageError(f"--donations {root}: {parent} is not writable by this user")
 
 
-def _block_map(job: Job, source) -> bytes:
-    """The bit map of blocks with no patch in the mask (computed before anything is written)."""
-    masked, kept = masked_blocks(job, open_mask(job, source.resolution))
+def _block_map(job: Job, source) -> tuple[bytes, str]:
+    """The bit map of blocks with no patch in the mask, and the sha256 of the patches it keeps
+    (computed before anything is written)."""
+    digest = hashlib.sha256()
+    masked, kept = masked_blocks(job, open_mask(job, source.resolution), digest)
     log.info("mask %s: %d of %d blocks and %d of %d patches skipped", job.mask, int(masked.sum()), len(masked),
              job.layout.num_patches - kept, job.layout.num_patches)
-    return encode_block_map(masked)
+    return encode_block_map(masked), digest.hexdigest()
+
+
+def _check_mask_unchanged(store: ObjectStore, job: Job, digest: str) -> None:
+    """Refuse a mask that keeps other patches than when the job was planned (a job planned before the
+    digest was recorded is not checked)."""
+    try:
+        planned = store.get(MASK_DIGEST).decode()
+    except KeyError:
+        return
+    if planned != digest:
+        raise JobError(f"mask {job.mask} changed since this job was planned into {store.url}: it keeps other "
+                       "patches than the planned block map, and blocks already run used the old mask; plan into a "
+                       "new --donations location")
 
 
 def load_job(store: str | ObjectStore) -> Job:

@@ -139,3 +139,22 @@ def test_a_mask_without_a_voxel_size_is_refused_where_it_would_be_misplaced(tmp_
     cli.main(["plan", "--donations", str(tmp_path / "job2"),
               *_flags(plain_input, str(tmp_path / "out2.zarr"), bare2, "16,48,48")])
     assert (tmp_path / "job2" / "manifest.json").exists()
+
+
+def test_a_mask_changed_in_place_is_refused_when_planned_again(tmp_path, capsys):
+    """A mask overwritten after `plan` and planned again with the same command was accepted, and the
+    run mixed the planned block map with the new mask at exit 0 (an adversarial review, 2026-11-29).
+    Planning again now recomputes what the mask keeps and refuses a difference in one line."""
+    url, _ = make_input(tmp_path / "em", SHAPE, seed=35)
+    mask_url, data = _mask(tmp_path, [(0, 10, 0, 10)])
+    args = ["plan", "--donations", str(tmp_path / "job"), *_flags(url, f"file://{tmp_path / 'out'}", mask_url,
+                                                                  "16,32,32")]
+    cli.main(args)
+    cli.main(args)  # the same mask again: the same job, nothing to refuse
+    volume = open_volume(mask_url)
+    volume.write(volume.bbox, np.ones((1, *volume.bbox.shape), dtype=np.uint8))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "changed since this job was planned" in err[0], err
