@@ -18,7 +18,7 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, weight_map
 from chunkflow.job import Job
 from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
-from chunkflow.storage import ObjectStore, Volume, open_store, open_volume
+from chunkflow.storage import ObjectStore, StorageError, Volume, open_store, open_volume
 from chunkflow.storage.durability import Durability, job_durability
 from chunkflow.storage.volumes import input_missing
 from chunkflow.stage_pipeline import DeviceTurns, InputPrefetcher, StageGates
@@ -115,11 +115,15 @@ class Resources:
 
     @cached_property
     def input(self) -> Volume:
-        return open_volume(self.job.input, missing=input_missing(self.job.fill_missing), mip=self.job.mip)
+        volume = open_volume(self.job.input, missing=input_missing(self.job.fill_missing), mip=self.job.mip)
+        _check_still_planned("input", volume, self.job, self.job.in_channels, None)
+        return volume
 
     @cached_property
     def output(self) -> Volume:
-        return open_volume(self.job.output)
+        volume = open_volume(self.job.output)
+        _check_still_planned("output", volume, self.job, self.job.out_channels, self.job.output_dtype)
+        return volume
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -194,3 +198,16 @@ class Resources:
         chunk = self.job.layout.chunk_box(block)
         if chunk is not None:
             self.prefetcher.submit(chunk.grow(self.job.context_margin), self.read_input)
+
+
+def _check_still_planned(what: str, volume: Volume, job: Job, channels: int, dtype: str | None) -> None:
+    """Refuse (StorageError, one line) a volume that no longer fits the job it was planned for: one
+    re-created smaller between ``plan`` and the workers was read past its new bounds (an adversarial
+    review, 2026-11-29), and another volume put at the output's path would take the job's writes."""
+    region = job.layout.bbox
+    if not volume.bbox.contains(region) or volume.num_channels != channels or \
+            (dtype is not None and str(volume.dtype) != dtype):
+        found = f"{volume.bbox.name}, {volume.num_channels} channels of {volume.dtype}"
+        wanted = f"{region.name}, {channels} channels" + (f" of {dtype}" if dtype else "")
+        raise StorageError(f"the {what} {volume.url} holds {found}, but the job was planned for {wanted} (was it "
+                           "replaced after plan?); plan the job again against it")

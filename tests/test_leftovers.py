@@ -60,3 +60,29 @@ def test_a_store_without_its_manifest_is_refused(tmp_path, capsys):
     assert "no manifest.json" in line and "leftovers" in line, line
     assert not (tmp_path / "out2").exists()
     assert sorted(p.relative_to(job).as_posix() for p in job.rglob("*")) == before
+
+
+def test_a_volume_replaced_after_plan_is_refused_by_the_workers(tmp_path):
+    """An input re-created smaller between `plan` and the workers was read past its new bounds at
+    exit 0 (an adversarial review, 2026-11-29); an output replaced by another volume would take the
+    job's writes. A worker opening either refuses the block in one line, writing nothing."""
+    import pytest
+
+    import chunkflow
+    from chunkflow.errors import StorageError
+
+    make_input(tmp_path / "em", (8, 64, 64), seed=8)
+    job = chunkflow.plan(input=f"file://{tmp_path / 'em'}", output=f"file://{tmp_path / 'out'}",
+                         donations=str(tmp_path / "job"), model="identity", input_patch="8,32,32", overlap="2,8,8",
+                         block="8,32,32")
+    shutil.rmtree(tmp_path / "em")
+    make_input(tmp_path / "em", (8, 64, 48), seed=8)
+    with pytest.raises(StorageError, match="replaced after plan"):
+        chunkflow.inference_and_donate(job.store, (0, 0, 0))
+    assert not any((tmp_path / "job" / "donations").glob("*")) if (tmp_path / "job" / "donations").exists() else True
+    shutil.rmtree(tmp_path / "em")
+    make_input(tmp_path / "em", (8, 64, 64), seed=8)
+    shutil.rmtree(tmp_path / "out")
+    make_input(tmp_path / "out", (8, 64, 64), dtype="uint8", seed=9)  # another volume at the output's path
+    with pytest.raises(StorageError, match="replaced after plan"):
+        chunkflow.inference_and_donate(job.store, (0, 0, 0))
