@@ -59,6 +59,10 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
     Returns:
         The planned job, as its manifest holds it.
     """
+    if not isinstance(params.donations, str):  # Fire shifts a spilled value into the third positional slot
+        raise JobError(f"--donations {params.donations!r} is not a store location: a value landed where DONATIONS "
+                       "goes (sizes take commas, --overlap 4,16,16; a positional argument given again as a flag "
+                       "shifts the ones after it)")
     store = open_store(params.donations)
     check_store(store)
     job, existing_output, source = make_job(replace(params, donations=store.url), device_here, claims=False)

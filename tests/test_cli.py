@@ -374,3 +374,12 @@ def test_on_off_flags_take_no_value(tmp_path, volume, capsys, flag):
                       "8,32,32", "--overlap", "2,8,8", "--block", "8,32,32", "--donations", tmp_path / "job", flag)
     assert repr(flag.split("=")[1])[1:-1] in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "job").exists()
+
+
+def test_a_size_with_spaces_names_the_shifted_value(tmp_path, volume, capsys):
+    """``--overlap 4 16 16`` made Fire shift 16 into DONATIONS: "store URL 16 is not a string" (a new user's
+    walkthrough, 2026-11-29). The line now says a value landed there and how sizes are written."""
+    line = fails_with(capsys, "--donations 16 is not a store location", "run", volume, f"file://{tmp_path / 'out'}",
+                      "identity", "8,32,32", "--overlap", "4", "16", "16")
+    assert "--overlap 4,16,16" in line
+    assert not (tmp_path / "out").exists()
