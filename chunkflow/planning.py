@@ -222,7 +222,9 @@ def make_job(p: JobParameters, device_here: bool = True, claims: bool = True) ->
     try:
         Layout(bbox, out_patch, overlap_v, block_v, chunk)
     except GeometryError as err:
-        raise JobError(str(err)) from None
+        whose = (f" (the storage chunk of the existing output {output}: a block must be a multiple of it, or give a "
+                 "new output)" if existing is not None and "storage chunk" in str(err) else "")
+        raise JobError(f"{err}{whose}") from None
     if existing is not None and existing.sharded:
         check_shards_tile(bbox, existing, block_v, output)
     if not p.fill_missing and not source.has_data():

@@ -383,3 +383,14 @@ def test_a_size_with_spaces_names_the_shifted_value(tmp_path, volume, capsys):
                       "identity", "8,32,32", "--overlap", "4", "16", "16")
     assert "--overlap 4,16,16" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_block_that_does_not_fit_an_existing_output_says_whose_chunk_it_is(tmp_path, volume, capsys):
+    """A leftover output's storage chunk made a later plan's block refusal puzzling (a new user's
+    walkthrough, 2026-11-29): the line now says the chunk is the existing output's."""
+    from chunkflow.bbox import Bbox, Vec
+    from chunkflow.storage import create_volume
+
+    create_volume(f"file://{tmp_path / 'out'}", Bbox((0, 0, 0), (24, 64, 64)), Vec(8, 20, 20), 1, "float32")
+    line = fails_with(capsys, "not a multiple of the output storage chunk 8,20,20", "plan", *common(tmp_path, volume))
+    assert "existing output" in line and "new output" in line
