@@ -83,7 +83,7 @@ def test_blocks_outside_the_mask_get_no_task_and_send_nothing(tmp_path, capsys):
     assert "mask" in dry and "8 of 9 blocks get no stage-one task, 45 of 48 patches" in dry, dry
     cli.main(["run", "--donations", str(tmp_path / "job"), *_flags(url, out, mask_url, "16,32,32")[:-1]])
     summary = capsys.readouterr().out
-    assert "stage one: 1 task run, 8 already done" in summary, summary
+    assert "stage one: 1 task run, 0 already done, 8 outside the mask (no task)" in summary, summary
     keys = [p.name.split("%") for p in (tmp_path / "job" / "donations").iterdir()]
     assert keys and {receiver for receiver, _ in keys} <= {"0-32_0-32_0-16", "32-64_0-32_0-16", "0-32_32-64_0-16",
                                                           "32-64_32-64_0-16"}

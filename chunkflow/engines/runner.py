@@ -55,6 +55,14 @@ class StageSummary:
     finished_at: list[float] = field(default_factory=list)
     failures: list[TaskFailure] = field(default_factory=list)
     swept: int = 0  # leftover donations of finished blocks removed (stage two with cleanup)
+    masked: int = 0  # of the skipped stage-one blocks, those outside the mask (never a task), not done before
+
+    def skip(self, job: Job, stage: int, finished: list) -> None:
+        """Count ``finished`` as skipped, telling stage one's blocks outside the mask apart."""
+        self.skipped += len(finished)
+        if stage == 1 and job.mask:
+            res = Resources(job)
+            self.masked += sum(res.is_masked(b) for b in finished)
 
     def add(self, result: TaskResult) -> None:
         self.swept += result.swept
@@ -142,7 +150,8 @@ class RunSummary:
         lines = [
             f"job {self.job.job_hash}: {count(layout.num_blocks, 'block')}, {patches} in the grid, {voxels:,} voxels "
             f"({self.engine} engine, {self.mode})",
-            f"stage one: {count(one.tasks, 'task')} run, {one.skipped} already done, {_retries(one)}, "
+            f"stage one: {count(one.tasks, 'task')} run, {one.skipped - one.masked} already done"
+            f"{f', {one.masked} outside the mask (no task)' if one.masked else ''}, {_retries(one)}, "
             f"{count(one.stats.patches, 'patch', 'patches')} computed, {human_bytes(one.stats.donated_bytes)} "
             f"donated in {count(one.stats.donations, 'piece')}, {one.seconds:.2f} s{one.counts()}",
             f"stage two: not started, stage one failed for {count(len(one.failures), 'block')}" if self.stage2_held else
@@ -213,7 +222,7 @@ def run_stage(job: Job, stage: int, engine, blocks: Iterable[Vec] | None = None,
     if stage == 2 and cleanup:
         _sweep(job, finished, summary)
     else:
-        summary.skipped += len(finished)
+        summary.skip(job, stage, finished)
     try:
         with tqdm(total=len(todo), desc=STAGE_NAMES[stage], unit="block", disable=not progress, leave=True) as bar:
             for block, result in engine.map(StageTask(job, stage, force, cleanup), todo,
@@ -285,7 +294,7 @@ def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress
     done2 = None if force else done_set(store, 2, job, grid=done1.grid if done1 is not None else None)
     firsts = [b for b in blocks if not _is_in(done1, b)]
     seconds = [b for b in blocks if not _is_in(done2, b)]
-    summary.stage1.skipped = len(blocks) - len(firsts)
+    summary.stage1.skip(job, 1, [b for b in blocks if _is_in(done1, b)])
     finished = [b for b in blocks if _is_in(done2, b)]
     if cleanup:
         _sweep(job, finished, summary.stage2)
