@@ -13,12 +13,15 @@ Imports nothing heavy: ``import chunkflow`` stays light.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
+
+from chunkflow.errors import UsageError
 
 Size = Union[str, Sequence[int], int]
 R = TypeVar("R")
@@ -145,7 +148,10 @@ def takes_job_parameters(omit: Mapping[str, Any] | None = None, defaults: Mappin
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> R:
-            given = derived.bind(*args, **kwargs)
+            try:
+                given = derived.bind(*args, **kwargs)
+            except TypeError as err:  # a misspelt or missing argument is the caller's mistake: a Refusal
+                raise UsageError(_call_error(fn.__name__, err, kwargs, list(derived.parameters))) from None
             given.apply_defaults()
             values = given.arguments
             params = JobParameters(**{name: values[name] for name in names}, **omit)
@@ -155,6 +161,16 @@ def takes_job_parameters(omit: Mapping[str, Any] | None = None, defaults: Mappin
         wrapper.__doc__ = with_field_docs(fn.__doc__ or "", derived)
         return wrapper
     return decorate
+
+
+def _call_error(name: str, err: TypeError, kwargs: Mapping[str, Any], known: list[str]) -> str:
+    """One line for a call that does not fit the signature, naming the closest parameter of a misspelt one."""
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{name}() got an unexpected argument {unknown[0]!r}{hint}; its arguments: {', '.join(known)}"
+    return f"{name}(): {err}"
 
 
 def documented_fields(fn: Callable[..., R]) -> Callable[..., R]:

@@ -350,3 +350,13 @@ def test_every_python_block_of_docs_api_runs(tmp_path, monkeypatch):
             exec(compile(block, f"docs/api.md block {i + 1}", "exec"), namespace)
         except Exception as err:
             raise AssertionError(f"docs/api.md python block {i + 1} failed: {err!r}\n{block}") from err
+
+
+def test_a_misspelt_argument_is_a_refusal_with_the_closest_name():
+    """docs/api.md promises a Refusal for every bad argument; a misspelt keyword was a plain TypeError
+    (a new user's walkthrough, 2026-11-29)."""
+    with pytest.raises(chunkflow.Refusal, match=r"'overlapp' \(did you mean overlap\?\)"):
+        chunkflow.plan(input="a.zarr", output="b.zarr", donations="job", model="identity", input_patch="8,8,8",
+                       overlapp="2,2,2")
+    with pytest.raises(chunkflow.Refusal, match="missing a required argument: 'output'"):
+        chunkflow.plan(input="a.zarr")
