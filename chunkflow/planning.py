@@ -179,6 +179,9 @@ def make_job(p: JobParameters, device_here: bool = True, claims: bool = True) ->
         raise JobError(f"output dtype float16 is not supported by Neuroglancer precomputed ({p.output}); use float32 "
                        "or uint8, or a zarr output")
     source = open_volume(p.input, missing=input_missing(p.fill_missing), mip=p.mip)
+    if not source.resolution_known:
+        log.warning("input %s has no voxel size (a zarr array without a 'resolution' attribute): the output "
+                    "is described as %s nm voxels", p.input, zyx_text(source.resolution, floats=True))
     if p.mask is not None:
         check_mask_resolution(mask, source, p.mask, p.mip)
     bbox = parse_region(p.bbox, source.bbox, p.mip)
