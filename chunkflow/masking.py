@@ -16,6 +16,7 @@ and stage two takes the pieces those blocks would have sent as zeros.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -31,9 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLOCK_MAP = "mask/blocks.bin"
-#: sha256 of the patches the mask keeps, block by block in raster order, as planned: a mask changed in
-#: place and planned again is refused, not mixed with the planned block map (:func:`masked_blocks`)
-MASK_DIGEST = "mask/kept.sha256"
+#: sha256 of the mask under the region as planned (:func:`mask_digest`): a mask changed in place and
+#: planned again is refused, not mixed with the planned block map
+MASK_DIGEST = "mask/digest.sha256"
 #: read the mask over the whole region at once below this many bytes, else block by block
 WHOLE_READ_BYTES = 256 << 20
 
@@ -95,11 +96,10 @@ def open_mask(job, input_resolution: Sequence[float]) -> PatchMask | None:
                      Vec(job.output_patch))
 
 
-def masked_blocks(job, mask: PatchMask, digest=None) -> tuple[np.ndarray, int]:
+def masked_blocks(job, mask: PatchMask) -> tuple[np.ndarray, int]:
     """For every block in raster order, whether none of its own patches is kept; and how many
     patches are kept in all. Reads the mask over the whole region at once when it is small,
-    else block by block. ``digest`` (a hashlib object): updated with every block's kept patch
-    origins, in order."""
+    else block by block."""
     layout = job.layout
     grid = tuple(layout.grid_shape)
     masked = np.zeros(int(np.prod(grid)), dtype=bool)
@@ -113,9 +113,17 @@ def masked_blocks(job, mask: PatchMask, digest=None) -> tuple[np.ndarray, int]:
             mask.keep(own, within=chunk) if chunk is not None else []
         kept_patches += len(kept)
         masked[i] = not kept
-        if digest is not None:
-            digest.update(np.asarray(kept, dtype=np.int64).tobytes() + b";")
     return masked, kept_patches
+
+
+def mask_digest(job, mask: PatchMask) -> str | None:
+    """sha256 of where the mask is non-zero under the job's region (one read, no per-patch work), or
+    None where that read would exceed :data:`WHOLE_READ_BYTES` (such a mask is not re-verified)."""
+    box = mask.mask_box(job.layout.bbox)
+    if box.size * mask.mask.dtype.itemsize > WHOLE_READ_BYTES:
+        return None
+    data, where = mask.read(job.layout.bbox)
+    return hashlib.sha256(where.name.encode() + np.packbits(data).tobytes()).hexdigest()
 
 
 def encode_block_map(masked: np.ndarray) -> bytes:

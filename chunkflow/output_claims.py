@@ -9,6 +9,13 @@ store, model and when it was planned. A job whose region overlaps another job's 
 one line naming that job, before anything is written, unless it is planned with ``overwrite``
 (``--overwrite``), which writes over it and adds its own claim beside the old one.
 
+Claims are kept in the order they were made. A job whose claim is followed by an overlapping claim
+of another job was written over: its done markers no longer stand for the output, so planning it
+again is refused unless ``--force`` (with ``--overwrite``), which recomputes it and claims again,
+last; so is a job whose store says it claimed the output (``output_claim.json``) while the output
+holds no claim of it (replaced). Workers check the same when they open the output
+(:func:`check_output_is_ours`).
+
 What stays allowed: the same job planned again (a resume, another ``--donations`` store, another
 batch size or device: the job hash leaves those out) finds its own claim; jobs over regions that do
 not overlap write one output one after another, as before. An output without claims (made by
@@ -27,7 +34,7 @@ from chunkflow.storage.volumes import CLAIMS_KEY
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLAIMS_KEY", "check_claims", "claim_of", "claim_output"]
+__all__ = ["CLAIMS_KEY", "check_claims", "check_output_is_ours", "claim_of", "claim_output"]
 
 def claim_of(job: Job) -> dict:
     """The claim ``job`` records in its output: what a later planner needs to name it."""
@@ -44,29 +51,83 @@ def _region(claim: object) -> Bbox | None:
         return None
 
 
-def check_claims(volume, job: Job, overwrite: bool = False) -> None:
-    """Refuse ``job`` (:class:`~chunkflow.job.JobError`, one line) if its region overlaps a region that
-    another job claimed in ``volume``; with ``overwrite``, log the jobs it writes over instead."""
-    region = job.layout.bbox
-    for claim in volume.claims():
+def _standing(claims: list, job: Job, url: str) -> tuple[int | None, list[tuple[int, dict, Bbox]]]:
+    """The index of ``job``'s latest claim (None: it has none), and the other jobs' claims whose
+    regions overlap ``job``'s, with their indices (claims are kept in the order they were made)."""
+    region, mine, others = job.layout.bbox, None, []
+    for i, claim in enumerate(claims):
         theirs = _region(claim)
         if theirs is None:
-            log.warning("output %s holds an unreadable claim %r; ignored", volume.url, claim)
-            continue
-        if claim.get("job") == job.job_hash or theirs.intersect(region).is_empty():
-            continue
-        store = claim.get("store") or "none (a reference)"
-        if overwrite:
-            log.warning("--overwrite: writing over job %s's result in %s over %s (job store %s)", claim.get("job"),
-                        volume.url, theirs.intersect(region).name, store)
-            continue
-        raise JobError(f"output {volume.url} holds job {claim.get('job')}'s result over {theirs.name} (model "
-                       f"{claim.get('model')}, planned {claim.get('planned')}, job store {store}), which this "
-                       f"job's region {region.name} overlaps; give another output, or plan with --overwrite to "
-                       "replace it there")
+            log.warning("output %s holds an unreadable claim %r; ignored", url, claim)
+        elif claim.get("job") == job.job_hash:
+            mine = i
+        elif not theirs.intersect(region).is_empty():
+            others.append((i, claim, theirs))
+    return mine, others
 
 
-def claim_output(volume, job: Job) -> None:
-    """Record ``job``'s claim in ``volume`` unless it is there already (planning again writes nothing)."""
-    if not any(isinstance(c, dict) and c.get("job") == job.job_hash for c in volume.claims()):
-        volume.add_claim(claim_of(job))
+def _named(claim: dict, theirs: Bbox) -> str:
+    store = claim.get("store") or "none (a reference)"
+    return (f"job {claim.get('job')}'s result over {theirs.name} (model {claim.get('model')}, planned "
+            f"{claim.get('planned')}, job store {store})")
+
+
+def check_claims(volume, job: Job, overwrite: bool = False, done: bool = False, force: bool = False,
+                 claimed: bool = False) -> None:
+    """Refuse ``job`` (:class:`~chunkflow.job.JobError`, one line) where ``volume`` says its region is
+    another job's:
+
+    * a job not yet in the output whose region overlaps another job's claim, unless ``overwrite``;
+    * a job with ``done`` markers whose claim was followed by an overlapping claim of another job
+      (written over after it was planned), or that has no claim but meets another job's, or that
+      ``claimed`` the output at planning (its store says so) and finds no claim there now (the
+      output was replaced): its markers no longer stand for the output, so only ``force``
+      (recompute all of it; with ``overwrite`` where another job's claim is there) is accepted.
+
+    Claims made *before* the job's own (it was planned with ``overwrite`` once) need no flag again."""
+    mine, others = _standing(volume.claims(), job, volume.url)
+    later = [(i, claim, theirs) for i, claim, theirs in others if mine is None or i > mine]
+    replaced = mine is None and claimed
+    if not later and not replaced:
+        return
+    if done and not force:
+        since = f"{_named(later[-1][1], later[-1][2])} is there" if later else "its claim is gone: replaced"
+        again = "--force --overwrite" if later else "--force"
+        raise JobError(f"this job's region of {volume.url} is not only its own any more ({since}), so its done "
+                       f"markers do not stand for the output; recompute it with `chunkflow run {again}`, or plan "
+                       "into a new --donations location")
+    if later and not overwrite:
+        raise JobError(f"output {volume.url} holds {_named(later[-1][1], later[-1][2])}, which this job's region "
+                       f"{job.layout.bbox.name} overlaps; give another output, or plan with --overwrite to replace it "
+                       "there")
+    for _, claim, theirs in later:
+        log.warning("--overwrite: writing over job %s's result in %s over %s", claim.get("job"), volume.url,
+                    theirs.intersect(job.layout.bbox).name)
+
+
+def check_output_is_ours(volume, job: Job, claimed: bool) -> None:
+    """For a worker opening ``job``'s output: refuse (:class:`~chunkflow.job.JobError`) an output that
+    another job has written over since ``job`` was planned, or that lost ``job``'s claim although
+    its store says it ``claimed`` it (replaced): its writes would go over another job's result, or
+    its done markers would stand for data that is not there. An output without claims, for a job
+    planned before claims existed, is accepted."""
+    mine, others = _standing(volume.claims(), job, volume.url)
+    later = [(i, claim, theirs) for i, claim, theirs in others if mine is None or i > mine]
+    if later:
+        raise JobError(f"output {volume.url} holds {_named(later[-1][1], later[-1][2])}, claimed after this job was "
+                       "planned; this job's workers would write over it: plan the job again (with --overwrite to "
+                       "replace it)")
+    if mine is None and claimed:
+        raise JobError(f"output {volume.url} does not hold this job's claim although the job claimed it when it was "
+                       "planned: it was replaced; plan the job again (`chunkflow run --force` recomputes it)")
+
+
+def claim_output(volume, job: Job) -> bool:
+    """Record ``job``'s claim in ``volume`` unless it is its latest overlapping one already (planning
+    again writes nothing); after writing over later claims, a new claim puts it last. Returns
+    whether a claim was written."""
+    mine, others = _standing(volume.claims(), job, volume.url)
+    if mine is not None and not any(i > mine for i, _, _ in others):
+        return False
+    volume.add_claim(claim_of(job))
+    return True

@@ -5,7 +5,7 @@ output volume behind.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import os
 from dataclasses import replace
@@ -18,12 +18,12 @@ from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, Job, JobError, default_storage_chunk,
                            validate_parameters)
 from chunkflow.job_params import JobParameters, takes_job_parameters
-from chunkflow.masking import BLOCK_MAP, MASK_DIGEST, encode_block_map, masked_blocks, open_mask
-from chunkflow.output_claims import check_claims, claim_output
+from chunkflow.masking import BLOCK_MAP, MASK_DIGEST, encode_block_map, mask_digest, masked_blocks, open_mask
+from chunkflow.output_claims import check_claims, claim_of, claim_output
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
-from chunkflow.store_layout import DONATIONS, DONE, MANIFEST
+from chunkflow.store_layout import DONATIONS, DONE, MANIFEST, OUTPUT_CLAIM
 from chunkflow.storage.durability import job_durability
 from chunkflow.storage.volume_factory import check_output_compression
 from chunkflow.storage.volume_urls import absolute_url, same_or_nested, volume_format, volume_location
@@ -67,34 +67,45 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
     check_store(store)
     job, existing_output, source = make_job(replace(params, donations=store.url), device_here, claims=False)
     previous = _existing_job(store)
+    if previous is not None and previous.job_hash != job.job_hash and _spelled_otherwise(previous, job):
+        job = previous  # planned before local paths were stored absolute: the same job, resumed as it was
     if previous is not None and previous.job_hash != job.job_hash:
         if (previous.model, previous.weights) == (job.model, job.weights) \
                 and previous.model_checksum != job.model_checksum:
             verify_model(previous.model, previous.weights, previous.model_checksum)  # one line naming the file
         raise _another_job(store, job, previous)
+    done = previous is not None and next(iter(store.list(f"{DONE}/")), None) is not None
     if existing_output is not None:  # after the store's refusal, which names what differs
-        check_claims(existing_output, job, params.overwrite)
+        check_claims(existing_output, job, params.overwrite, done, force, store.exists(OUTPUT_CLAIM))
     check_leftovers(store, job, previous is not None, existing_output is not None, force)
     output = job.output
-    block_map = None
-    if job.mask:  # computed again when planned again: a mask changed in place is refused, not mixed in
-        block_map, digest = _block_map(job, source)
+    block_map = digest = None
+    if job.mask:  # a mask changed in place since the job was planned is refused, not mixed in
+        mask = open_mask(job, source.resolution)
+        digest = mask_digest(job, mask)
         if store.exists(BLOCK_MAP):
             _check_mask_unchanged(store, job, digest)
-            block_map = None
-    if existing_output is None or previous is None or block_map is not None:  # a new job survives a crash
-        durable = job_durability(output, store)
-        if existing_output is None:
-            existing_output = create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels,
-                                            job.output_dtype, resolution=source.resolution,
-                                            compression=job.output_compression, shard=output_shard(job))
-        claim_output(existing_output, job)  # before the first byte of data: the region is this job's
-        if previous is None and store.put(MANIFEST, job.to_json().encode(), if_absent=True):
-            log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks,
-                     job.layout.num_patches)
-        if block_map is not None:
+        else:
+            block_map = _block_map(job, mask)
+    durable = job_durability(output, store)
+    wrote = existing_output is None
+    if existing_output is None:
+        existing_output = create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels,
+                                        job.output_dtype, resolution=source.resolution,
+                                        compression=job.output_compression, shard=output_shard(job))
+    wrote |= claim_output(existing_output, job)  # before the first byte of data: the region is this job's
+    if not store.exists(OUTPUT_CLAIM):  # workers then refuse an output that lost this claim (replaced)
+        store.put(OUTPUT_CLAIM, json.dumps(claim_of(job)).encode())
+        wrote = True
+    if previous is None and store.put(MANIFEST, job.to_json().encode(), if_absent=True):
+        log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks, job.layout.num_patches)
+        wrote = True
+    if block_map is not None:  # a new job survives a crash between its writes
+        if digest is not None:
             store.put(MASK_DIGEST, digest.encode())
-            store.put(BLOCK_MAP, block_map)
+        store.put(BLOCK_MAP, block_map)
+        wrote = True
+    if wrote:
         durable.settle()
     planned = load_job(store)
     if planned.job_hash != job.job_hash:  # another planner won a race to this store
@@ -112,7 +123,7 @@ def check_leftovers(store: ObjectStore, job: Job, planned: bool, output_exists: 
       after the blocks were done, and a rerun would skip them over a new, empty output (unless
       ``force``, which recomputes every block)."""
     if not planned:
-        for prefix, what in ((f"{DONE}/", "done markers"), (DONATIONS, "donations")):
+        for prefix, what in ((f"{DONE}/", "done markers"), (DONATIONS, "donations"), (BLOCK_MAP, "a mask's block map")):
             if next(iter(store.list(prefix)), None) is not None:
                 raise JobError(f"{store.url} holds {what} but no manifest.json: the leftovers of another job; give a "
                                "new --donations location, or delete that one")
@@ -277,16 +288,25 @@ def check_patch_fits(region: Bbox, in_patch: Vec, out_patch: Vec, out_patch_give
 
 
 def check_mask_resolution(mask, source, mask_url: str, mip: int) -> None:
-    """Refuse a mask without a voxel size of its own where the default (1 nm) would misplace it: the
-    mask is laid over the input by physical coordinates, so a plain zarr mask over a 40x8x8 nm input
-    would cover a corner and leave the rest uncomputed, at exit 0 (a mask and an input that both lack
-    a voxel size agree voxel for voxel and are accepted)."""
-    if mask.resolution_known or tuple(mask.resolution) == tuple(source.resolution):
+    """Refuse a mask or an input without a voxel size of its own where the default (1 nm) would
+    misplace the mask: it is laid over the input by physical coordinates, so a plain zarr mask over a
+    40x8x8 nm input covered a corner and left the rest uncomputed at exit 0 (and the other way round).
+    A mask and an input that both lack a voxel size agree voxel for voxel and are accepted."""
+    if (mask.resolution_known and source.resolution_known) or tuple(mask.resolution) == tuple(source.resolution):
         return
-    raise JobError(f"--mask {mask_url} has no voxel size (a zarr array without a 'resolution' attribute), so it "
-                   f"would be laid over the input as {zyx_text(mask.resolution, floats=True)} nm voxels while the "
-                   f"input at mip {mip} has {zyx_text(source.resolution, floats=True)} nm; give the mask its voxel "
-                   f"size: python3 -c \"import zarr; zarr.open_array('{mask.url}').attrs.update(resolution=[Z, Y, X])\"")
+    bare, url = (mask, mask_url) if not mask.resolution_known else (source, source.url)
+    what = "--mask" if bare is mask else "the input"
+    raise JobError(f"{what} {url} has no voxel size (a zarr array without a 'resolution' attribute), so the mask "
+                   f"({zyx_text(mask.resolution, floats=True)} nm) would be laid over the input at mip {mip} "
+                   f"({zyx_text(source.resolution, floats=True)} nm) with the 1 nm default; give it its voxel size: "
+                   f"python3 -c \"import zarr; zarr.open_array('{_path(bare.url)}').attrs.update(resolution=[Z, Y, X])\"")
+
+
+def _path(url: str) -> str:
+    """A zarr URL as zarr-python opens it (no ``zarr://`` or ``file://`` prefix)."""
+    for prefix in ("zarr://", "file://"):
+        url = url[len(prefix):] if url.startswith(prefix) else url
+    return url
 
 
 def check_locations(input: str, output: str, store: str | None) -> None:
@@ -323,27 +343,38 @@ def check_store(store: ObjectStore) -> None:
         raise StorageError(f"--donations {root}: {parent} is not writable by this user")
 
 
-def _block_map(job: Job, source) -> tuple[bytes, str]:
-    """The bit map of blocks with no patch in the mask, and the sha256 of the patches it keeps
-    (computed before anything is written)."""
-    digest = hashlib.sha256()
-    masked, kept = masked_blocks(job, open_mask(job, source.resolution), digest)
+def _block_map(job: Job, mask) -> bytes:
+    """The bit map of blocks with no patch in the mask (computed before anything is written)."""
+    masked, kept = masked_blocks(job, mask)
     log.info("mask %s: %d of %d blocks and %d of %d patches skipped", job.mask, int(masked.sum()), len(masked),
              job.layout.num_patches - kept, job.layout.num_patches)
-    return encode_block_map(masked), digest.hexdigest()
+    return encode_block_map(masked)
 
 
-def _check_mask_unchanged(store: ObjectStore, job: Job, digest: str) -> None:
-    """Refuse a mask that keeps other patches than when the job was planned (a job planned before the
-    digest was recorded is not checked)."""
+def _check_mask_unchanged(store: ObjectStore, job: Job, digest: str | None) -> None:
+    """Refuse a mask that differs under the region from when the job was planned (not checked: a job
+    planned before digests were recorded, and a mask too large to read at once)."""
     try:
         planned = store.get(MASK_DIGEST).decode()
     except KeyError:
         return
-    if planned != digest:
-        raise JobError(f"mask {job.mask} changed since this job was planned into {store.url}: it keeps other "
-                       "patches than the planned block map, and blocks already run used the old mask; plan into a "
-                       "new --donations location")
+    if digest is None:
+        log.info("mask %s is too large to read at once: not checked against the planned one", job.mask)
+    elif planned != digest:
+        raise JobError(f"mask {job.mask} changed since this job was planned into {store.url}: the planned block "
+                       "map no longer matches it, and blocks already run used the old mask; plan into a new "
+                       "--donations location")
+
+
+def _spelled_otherwise(previous: Job, job: Job) -> bool:
+    """Whether ``previous`` (a manifest of an older chunkflow, with relative local paths) is ``job`` once
+    its paths are made absolute here, as :func:`make_job` makes them."""
+    try:
+        spelled = replace(previous, input=absolute_url(previous.input), output=absolute_url(previous.output),
+                          mask=absolute_url(previous.mask) if previous.mask else previous.mask, job_hash="")
+    except (StorageError, JobError):
+        return False
+    return spelled.job_hash == job.job_hash
 
 
 def load_job(store: str | ObjectStore) -> Job:

@@ -18,8 +18,10 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, weight_map
 from chunkflow.job import Job
 from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
+from chunkflow.output_claims import check_output_is_ours
 from chunkflow.storage import ObjectStore, StorageError, Volume, open_store, open_volume
 from chunkflow.storage.durability import Durability, job_durability
+from chunkflow.store_layout import OUTPUT_CLAIM
 from chunkflow.storage.volumes import input_missing
 from chunkflow.stage_pipeline import DeviceTurns, InputPrefetcher, StageGates
 
@@ -123,6 +125,7 @@ class Resources:
     def output(self) -> Volume:
         volume = open_volume(self.job.output)
         _check_still_planned("output", volume, self.job, self.job.out_channels, self.job.output_dtype)
+        check_output_is_ours(volume, self.job, bool(self.job.store) and self.store.exists(OUTPUT_CLAIM))
         return volume
 
     @cached_property

@@ -86,3 +86,14 @@ def test_a_volume_replaced_after_plan_is_refused_by_the_workers(tmp_path):
     make_input(tmp_path / "out", (8, 64, 64), dtype="uint8", seed=9)  # another volume at the output's path
     with pytest.raises(StorageError, match="replaced after plan"):
         chunkflow.inference_and_donate(job.store, (0, 0, 0))
+
+
+def test_a_leftover_block_map_is_refused_too(tmp_path, capsys):
+    """A store holding only a mask's block map (manifest deleted) made a new job skip blocks by the old
+    mask at exit 0 (a review, 2026-11-29)."""
+    url, _ = make_input(tmp_path / "em", (8, 64, 64), seed=10)
+    (tmp_path / "job" / "mask").mkdir(parents=True)
+    (tmp_path / "job" / "mask" / "blocks.bin").write_bytes(b"\xff")
+    assert _run("run", url, f"file://{tmp_path / 'out'}", *FLAGS, "--donations", tmp_path / "job") == 2
+    assert "a mask's block map but no manifest.json" in _one_line(capsys)
+    assert not (tmp_path / "out").exists()

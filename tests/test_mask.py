@@ -125,7 +125,7 @@ def test_a_mask_without_a_voxel_size_is_refused_where_it_would_be_misplaced(tmp_
         cli.main(["plan", "--donations", job, *_flags(url, out, bare, "16,48,48")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1, err
-    assert "has no voxel size" in err[0] and "40,8,8" in err[0] and "resolution=[Z, Y, X]" in err[0], err
+    assert "--mask" in err[0] and "has no voxel size" in err[0] and "40,8,8" in err[0] and "resolution=[Z, Y, X]" in err[0], err
     assert not (tmp_path / "out").exists() and not (tmp_path / "job").exists()
 
     zarr.open_array(bare).attrs.update(resolution=[40, 8, 8])
@@ -139,6 +139,16 @@ def test_a_mask_without_a_voxel_size_is_refused_where_it_would_be_misplaced(tmp_
     cli.main(["plan", "--donations", str(tmp_path / "job2"),
               *_flags(plain_input, str(tmp_path / "out2.zarr"), bare2, "16,48,48")])
     assert (tmp_path / "job2" / "manifest.json").exists()
+
+    # the other way round: a mask with a voxel size over an input without one (a review, 2026-11-29)
+    sized_mask, _ = _mask(tmp_path, [(0, 10, 0, 10)], name="sized")  # 40x16x16 nm
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plan", "--donations", str(tmp_path / "job3"),
+                  *_flags(plain_input, str(tmp_path / "out3.zarr"), sized_mask, "16,48,48")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "the input" in err[0] and plain_input in err[0], err
+    assert not (tmp_path / "out3.zarr").exists() and not (tmp_path / "job3").exists()
 
 
 def test_a_mask_changed_in_place_is_refused_when_planned_again(tmp_path, capsys):

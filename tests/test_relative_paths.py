@@ -62,3 +62,26 @@ def test_workers_elsewhere_read_the_planned_input(tmp_path, monkeypatch, output)
     assert not (elsewhere / "out.zarr").exists()
     out = open_volume(str(here / "out.zarr")).read(job.layout.bbox)
     assert np.abs(out - planned).max() <= 1e-5
+
+
+def test_a_job_planned_with_relative_paths_by_an_older_version_resumes(tmp_path, monkeypatch):
+    """Its manifest holds the paths as typed, so its hash is not the one the same flags give now; planning
+    it again from the same directory resumes it as it was instead of refusing the store (a review,
+    2026-11-29)."""
+    import dataclasses
+
+    import zarr
+
+    monkeypatch.chdir(tmp_path)
+    make_input(tmp_path / "em", (8, 48, 48), seed=3, fmt="zarr")
+    flags = dict(input="em.zarr", output="out.zarr", donations="job", model="identity", input_patch="4,16,16",
+                 overlap="2,4,4", block="8,24,24")
+    job = chunkflow.plan(**flags)
+    old = dataclasses.replace(job, input="em.zarr", output="out.zarr", job_hash="")  # as the old version wrote it
+    assert old.job_hash != job.job_hash
+    (tmp_path / "job" / "manifest.json").write_text(old.to_json())
+    (tmp_path / "job" / "output_claim.json").unlink()  # the old version claimed nothing
+    array = zarr.open_array(str(tmp_path / "out.zarr" / "0"))
+    array.update_attributes({"chunkflow_jobs": []})
+    again = chunkflow.plan(**flags)
+    assert again.job_hash == old.job_hash and again.input == "em.zarr"

@@ -17,6 +17,7 @@ def _pattern() -> re.Pattern:
     kinds = "|".join((layout.DONE, layout.RUNNING, layout.FAILED))
     return re.compile("|".join([
         re.escape(layout.MANIFEST),
+        re.escape(layout.OUTPUT_CLAIM),
         re.escape(layout.DONATIONS) + BLOCK + "%.+",
         rf"(?:{kinds})/stage[12]/{BLOCK}",
         re.escape(layout.log_prefix(1))[:-len("1/")] + rf"[12]/\d{{10}}/{BLOCK}",
