@@ -245,7 +245,7 @@ def test_stage_script_with_a_mistyped_flag_leases_nothing(tmp_path, volume, caps
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("chunkflow: error: unknown flag --wrkers for `inference_and_donate.py worker`; "
-                                     "valid: --queue, --job, --lease, --wait, --poll, --force, --cleanup, --max-tasks, "
+                                     "valid: --queue, --job, --lease, --wait, --poll, --force, --max-tasks, "
                                      "--device, --batch-size, --max-attempts, --slots, --quiet")
     assert open_queue(queue).enqueued == 8 and open_queue(queue).inserted == 8 and open_queue(queue).leased == 0
     assert not (tmp_path / "job" / "done").exists()
@@ -349,7 +349,8 @@ def test_the_readme_gives_slots_only_to_commands_that_take_it():
     import inspect
     import re
 
-    from chunkflow.cli.stages import check_command_line, run_command, worker_command
+    from chunkflow.cli.stage_args import check_command_line
+    from chunkflow.cli.stages import run_command, worker_command
 
     for stage in (1, 2):
         assert "slots" in inspect.signature(worker_command(stage)).parameters

@@ -253,7 +253,7 @@ def test_prices_are_no_job_parameters_and_leave_the_job_as_it_is(tmp_path, capsy
 
 
 def test_plan_help_states_every_price_with_its_date(capsys):
-    from chunkflow.cli.stages import help_text
+    from chunkflow.cli.stage_args import help_text
 
     text = help_text(cli.COMMANDS["plan"], "plan", "chunkflow")
     for flag in PRICE_PARAMETERS:

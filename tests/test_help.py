@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from chunkflow.cli import COMMANDS
-from chunkflow.cli.stages import SCRIPTS, check_command_line, help_text, run_command, short_flags, worker_command
+from chunkflow.cli.stage_args import check_command_line, help_text, short_flags
+from chunkflow.cli.stages import SCRIPTS, run_command, worker_command
 from chunkflow.demo.pipeline import difference_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,18 +127,21 @@ def test_inspect_help_offers_headers_without_h(capsys):
     (2, {"cleanup"}, "device", "stage-one"),
     (2, {"cleanup"}, "batch_size", "stage-one"),
 ])
-def test_each_stage_run_takes_only_its_own_flags(capsys, stage, own, other, belongs):
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_each_stage_command_takes_only_its_own_flags(capsys, stage, own, other, belongs, command):
+    """Both commands of a stage script: the worker's help listed the other stage's flags (a new user's
+    walkthrough, 2026-11-29)."""
     commands = {"run": run_command(stage), "worker": worker_command(stage)}
-    params = set(inspect.signature(commands["run"]).parameters)
+    params = set(inspect.signature(commands[command]).parameters)
     assert own <= params and other not in params
-    text = _help(capsys, commands, "run", SCRIPTS[stage], "--help")
+    text = _help(capsys, commands, command, SCRIPTS[stage], "--help")
     assert f"--{other.replace('_', '-')}=" not in text and all(f"--{flag.replace('_', '-')}=" in text for flag in own)
     flag = "--" + other.replace("_", "-")
-    for argv in (["run", "/job", flag, "1"], ["run", "/job", flag], ["/job", "--no" + other]):
-        argv = argv if argv[0] == "run" else ["run", *argv]
+    target = "/job" if command == "run" else "fq:///queue"
+    for argv in ([command, target, flag, "1"], [command, target, flag], [command, target, "--no" + other]):
         code, err = _exit(capsys, commands, argv, SCRIPTS[stage])
         assert code == 2 and err.count("\n") == 1, err
-        assert f"{flag} is a {belongs} flag" in err and f"`{SCRIPTS[stage]} run` does not take it" in err
+        assert f"{flag} is a {belongs} flag" in err and f"`{SCRIPTS[stage]} {command}` does not take it" in err
 
 
 def test_quiet_short_flag_of_a_stage_run_reaches_quiet():

@@ -17,7 +17,7 @@ import pytest
 
 import chunkflow
 from chunkflow.cli import COMMANDS, REFERENCE_OMITS
-from chunkflow.cli.stages import check_command_line, help_text
+from chunkflow.cli.stage_args import check_command_line, help_text
 from chunkflow.cost_model import PRICE_PARAMETERS
 from chunkflow.dryrun import hypothetical
 from chunkflow.job_params import JobParameters, takes_job_parameters, with_field_docs
@@ -142,7 +142,7 @@ job_params.JobParameters = Extended
 
 import chunkflow
 from chunkflow.cli import COMMANDS, main
-from chunkflow.cli.stages import help_text
+from chunkflow.cli.stage_args import help_text
 
 found = {"api": "halo" in inspect.signature(chunkflow.plan).parameters
          and "halo: test-only" in inspect.getdoc(chunkflow.plan)}

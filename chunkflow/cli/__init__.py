@@ -19,7 +19,7 @@ from chunkflow.cli.common import as_process, raise_on_sigterm
 from chunkflow.cli.fleet import barrier, produce, status
 from chunkflow.cli.inspection import inspect as inspect_command
 from chunkflow.cli.jobs import REFERENCE_OMITS, demo, plan, reference, run, show
-from chunkflow.cli.stages import check_command_line
+from chunkflow.cli.stage_args import check_command_line
 from chunkflow.cli.view import view as view_command
 
 __all__ = ["COMMANDS", "REFERENCE_OMITS", "barrier", "console", "demo", "main", "plan", "produce", "reference",
