@@ -356,7 +356,7 @@ def barrier_cost_per_hour(prices: Prices = DEFAULT_PRICES, poll: float = BARRIER
     return requests / 1000 * prices.class_a
 
 
-def _dollars(x: float) -> str:
+def dollars(x: float) -> str:
     """``$1,234.57``; below a cent, two significant digits (``$0.000086``)."""
     return f"${x:,.2f}" if x >= 0.01 or x <= 0 else f"${x:.{1 - math.floor(math.log10(x))}f}"
 
@@ -377,7 +377,7 @@ def cost_lines(e: CostEstimate, human_bytes: Callable[[float], str] = lambda n: 
         gpu, gpu_cost = "stage one not estimated (no calibration)", "GPU not estimated"
     else:
         gpu, gpu_cost = (f"stage one {e.gpu_hours:,.2f} (the calibrated model time; the I/O around it adds)",
-                         f"GPU {_dollars(e.gpu)}")
+                         f"GPU {dollars(e.gpu)}")
     beats = "" if not o.heartbeats else (f"; queue workers also refresh their running marker every "
                                              f"{HEARTBEAT_SECONDS:.0f} s, ~{o.heartbeats:,} writes not counted above")
     return [
@@ -387,7 +387,7 @@ def cost_lines(e: CostEstimate, human_bytes: Callable[[float], str] = lambda n: 
         f"{o.reads_markers:,} marker checks ({MARKER_READS_PER_TASK} per task, {JOB_READS} per job)",
         f"  lists: none per task, {o.lists} per job, {confirm:,} more where a fleet's barrier confirms stage one; "
         f"the waiting barrier is {BARRIER_LISTS_PER_POLL} a poll, proportional to new markers beyond that "
-        f"({_dollars(barrier_cost_per_hour(p))} an hour at a poll every {BARRIER_POLL_SECONDS:g} s); deletes (free): "
+        f"({dollars(barrier_cost_per_hour(p))} an hour at a poll every {BARRIER_POLL_SECONDS:g} s); deletes (free): "
         f"{o.deletes_markers:,} markers, and {o.deletes_donations:,} donations with --cleanup",
         f"  storage at the peak: {human_bytes(o.peak_bytes)} = output {human_bytes(o.stored_output)} + donations "
         f"{human_bytes(o.stored_donations)}, uncompressed (every donation at once, as in barrier order; streaming "
@@ -395,8 +395,8 @@ def cost_lines(e: CostEstimate, human_bytes: Callable[[float], str] = lambda n: 
         f"  worker-hours: {gpu}, stage two {e.cpu_hours:,.2f} (at {p.stage_two_mb_s:g} MB/s of donations per "
         f"worker){beats}",
         f"  cost in US dollars (defaults: list prices as of {PRICES_AS_OF}; see --price-* flags): "
-        f"{_dollars(e.total)} = Class A {_dollars(e.class_a)} + Class B {_dollars(e.class_b)} + storage "
-        f"{_dollars(e.storage)} ({p.storage_months:g} month{'s' if p.storage_months != 1 else ''} of the peak) + "
-        f"{gpu_cost} + CPU {_dollars(e.cpu)}; {_dollars(e.per_teravoxel)} per teravoxel"
+        f"{dollars(e.total)} = Class A {dollars(e.class_a)} + Class B {dollars(e.class_b)} + storage "
+        f"{dollars(e.storage)} ({p.storage_months:g} month{'s' if p.storage_months != 1 else ''} of the peak) + "
+        f"{gpu_cost} + CPU {dollars(e.cpu)}; {dollars(e.per_teravoxel)} per teravoxel"
         + ("" if e.gpu is not None else " (without the GPU)"),
     ]

@@ -35,7 +35,7 @@ import numpy as np
 from chunkflow.units import human_bytes
 from chunkflow.backends import Backend
 from chunkflow.bbox import Bbox, Vec, zyx_text
-from chunkflow.cost_model import (DEFAULT_PRICES, CostEstimate, JobCounts, Prices, cost_lines, estimate,
+from chunkflow.cost_model import (DEFAULT_PRICES, CostEstimate, JobCounts, Prices, dollars, cost_lines, estimate,
                                   takes_prices)
 from chunkflow.geometry import AxisPlan, GeometryError, Layout
 from chunkflow.io_counts import IoCounts, io_counts
@@ -262,7 +262,7 @@ def dry_run_job(job, calibrate_batches: int = 3, prices: Prices = DEFAULT_PRICES
         backend = load_backend(job.model, job.weights, job.device, job.precision)
         calibration = calibrate(backend, job.input_patch, job.in_channels, job.batch_size, calibrate_batches)
     cost = estimate(job_counts(summary, io, calibration), prices)
-    return report_lines(summary, layout, calibration) + cost_lines(cost, human_bytes) + _mask_lines(job)
+    return report_lines(summary, layout, calibration) + cost_lines(cost, human_bytes) + _mask_lines(job, cost)
 
 
 def report_dict(summary: PlanSummary, layout: Layout, calibration: Calibration | None, cost: CostEstimate) -> dict:
@@ -281,8 +281,9 @@ def report_dict(summary: PlanSummary, layout: Layout, calibration: Calibration |
             "cost": cost.as_dict()}
 
 
-def _mask_lines(job) -> list[str]:
-    """What the mask saves: blocks with no stage-one task and patches not computed (reads the mask)."""
+def _mask_lines(job, cost: CostEstimate | None = None) -> list[str]:
+    """What the mask saves: blocks with no stage-one task and patches not computed (reads the mask),
+    and, with a calibrated ``cost``, the GPU time and total scaled by the patches computed."""
     if not job.mask:
         return []
     from chunkflow.masking import masked_blocks, open_mask
@@ -291,9 +292,15 @@ def _mask_lines(job) -> list[str]:
     layout = job.layout
     masked, kept = masked_blocks(job, open_mask(job, open_volume(job.input, mip=job.mip).resolution))
     skipped = layout.num_patches - kept
-    return [f"mask {job.mask} (mip {job.mask_mip}): {int(masked.sum()):,} of {layout.num_blocks:,} blocks get no "
-            f"stage-one task, {skipped:,} of {layout.num_patches:,} patches ({skipped / layout.num_patches:.0%}) "
-            "are not computed (the counts and costs above are without the mask)"]
+    lines = [f"mask {job.mask} (mip {job.mask_mip}): {int(masked.sum()):,} of {layout.num_blocks:,} blocks get no "
+             f"stage-one task, {skipped:,} of {layout.num_patches:,} patches ({skipped / layout.num_patches:.0%}) "
+             "are not computed (the counts and costs above are without the mask)"]
+    if cost is not None and cost.gpu is not None and layout.num_patches:
+        share = kept / layout.num_patches
+        lines.append(f"  with the mask: stage one {cost.gpu_hours * share:,.2f} GPU hours ({dollars(cost.gpu * share)}), "
+                     f"in all about {dollars(cost.total - cost.gpu * (1 - share))} (the model time scaled by the "
+                     "patches computed; reads, writes and stage two as without the mask, so an upper bound)")
+    return lines
 
 
 def _input_geometry(job) -> tuple[str, Bbox, Vec]:

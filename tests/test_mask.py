@@ -81,6 +81,14 @@ def test_blocks_outside_the_mask_get_no_task_and_send_nothing(tmp_path, capsys):
               "--dry-run"])
     dry = capsys.readouterr().out
     assert "mask" in dry and "8 of 9 blocks get no stage-one task, 45 of 48 patches" in dry, dry
+    # the costs with the mask (a new user's walkthrough, 2026-11-29: the figures ignored it): at a GPU price that
+    # makes the model time the whole cost, the total with the mask is the 3 of 48 patches computed
+    cli.main(["plan", "--donations", str(tmp_path / "job"), *_flags(url, out, mask_url, "16,32,32")[:-1],
+              "--dry-run", "--price-gpu-hour", "1e9"])
+    dry = capsys.readouterr().out
+    total = float(dry.split("cost in US dollars")[1].split(": $")[1].split(" ")[0].replace(",", ""))
+    masked = float(dry.split("in all about $")[1].split(" ")[0].replace(",", ""))
+    assert math.isclose(masked, total * 3 / 48, rel_tol=0.01), dry
     cli.main(["run", "--donations", str(tmp_path / "job"), *_flags(url, out, mask_url, "16,32,32")[:-1]])
     summary = capsys.readouterr().out
     assert "stage one: 1 task run, 0 already done, 8 outside the mask (no task)" in summary, summary
