@@ -25,7 +25,7 @@ from chunkflow.errors import GeometryError, ModelError, NonFiniteOutput, UsageEr
 from chunkflow.geometry import Layout
 from chunkflow.backend_blend import device_blend_wanted
 from chunkflow.inference import blended_inference, to_float
-from chunkflow.job import validate_parameters
+from chunkflow.job import refuse_fraction_overlap, validate_parameters
 
 if TYPE_CHECKING:  # annotations only: importing chunkflow must not import torch
     import torch
@@ -345,14 +345,8 @@ def _host_array(image: Any, torch: Any) -> tuple[np.ndarray, Any]:
 
 def _size(value: Any, what: str, patch: Vec | None = None) -> Vec:
     """Three ints (or one, or ``"z,y,x"``); for an overlap, a MONAI-style fraction is refused with the voxels."""
-    items = value if isinstance(value, (tuple, list)) else [value]
-    if patch is not None and any(isinstance(v, float) for v in items):
-        fractions = list(items) * 3 if len(items) == 1 else list(items)
-        hint = ""
-        if len(fractions) == 3 and all(isinstance(f, (int, float)) and 0 <= f < 1 for f in fractions):
-            hint = f" (MONAI's overlap {_shape(fractions)} of this patch is overlap=" \
-                   f"{_shape([p - int(p * (1 - f)) for p, f in zip(patch, fractions)])})"
-        raise GeometryError(f"overlap {value!r} is in voxels, z,y,x integers such as 4,16,16, not a fraction{hint}")
+    if patch is not None:
+        refuse_fraction_overlap(value, patch)
     size = Vec.parse(value, what)
     if patch is None and any(s <= 0 for s in size):
         raise GeometryError(f"{what} {_shape(size)} must be positive along z, y and x")

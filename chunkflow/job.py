@@ -164,6 +164,21 @@ def _shown(value: object) -> str:
     return "none" if value is None else str(value)
 
 
+def refuse_fraction_overlap(value, patch: Vec) -> None:
+    """Refuse (GeometryError) an overlap given as a fraction of the patch, as MONAI takes it, naming the
+    overlap in voxels that MONAI's fraction means for ``patch`` (the output patch)."""
+    items = value if isinstance(value, (tuple, list)) else [value]
+    if not any(isinstance(v, float) for v in items):
+        return
+    fractions = list(items) * 3 if len(items) == 1 else list(items)
+    hint = ""
+    if len(fractions) == 3 and all(isinstance(f, (int, float)) and 0 <= f < 1 for f in fractions):
+        voxels = [p - int(p * (1 - f)) for p, f in zip(patch, fractions)]
+        hint = (f" (MONAI's overlap {','.join(str(f) for f in fractions)} of this patch is "
+                f"{','.join(str(v) for v in voxels)})")
+    raise GeometryError(f"overlap {value!r} is in voxels, z,y,x integers such as 4,16,16, not a fraction{hint}")
+
+
 def validate_parameters(input_patch: Vec, output_patch: Vec, blend: str, output_dtype: str, pad_mode: str,
                         precision: str) -> None:
     """Checks that need no data; geometry checks live in ``Layout``."""

@@ -16,7 +16,7 @@ from chunkflow.bbox import Bbox, Vec, zyx_text
 from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, Job, JobError, default_storage_chunk,
-                           validate_parameters)
+                           refuse_fraction_overlap, validate_parameters)
 from chunkflow.job_params import JobParameters, takes_job_parameters
 from chunkflow.masking import BLOCK_MAP, MASK_DIGEST, encode_block_map, mask_digest, masked_blocks, open_mask
 from chunkflow.output_claims import check_claims, claim_of, claim_output
@@ -159,6 +159,7 @@ def make_job(p: JobParameters, device_here: bool = True, claims: bool = True) ->
     """
     in_patch = Vec.parse(p.input_patch, "input patch")
     out_patch = Vec.parse(p.output_patch, "output patch") if p.output_patch is not None else in_patch
+    refuse_fraction_overlap(p.overlap, out_patch)
     overlap_v = Vec.parse(p.overlap, "overlap")
     validate_parameters(in_patch, out_patch, p.blend, p.dtype, p.pad_mode, p.precision)
     if p.donation_dtype not in DONATION_DTYPES:

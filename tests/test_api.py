@@ -360,3 +360,10 @@ def test_a_misspelt_argument_is_a_refusal_with_the_closest_name():
                        overlapp="2,2,2")
     with pytest.raises(chunkflow.Refusal, match="missing a required argument: 'output'"):
         chunkflow.plan(input="a.zarr")
+
+
+def test_a_monai_style_overlap_fraction_is_refused_with_its_voxels():
+    """The same line in the API's sliding_window and in plan (which gave none: a new user's walkthrough)."""
+    image = np.zeros((1, 8, 32, 32), dtype=np.float32)
+    with pytest.raises(chunkflow.Refusal, match=r"not a fraction \(MONAI's overlap 0.5,0.5,0.5 of this patch is 4,16,16\)"):
+        chunkflow.sliding_window(image, lambda x: x, "8,32,32", overlap=0.5)

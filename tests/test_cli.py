@@ -50,6 +50,8 @@ def common(tmp_path, volume, **overrides):
 
 
 BAD = [
+    ({"overlap": "0.25"}, "overlap 0.25 is in voxels, z,y,x integers such as 4,16,16, not a fraction (MONAI's overlap "
+                          "0.25,0.25,0.25 of this patch is 2,8,8)"),
     ({"overlap": "8,8,8"}, "must be smaller than the input patch 8,32,32 (the output patch, as --output-patch is not "
                            "given) along z; give an overlap of at most 7 along z"),
     ({"overlap": "2,32,8", "output-patch": "8,32,32"}, "overlap 2,32,8 must be smaller than the output patch 8,32,32 "
