@@ -62,11 +62,13 @@ def test_an_obvious_slip_is_refused_with_the_url_it_meant(url, meant):
     assert classify(meant)[0] == "precomputed"  # the suggestion itself is accepted
 
 
-def test_a_relative_path_is_suggested_as_the_absolute_url_it_resolves_to(tmp_path, monkeypatch):
+@pytest.mark.parametrize("url", ["data/em", "file://em"])  # file://em: a relative path with the scheme (a new user)
+def test_a_relative_path_is_suggested_as_the_absolute_url_it_resolves_to(tmp_path, monkeypatch, url):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StorageError) as err:
-        classify("data/em")
-    assert f"(did you mean file://{tmp_path}/data/em?)" in str(err.value)
+        classify(url)
+    assert f"(did you mean file://{tmp_path}/{url.rpartition('/')[2] if url.startswith('file') else url}?)" \
+        in str(err.value)
 
 
 @pytest.mark.parametrize("url", ["http://host/em", "zarr://s3://bucket/em.zarr", "gs:/bucket/em", "file://",

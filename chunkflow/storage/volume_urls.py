@@ -76,7 +76,8 @@ def suggest_file_url(url: str) -> str | None:
     """The ``file:///`` URL a refused local location most likely means, or None when none is plain.
 
     ``/abs/path`` and ``relative/path`` (made absolute) lack the scheme; ``file://tmp/x`` has two
-    slashes, so ``tmp`` is read as a host; ``file://localhost/x`` names this machine. A
+    slashes, so ``tmp`` is read as a host; ``file://em`` is a relative path (made absolute);
+    ``file://localhost/x`` names this machine. A
     ``precomputed://`` prefix is kept.
     """
     if url.startswith("precomputed://"):
@@ -84,6 +85,8 @@ def suggest_file_url(url: str) -> str | None:
         return f"precomputed://{inner}" if inner else None
     if url.startswith("file://"):
         host, _, path = url[len("file://"):].partition("/")
+        if host and not path and host != "localhost":  # file://em: a relative path given the scheme
+            return "file:///" + os.path.abspath(host).lstrip("/")
         if not host or not path:
             return None
         return f"file:///{path}" if host == "localhost" else f"file:///{host}/{path}"
