@@ -45,7 +45,7 @@ from chunkflow.store_layout import DONE, MANIFEST, marker_prefix
 from chunkflow.planning import load_job
 from chunkflow.stages import DONATIONS
 from chunkflow.storage import ObjectStore, StorageError
-from chunkflow.units import human_bytes
+from chunkflow.units import count, human_bytes
 
 __all__ = ["BlockReport", "PieceReport", "StoreReport", "inspect_store", "check_piece", "HEAD_BYTES",
            "STATES", "region_box"]
@@ -153,7 +153,7 @@ class StoreReport:
         sample = ""
         if self.sample is not None:
             sample = f"; read a random sample of {self.sample['read']} of {self.sample['of']} donations"
-        return (f"{self.num_blocks} blocks: {c['complete']} complete, {c['blended']} blended, "
+        return (f"{count(self.num_blocks, 'block')}: {c['complete']} complete, {c['blended']} blended, "
                 f"{c['incomplete']} incomplete, {c['bad']} bad; donations {d['present']}/{d['expected']} present, "
                 f"{human_bytes(self.stored_bytes)} stored{ratio}; {self.objects} objects listed{anomalies}{sample}")
 

@@ -25,6 +25,7 @@ from chunkflow.stages import Resources, cast_output, reference as reference_outp
 from chunkflow.storage import StorageError, create_volume, open_volume
 from chunkflow.storage.volume_urls import volume_location
 from chunkflow.storage.volumes import input_missing
+from chunkflow.units import count
 
 
 #: the job parameters `reference` does not take, and the values it uses: it computes the whole region
@@ -54,7 +55,7 @@ def plan(params: JobParameters, dry_run: bool = False, quiet: bool = False, pric
     job = plan_job(params)
     layout = job.layout
     print(f"job {job.job_hash} planned in {job.store}")
-    print(f"  {layout.num_blocks} blocks of {zyx_text(job.block)} ({zyx_text(layout.grid_shape)} z,y,x), "
+    print(f"  {count(layout.num_blocks, 'block')} of {zyx_text(job.block)} ({zyx_text(layout.grid_shape)} z,y,x), "
           f"{layout.num_patches} patches, output chunks {zyx_text(job.storage_chunk)}")
     print(f"  stage one:  python -m inference_and_donate run {job.store} --blocks all")
     print(f"  stage two:  python -m receive_and_blend run {job.store} --blocks all")
