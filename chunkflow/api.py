@@ -33,18 +33,21 @@ JobLike = Union[Job, str, os.PathLike]
 
 
 @takes_job_parameters()
-def plan(params: JobParameters, device_here: bool = True) -> Job:
+def plan(params: JobParameters, device_here: bool = True, force: bool = False) -> Job:
     """Validate a job, create its output volume and write its manifest (``chunkflow plan``).
 
     Nothing is written unless every check passes. Planning the same parameters into the same
     ``donations`` store again returns the existing job; other parameters there are refused.
     Sizes are Z,Y,X: three ints, ``"16,64,64"`` or one int for a cube; locations may be
-    ``pathlib.Path``. Every parameter but ``device_here`` is a field of
+    ``pathlib.Path``. Every parameter but ``device_here`` and ``force`` is a field of
     :class:`chunkflow.job_params.JobParameters`, with the help of ``chunkflow plan --help``.
 
     Args:
         device_here: also load the model on ``device`` here to check it (False when planning
             on a machine without the workers' device).
+        force: reset a job whose done markers no longer stand for its output (deleted, replaced,
+            or written over by another job): its done state is forgotten and every block is
+            computed again (otherwise such a job is refused).
 
     Returns:
         The planned :class:`chunkflow.job.Job` (``job.layout`` holds its grid and blocks).
@@ -55,7 +58,8 @@ def plan(params: JobParameters, device_here: bool = True) -> Job:
     """
     from chunkflow.planning import plan_job
 
-    return plan_job(params, device_here)
+    _flag("force", force)
+    return plan_job(params, device_here, force=force)
 
 
 def open_job(store: str | os.PathLike) -> Job:

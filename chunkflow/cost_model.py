@@ -73,9 +73,10 @@ MARKER_DELETES_PER_TASK = 2  # failed/, running/
 #: requests of the job as a whole, one of each per stage as it starts: its done checkpoint (``summary/stage{n}``)
 #: read and written, and its done markers listed (one request per 1,000 found: one for a fresh job)
 JOB_WRITES = STAGE_LISTS = 2
-#: reads of the job as a whole: the checkpoint per stage, and ``output_claim.json`` when a worker process opens
-#: the output (one per worker process; counted once here)
-JOB_READS = 3
+#: reads of the job as a whole: per stage, its checkpoint and, before any block is skipped as done, the job's
+#: output claim and reset flag (``output_claim.json``, ``reset.json``); the same two again when a worker
+#: process opens the output (once per worker process; counted once here)
+JOB_READS = 2 * 3 + 2
 #: seconds between two refreshes of a queue worker's running marker: ``DEFAULT_LEASE / 3``
 HEARTBEAT_SECONDS = 40.0
 #: seconds between two polls of ``chunkflow barrier`` (its ``--poll`` default), the lists of a poll that finds

@@ -73,7 +73,7 @@ def _named(claim: dict, theirs: Bbox) -> str:
 
 
 def check_claims(volume, job: Job, overwrite: bool = False, done: bool = False, force: bool = False,
-                 claimed: bool = False) -> None:
+                 claimed: bool = False) -> bool:
     """Refuse ``job`` (:class:`~chunkflow.job.JobError`, one line) where ``volume`` says its region is
     another job's:
 
@@ -84,18 +84,21 @@ def check_claims(volume, job: Job, overwrite: bool = False, done: bool = False, 
       output was replaced): its markers no longer stand for the output, so only ``force``
       (recompute all of it; with ``overwrite`` where another job's claim is there) is accepted.
 
-    Claims made *before* the job's own (it was planned with ``overwrite`` once) need no flag again."""
+    Claims made *before* the job's own (it was planned with ``overwrite`` once) need no flag again.
+
+    Returns whether the job's done markers no longer stand for the output (with ``force``: the
+    caller resets them, :mod:`chunkflow.done_reset`)."""
     mine, others = _standing(volume.claims(), job, volume.url)
     later = [(i, claim, theirs) for i, claim, theirs in others if mine is None or i > mine]
     replaced = mine is None and claimed
     if not later and not replaced:
-        return
+        return False
     if done and not force:
         since = f"{_named(later[-1][1], later[-1][2])} is there" if later else "its claim is gone: replaced"
         again = "--force --overwrite" if later else "--force"
         raise JobError(f"this job's region of {volume.url} is not only its own any more ({since}), so its done "
-                       f"markers do not stand for the output; recompute it with `chunkflow run {again}`, or plan "
-                       "into a new --donations location")
+                       f"markers do not stand for the output; recompute it with `chunkflow run {again}` (or "
+                       f"`chunkflow plan {again}`, then its workers), or plan into a new --donations location")
     if later and not overwrite:
         raise JobError(f"output {volume.url} holds {_named(later[-1][1], later[-1][2])}, which this job's region "
                        f"{job.layout.bbox.name} overlaps; give another output, or plan with --overwrite to replace it "
@@ -103,23 +106,27 @@ def check_claims(volume, job: Job, overwrite: bool = False, done: bool = False, 
     for _, claim, theirs in later:
         log.warning("--overwrite: writing over job %s's result in %s over %s", claim.get("job"), volume.url,
                     theirs.intersect(job.layout.bbox).name)
+    return done
 
 
-def check_output_is_ours(volume, job: Job, claimed: bool) -> None:
+def check_output_is_ours(volume, job: Job, claimed: bool, fresh: bool = False) -> None:
     """For a worker opening ``job``'s output: refuse (:class:`~chunkflow.job.JobError`) an output that
     another job has written over since ``job`` was planned, or that lost ``job``'s claim although
     its store says it ``claimed`` it (replaced): its writes would go over another job's result, or
     its done markers would stand for data that is not there. An output without claims, for a job
-    planned before claims existed, is accepted."""
-    mine, others = _standing(volume.claims(), job, volume.url)
+    planned before claims existed, is accepted. ``fresh``: read the claims again (before a block's
+    writes: another job may have claimed its region since the output was opened)."""
+    mine, others = _standing(volume.claims(fresh=fresh), job, volume.url)
     later = [(i, claim, theirs) for i, claim, theirs in others if mine is None or i > mine]
     if later:
         raise JobError(f"output {volume.url} holds {_named(later[-1][1], later[-1][2])}, claimed after this job was "
-                       "planned; this job's workers would write over it: plan the job again (with --overwrite to "
-                       "replace it)")
+                       "planned: this job's done markers no longer stand for it and its workers would write over it; "
+                       "recompute it with `chunkflow run --force --overwrite` (or `chunkflow plan --force "
+                       "--overwrite`, then its workers)")
     if mine is None and claimed:
         raise JobError(f"output {volume.url} does not hold this job's claim although the job claimed it when it was "
-                       "planned: it was replaced; plan the job again (`chunkflow run --force` recomputes it)")
+                       "planned: it was replaced; recompute it with `chunkflow run --force` (or `chunkflow plan "
+                       "--force`, then its workers)")
 
 
 def claim_output(volume, job: Job) -> bool:

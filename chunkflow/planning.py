@@ -13,6 +13,7 @@ from pathlib import Path
 
 from chunkflow.backends import check_device, load_backend, model_checksum, require_device, verify_model
 from chunkflow.bbox import Bbox, Vec, zyx_text
+from chunkflow.done_reset import check_leftovers, reset_done_state, reset_pending
 from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, Job, JobError, default_storage_chunk,
@@ -23,7 +24,7 @@ from chunkflow.output_claims import check_claims, claim_of, claim_output
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
-from chunkflow.store_layout import DONATIONS, DONE, MANIFEST, OUTPUT_CLAIM
+from chunkflow.store_layout import DONE, MANIFEST, OUTPUT_CLAIM
 from chunkflow.storage.durability import job_durability
 from chunkflow.storage.volume_factory import check_output_compression
 from chunkflow.storage.volume_urls import absolute_url, same_or_nested, volume_format, volume_location
@@ -33,14 +34,15 @@ log = logging.getLogger(__name__)
 
 
 @takes_job_parameters()
-def plan(params: JobParameters, device_here: bool = True) -> Job:
+def plan(params: JobParameters, device_here: bool = True, force: bool = False) -> Job:
     """:func:`plan_job` of the :class:`JobParameters` given by keyword (``plan(input, output, ...)``).
 
     Args:
         params: the job's parameters.
         device_here: also load the model on ``device`` here (False when the workers are elsewhere).
+        force: reset a job whose done markers no longer stand for its output (see :func:`plan_job`).
     """
-    return plan_job(params, device_here)
+    return plan_job(params, device_here, force)
 
 
 def plan_job(params: JobParameters, device_here: bool = True, force: bool = False) -> Job:
@@ -53,8 +55,9 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
         params: the job's parameters (``params.donations`` is the job store).
         device_here: also load the model on ``params.device`` on this machine (False when the
             workers are elsewhere, e.g. a Dask scheduler's).
-        force: the caller recomputes every block (``run --force``), so a store whose done markers
-            stand over a missing output is no refusal (:func:`check_leftovers`).
+        force: a job whose done markers no longer stand for its output (deleted, replaced, written
+            over by another job) is reset instead of refused: its done state is forgotten
+            (:mod:`chunkflow.done_reset`) and every block is computed again.
 
     Returns:
         The planned job, as its manifest holds it.
@@ -74,10 +77,14 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
                 and previous.model_checksum != job.model_checksum:
             verify_model(previous.model, previous.weights, previous.model_checksum)  # one line naming the file
         raise _another_job(store, job, previous)
+    interrupted = reset_pending(store)  # a reset began and was cut off: its markers are not to be trusted
     done = previous is not None and next(iter(store.list(f"{DONE}/")), None) is not None
+    stale = False
     if existing_output is not None:  # after the store's refusal, which names what differs
-        check_claims(existing_output, job, params.overwrite, done, force, store.exists(OUTPUT_CLAIM))
-    check_leftovers(store, job, previous is not None, existing_output is not None, force)
+        stale = check_claims(existing_output, job, params.overwrite, done and not interrupted, force,
+                             store.exists(OUTPUT_CLAIM))
+    check_leftovers(store, job, previous is not None, existing_output is not None, force or interrupted)
+    stale = stale or (done and existing_output is None)  # with force: the output was deleted after the run
     output = job.output
     block_map = digest = None
     if job.mask:  # a mask changed in place since the job was planned is refused, not mixed in
@@ -87,6 +94,9 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
             _check_mask_unchanged(store, job, digest)
         else:
             block_map = _block_map(job, mask)
+    if interrupted or stale:  # every check has passed: forget the done state before the first write
+        reset_done_state(store, "finishing a reset that was cut off" if interrupted else
+                         "its done markers no longer stand for its output (deleted, replaced or written over)")
     durable = job_durability(output, store)
     wrote = existing_output is None
     if existing_output is None:
@@ -111,26 +121,6 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
     if planned.job_hash != job.job_hash:  # another planner won a race to this store
         raise _another_job(store, job, planned)
     return planned
-
-
-def check_leftovers(store: ObjectStore, job: Job, planned: bool, output_exists: bool, force: bool = False) -> None:
-    """Refuse done markers that would vouch for data that is not there (found by an adversarial review,
-    2026-11-29; each was an exit 0 with zeros or another job's output):
-
-    * a store without a manifest that holds done markers or donations: another job's leftovers (a
-      manifest deleted, an interrupted ``rm -r``), whose markers would make this job skip its blocks;
-    * this job's store with done markers while its output does not exist: the output was deleted
-      after the blocks were done, and a rerun would skip them over a new, empty output (unless
-      ``force``, which recomputes every block)."""
-    if not planned:
-        for prefix, what in ((f"{DONE}/", "done markers"), (DONATIONS, "donations"), (BLOCK_MAP, "a mask's block map")):
-            if next(iter(store.list(prefix)), None) is not None:
-                raise JobError(f"{store.url} holds {what} but no manifest.json: the leftovers of another job; give a "
-                               "new --donations location, or delete that one")
-    elif not output_exists and not force and next(iter(store.list(f"{DONE}/")), None) is not None:
-        raise JobError(f"output {job.output} does not exist, but job store {store.url} holds done markers of this "
-                       "job: the data they vouch for is gone; recompute every block with `chunkflow run --force`, "
-                       "or plan into a new --donations location")
 
 
 def _another_job(store: ObjectStore, job: Job, held: Job) -> JobError:

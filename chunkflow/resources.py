@@ -16,7 +16,8 @@ from chunkflow import block_writes
 from chunkflow.backends import Backend, load_backend, require_device
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, weight_map
-from chunkflow.job import Job
+from chunkflow.done_reset import reset_pending
+from chunkflow.job import Job, JobError
 from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
 from chunkflow.output_claims import check_output_is_ours
 from chunkflow.storage import ObjectStore, StorageError, Volume, open_store, open_volume
@@ -125,8 +126,31 @@ class Resources:
     def output(self) -> Volume:
         volume = open_volume(self.job.output)
         _check_still_planned("output", volume, self.job, self.job.out_channels, self.job.output_dtype)
-        check_output_is_ours(volume, self.job, bool(self.job.store) and self.store.exists(OUTPUT_CLAIM))
+        if self.job.store and reset_pending(self.store):
+            raise JobError(f"a reset of this job's done state in {self.store.url} was cut off; plan the job again "
+                           "(`chunkflow run`, or `chunkflow plan`) to finish it before its workers run")
+        check_output_is_ours(volume, self.job, self.claimed_output)
         return volume
+
+    @cached_property
+    def claimed_output(self) -> bool:
+        """Whether the job's store says it claimed its output when it was planned (jobs planned before
+        2026-11-29 did not)."""
+        return bool(self.job.store) and self.store.exists(OUTPUT_CLAIM)
+
+    def check_standing(self) -> None:
+        """Refuse (one line) a job whose done markers cannot be trusted, before any block is skipped as
+        done: a reset of its done state was cut off, or it claimed its output and that output is gone,
+        replaced or another job's now (opening the output checks it, :attr:`output`)."""
+        if self.job.store and (self.claimed_output or reset_pending(self.store)):
+            self.output  # noqa: B018 - opened for its checks
+
+    def check_output_still_ours(self) -> None:
+        """Before a block's writes: read the output's claims again and refuse (JobError) if another job
+        claimed this job's region since this worker opened the output (its writes would go over that
+        job's result) or the output lost this job's claim."""
+        if self.job.store:
+            check_output_is_ours(self.output, self.job, self.claimed_output, fresh=True)
 
     @cached_property
     def store(self) -> ObjectStore:

@@ -80,6 +80,7 @@ def receive_and_blend(job: Job, block: Vec, res: Resources | None = None, cleanu
         if job.output_dtype == "float16":
             for band, total in zip(sums.bands, sums.sums):
                 check_fits_float16_output(total, band, [band])
+        res.check_output_still_ours()  # another job may have claimed this region since the output was opened
         t = time.perf_counter()
         pool = res.threads("band-write", WRITE_WORKERS)
         stats.voxels += _write_bands(res.output, sums, job, layout.whole_block_writes, pool)

@@ -108,6 +108,7 @@ def _write_behind(job: Job, res: Resources, block: Vec, chunk: Bbox, out: np.nda
     stats.time("normalise", t)
     layout = job.layout
     _check_cancelled(res, layout.block_box(block))
+    res.check_output_still_ours()  # another job may have claimed this region since the output was opened
     core = layout.core_box(block)
     slabs = [] if core.is_empty() else list(write_slabs(core, job.storage_chunk[0], job.out_channels * 4))
     written = write_block(job, layout, block, chunk, out, res.output, res.store, res.pool, slabs, cast_output)

@@ -10,17 +10,19 @@ A job's store (the ``--donations`` location) holds::
     log/stage{n}/{minute:010d}/{block}   an empty entry after each done marker (chunkflow.done_log)
     summary/stage{n}                     a checkpoint of the done bitmap (chunkflow.done_log)
     output_claim.json                    the claim this job recorded in its output (chunkflow.output_claims)
+    reset.json                           a reset of the done state in progress (chunkflow.done_reset)
 
 Block names are ``x0-x1_y0-y1_z0-z1`` (:attr:`chunkflow.bbox.Bbox.name`); every function here takes
 the name, not the box, so no module below the job needs a ``Bbox`` to spell a key.
 """
 from __future__ import annotations
 
-__all__ = ["DONATIONS", "DONE", "FAILED", "LOG", "MANIFEST", "OUTPUT_CLAIM", "RUNNING", "SUMMARY", "donation_name",
+__all__ = ["DONATIONS", "DONE", "FAILED", "LOG", "MANIFEST", "OUTPUT_CLAIM", "RESET", "RUNNING", "SUMMARY", "donation_name",
            "done_marker", "log_name", "log_prefix", "marker_name", "marker_prefix", "marker_stages", "summary_name"]
 
 MANIFEST = "manifest.json"
 OUTPUT_CLAIM = "output_claim.json"
+RESET = "reset.json"
 DONATIONS = "donations/"
 DONE, RUNNING, FAILED = "done", "running", "failed"
 LOG = "log"

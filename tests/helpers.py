@@ -113,3 +113,13 @@ def job_or_reject(root: Path, axes, sharded: bool, start) -> Job:
         return job_of(root, axes, sharded, start)
     except GeometryError:
         assume(False)
+
+
+def cli_status(*args) -> int:
+    """``chunkflow ARGS`` in this process (arguments made strings); its exit status."""
+    from chunkflow.cli import main
+
+    try:
+        return main([str(a) for a in args]) or 0
+    except SystemExit as stop:
+        return int(stop.code or 0)

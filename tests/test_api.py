@@ -303,7 +303,7 @@ def test_plan_takes_the_planners_parameters():
     fields = {f.name: f for f in dataclasses.fields(JobParameters)}
     for fn in (chunkflow.plan, planning_plan):
         params = inspect.signature(fn).parameters
-        assert list(params) == [*fields, "device_here"]
+        assert list(params) == [*fields, "device_here", "force"]
         for name, field in fields.items():
             default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
             assert params[name].default == default, name

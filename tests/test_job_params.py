@@ -27,7 +27,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(JobParameters)}
 
 #: each command's flags that are not job parameters, and the job parameters it leaves out
 OWN = {
-    "plan": ({"dry_run", "quiet", *PRICE_PARAMETERS}, set()),
+    "plan": ({"dry_run", "force", "quiet", *PRICE_PARAMETERS}, set()),
     "run": ({"force", "cleanup", "engine", "mode", "workers", "scheduler", "quiet"}, set()),
     "reference": ({"quiet"}, set(REFERENCE_OMITS)),
 }
@@ -63,7 +63,7 @@ def test_unknown_and_omitted_flags_are_refused_in_one_line(capsys, name):
 
 def test_the_library_plan_takes_every_field_and_documents_it():
     params = inspect.signature(chunkflow.plan).parameters
-    assert list(params) == [*FIELDS, "device_here"]
+    assert list(params) == [*FIELDS, "device_here", "force"]
     doc = inspect.getdoc(chunkflow.plan)
     for name in params:
         assert re.search(rf"^    {name}: ", doc, re.M), name

@@ -12,18 +12,11 @@ import shutil
 
 import numpy as np
 
-from chunkflow.cli import main as cli_main
 from chunkflow.storage import open_volume
-from tests.helpers import make_input
+from tests.helpers import cli_status, make_input
 
 FLAGS = ["--model", "identity", "--input-patch", "8,32,32", "--overlap", "2,8,8", "--block", "8,32,32", "--quiet"]
 
-
-def _run(*args) -> int:
-    try:
-        return cli_main([str(a) for a in args]) or 0
-    except SystemExit as stop:
-        return int(stop.code or 0)
 
 
 def _one_line(capsys) -> str:
@@ -35,15 +28,15 @@ def _one_line(capsys) -> str:
 def test_a_deleted_output_is_not_taken_as_done(tmp_path, capsys):
     url, data = make_input(tmp_path / "em", (8, 64, 64), seed=5)
     out, job = f"file://{tmp_path / 'out'}", tmp_path / "job"
-    assert _run("run", url, out, *FLAGS, "--donations", job) == 0
+    assert cli_status("run", url, out, *FLAGS, "--donations", job) == 0
     shutil.rmtree(tmp_path / "out")
     capsys.readouterr()
-    assert _run("run", url, out, *FLAGS, "--donations", job) == 2
+    assert cli_status("run", url, out, *FLAGS, "--donations", job) == 2
     line = _one_line(capsys)
     assert "does not exist" in line and "--force" in line, line
     assert not (tmp_path / "out").exists()
-    assert _run("plan", url, out, job, *FLAGS) == 2 and not (tmp_path / "out").exists()
-    assert _run("run", url, out, *FLAGS, "--donations", job, "--force") == 0
+    assert cli_status("plan", url, out, job, *FLAGS) == 2 and not (tmp_path / "out").exists()
+    assert cli_status("run", url, out, *FLAGS, "--donations", job, "--force") == 0
     assert np.abs(open_volume(out).read(open_volume(out).bbox) - data).max() <= 1e-5
 
 
@@ -51,11 +44,11 @@ def test_a_store_without_its_manifest_is_refused(tmp_path, capsys):
     url, data = make_input(tmp_path / "em", (8, 64, 64), seed=6)
     other_url, other = make_input(tmp_path / "other", (8, 64, 64), seed=7)
     job = tmp_path / "job"
-    assert _run("run", url, f"file://{tmp_path / 'out'}", *FLAGS, "--donations", job) == 0
+    assert cli_status("run", url, f"file://{tmp_path / 'out'}", *FLAGS, "--donations", job) == 0
     (job / "manifest.json").unlink()
     before = sorted(p.relative_to(job).as_posix() for p in job.rglob("*"))
     capsys.readouterr()
-    assert _run("run", other_url, f"file://{tmp_path / 'out2'}", *FLAGS, "--donations", job) == 2
+    assert cli_status("run", other_url, f"file://{tmp_path / 'out2'}", *FLAGS, "--donations", job) == 2
     line = _one_line(capsys)
     assert "no manifest.json" in line and "leftovers" in line, line
     assert not (tmp_path / "out2").exists()
@@ -94,6 +87,6 @@ def test_a_leftover_block_map_is_refused_too(tmp_path, capsys):
     url, _ = make_input(tmp_path / "em", (8, 64, 64), seed=10)
     (tmp_path / "job" / "mask").mkdir(parents=True)
     (tmp_path / "job" / "mask" / "blocks.bin").write_bytes(b"\xff")
-    assert _run("run", url, f"file://{tmp_path / 'out'}", *FLAGS, "--donations", tmp_path / "job") == 2
+    assert cli_status("run", url, f"file://{tmp_path / 'out'}", *FLAGS, "--donations", tmp_path / "job") == 2
     assert "a mask's block map but no manifest.json" in _one_line(capsys)
     assert not (tmp_path / "out").exists()

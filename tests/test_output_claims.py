@@ -17,22 +17,15 @@ import numpy as np
 import pytest
 
 from chunkflow.bbox import Bbox, Vec
-from chunkflow.cli import main as cli_main
 from chunkflow.storage import create_volume, open_volume
 from chunkflow.storage.volumes import CLAIMS_KEY
-from tests.helpers import make_input
+from tests.helpers import cli_status, make_input
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--model", "identity", "--input-patch", "8,32,32", "--overlap", "2,8,8", "--block", "8,32,32", "--quiet"]
 REFERENCE_FLAGS = FLAGS[:6] + ["--quiet"]  # no --block
 OTHER_JOB = FLAGS[:4] + ["--overlap", "2,4,4"] + FLAGS[6:]
 
-
-def _run(*args) -> int:
-    try:
-        return cli_main([str(a) for a in args]) or 0
-    except SystemExit as stop:
-        return int(stop.code or 0)
 
 
 def _worker(script: str, store: Path) -> str:
@@ -59,27 +52,27 @@ def test_a_finished_jobs_output_is_not_overwritten_without_overwrite(tmp_path, c
     second_url, second = make_input(tmp_path / "b", (8, 64, 64), seed=2)
     out_path = tmp_path / ("out" if fmt == "precomputed" else "out.zarr")
     out = f"file://{out_path}" if fmt == "precomputed" else str(out_path)
-    assert _run("run", first_url, out, *FLAGS, "--donations", tmp_path / "job1") == 0
+    assert cli_status("run", first_url, out, *FLAGS, "--donations", tmp_path / "job1") == 0
     claims = _claims(out_path, fmt)
     assert len(claims) == 1 and claims[0]["region"] == "0-64_0-64_0-8" and claims[0]["store"].endswith("job1")
     before = _files(out_path)
     capsys.readouterr()
 
     # another job over the same region: one line naming the first job, nothing written
-    assert _run("run", second_url, out, *FLAGS, "--donations", tmp_path / "job2") == 2
+    assert cli_status("run", second_url, out, *FLAGS, "--donations", tmp_path / "job2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and claims[0]["job"] in err[0] and "--overwrite" in err[0], err
     assert _files(out_path) == before and not (tmp_path / "job2").exists()
-    assert _run("plan", second_url, out, tmp_path / "job2", *FLAGS, "--dry-run") == 2  # the dry run says so too
-    assert _run("reference", second_url, out, *REFERENCE_FLAGS) == 2
+    assert cli_status("plan", second_url, out, tmp_path / "job2", *FLAGS, "--dry-run") == 2  # the dry run says so too
+    assert cli_status("reference", second_url, out, *REFERENCE_FLAGS) == 2
     assert _files(out_path) == before
 
     # the first job again, into another store (its job hash leaves the store out): its own region
-    assert _run("run", first_url, out, *FLAGS, "--donations", tmp_path / "job1b") == 0
+    assert cli_status("run", first_url, out, *FLAGS, "--donations", tmp_path / "job1b") == 0
     assert len(_claims(out_path, fmt)) == 1
 
     # with --overwrite: the second job's result, both claims kept
-    assert _run("run", second_url, out, *FLAGS, "--donations", tmp_path / "job2", "--overwrite") == 0
+    assert cli_status("run", second_url, out, *FLAGS, "--donations", tmp_path / "job2", "--overwrite") == 0
     result = open_volume(out).read(open_volume(out).bbox)
     assert np.abs(result - second).max() <= 1e-5 and np.abs(result - first).max() > 0.5
     assert [c["store"].rsplit("/", 1)[-1] for c in _claims(out_path, fmt)] == ["job1", "job2"]
@@ -91,12 +84,12 @@ def test_jobs_over_disjoint_regions_share_an_output(tmp_path, capsys):
     out = f"file://{tmp_path / 'out'}"
     create_volume(out, Bbox((0, 0, 0), (8, 64, 128)), Vec(8, 32, 32), 1, "float32")  # no claims: another tool's
     for i, region in enumerate(("0-64_0-64_0-8", "64-128_0-64_0-8")):
-        assert _run("run", url, out, *FLAGS, "--donations", tmp_path / f"h{i}", "--bbox", region) == 0
+        assert cli_status("run", url, out, *FLAGS, "--donations", tmp_path / f"h{i}", "--bbox", region) == 0
     claims = json.loads((tmp_path / "out" / "info").read_text())[CLAIMS_KEY]
     assert [c["region"] for c in claims] == ["0-64_0-64_0-8", "64-128_0-64_0-8"]
     assert np.abs(open_volume(out).read(open_volume(out).bbox) - data).max() <= 1e-5
     capsys.readouterr()
-    assert _run("run", url, out, *OTHER_JOB, "--donations", tmp_path / "h2") == 2
+    assert cli_status("run", url, out, *OTHER_JOB, "--donations", tmp_path / "h2") == 2
     err = capsys.readouterr().err
     assert any(claim["job"] in err for claim in claims), err
 
@@ -106,7 +99,7 @@ def test_claimed_outputs_open_in_other_readers(tmp_path, fmt):
     url, data = make_input(tmp_path / "em", (8, 64, 64), seed=4)
     out_path = tmp_path / ("out" if fmt == "precomputed" else "out.zarr")
     out = f"file://{out_path}" if fmt == "precomputed" else str(out_path)
-    assert _run("run", url, out, *FLAGS) == 0
+    assert cli_status("run", url, out, *FLAGS) == 0
     assert _claims(out_path, fmt)
     if fmt == "precomputed":
         from cloudvolume import CloudVolume
@@ -130,20 +123,20 @@ def test_a_job_written_over_by_another_must_recompute_and_then_owns_its_region_a
     b_url, b = make_input(tmp_path / "b", (8, 64, 64), seed=12)
     out_path = tmp_path / "out.zarr"
     out = str(out_path)
-    assert _run("run", a_url, out, *FLAGS, "--donations", tmp_path / "A") == 0
-    assert _run("run", b_url, out, *FLAGS, "--donations", tmp_path / "B", "--overwrite") == 0
-    assert _run("run", b_url, out, *FLAGS, "--donations", tmp_path / "B") == 0  # B resumes without the flag
+    assert cli_status("run", a_url, out, *FLAGS, "--donations", tmp_path / "A") == 0
+    assert cli_status("run", b_url, out, *FLAGS, "--donations", tmp_path / "B", "--overwrite") == 0
+    assert cli_status("run", b_url, out, *FLAGS, "--donations", tmp_path / "B") == 0  # B resumes without the flag
     capsys.readouterr()
-    assert _run("run", a_url, out, *FLAGS, "--donations", tmp_path / "A", "--overwrite") == 2
+    assert cli_status("run", a_url, out, *FLAGS, "--donations", tmp_path / "A", "--overwrite") == 2
     line = capsys.readouterr().err.strip()
     assert "--force --overwrite" in line and "done markers" in line, line
     # A's workers refuse too: the output is B's now
     assert "claimed after this job was planned" in _worker("inference_and_donate", tmp_path / "A")
     assert np.abs(open_volume(out).read(open_volume(out).bbox) - b).max() <= 1e-5
-    assert _run("run", a_url, out, *FLAGS, "--donations", tmp_path / "A", "--overwrite", "--force") == 0
+    assert cli_status("run", a_url, out, *FLAGS, "--donations", tmp_path / "A", "--overwrite", "--force") == 0
     assert np.abs(open_volume(out).read(open_volume(out).bbox) - a).max() <= 1e-5
     assert [c["store"].rsplit("/", 1)[-1] for c in _claims(out_path, "zarr")] == ["A", "B", "A"]
-    assert _run("run", a_url, out, *FLAGS, "--donations", tmp_path / "A") == 0  # A's own again: no flag
+    assert cli_status("run", a_url, out, *FLAGS, "--donations", tmp_path / "A") == 0  # A's own again: no flag
 
 
 @pytest.mark.slow
@@ -154,14 +147,14 @@ def test_an_output_replaced_by_an_empty_one_is_not_taken_as_done(tmp_path, capsy
     url, data = make_input(tmp_path / "em", (8, 64, 64), seed=13)
     out_path = tmp_path / "out.zarr"
     out = str(out_path)
-    assert _run("run", url, out, *FLAGS, "--donations", tmp_path / "job") == 0
+    assert cli_status("run", url, out, *FLAGS, "--donations", tmp_path / "job") == 0
     import shutil
     shutil.rmtree(out_path)
     create_volume(out, Bbox((0, 0, 0), (8, 64, 64)), Vec(8, 32, 32), 1, "float32")
     capsys.readouterr()
-    assert _run("run", url, out, *FLAGS, "--donations", tmp_path / "job") == 2
+    assert cli_status("run", url, out, *FLAGS, "--donations", tmp_path / "job") == 2
     assert "claim is gone" in capsys.readouterr().err
     assert "does not hold this job's claim" in _worker("receive_and_blend", tmp_path / "job")
     assert not np.abs(open_volume(out).read(open_volume(out).bbox)).max() > 0
-    assert _run("run", url, out, *FLAGS, "--donations", tmp_path / "job", "--force") == 0
+    assert cli_status("run", url, out, *FLAGS, "--donations", tmp_path / "job", "--force") == 0
     assert np.abs(open_volume(out).read(open_volume(out).bbox) - data).max() <= 1e-5

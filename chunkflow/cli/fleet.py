@@ -30,7 +30,7 @@ def produce(job: str, queue: str, stage: int = 1, blocks: str = "all", force: bo
         queue: fq:///shared/dir or sqs://NAME (region AWS_DEFAULT_REGION, endpoint AWS_ENDPOINT_URL_SQS).
         stage: 1, or 2 once stage one is complete (`chunkflow barrier` waits for that, then produces 2).
         blocks: 'all' or block names x0-x1_y0-y1_z0-z1 separated by commas.
-        force: also produce tasks of blocks that are done.
+        force: also produce tasks of blocks that are done (give the workers --force too: a task does not carry it).
         quiet: less output.
     """
     setup_logging(quiet)

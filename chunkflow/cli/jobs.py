@@ -37,12 +37,15 @@ REFERENCE_OMITS = {"donations": "", "block": None, "storage_chunk": None, "donat
 @user_errors
 @takes_job_parameters(flags=True)
 @takes_prices
-def plan(params: JobParameters, dry_run: bool = False, quiet: bool = False, prices: Prices = DEFAULT_PRICES) -> None:
+def plan(params: JobParameters, dry_run: bool = False, force: bool = False, quiet: bool = False,
+         prices: Prices = DEFAULT_PRICES) -> None:
     """Validate a job, create its output volume, and write its manifest into the donation store.
 
     Args:
         dry_run: validate and print tasks, patches, donations, object operations, bytes, a calibrated time
             estimate and what the job costs at the --price-* flags' prices; write nothing.
+        force: reset a job whose done markers no longer stand for its output (deleted, replaced, or written
+            over by another job): its done state is forgotten and every block is computed again.
         quiet: no progress bars or log lines.
     """
     setup_logging(quiet)
@@ -52,7 +55,7 @@ def plan(params: JobParameters, dry_run: bool = False, quiet: bool = False, pric
         for line in dry_run_job(job, prices=prices):
             print(line)
         return
-    job = plan_job(params)
+    job = plan_job(params, force=force)
     layout = job.layout
     print(f"job {job.job_hash} planned in {job.store}")
     print(f"  {count(layout.num_blocks, 'block')} of {zyx_text(job.block)} ({zyx_text(layout.grid_shape)} z,y,x), "

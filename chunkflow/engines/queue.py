@@ -138,6 +138,7 @@ def produce(job: Job, queue_url: str, stage: int = 1, blocks: list | None = None
             progress: bool = False, queue=None, **kwargs) -> int:
     """Insert the tasks of ``stage`` for ``blocks`` (all) not done yet (unless ``force``); returns the count."""
     check_number("stage", stage, "1 or 2", lambda v: isinstance(v, int) and v in (1, 2))
+    Resources(job).check_standing()  # before any block is skipped as done
     store = Resources(job).store
     layout = job.layout
     if stage == 2:

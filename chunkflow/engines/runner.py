@@ -215,6 +215,7 @@ def run_stage(job: Job, stage: int, engine, blocks: Iterable[Vec] | None = None,
     job = _prepare(job, engine)
     summary = StageSummary()
     started = time.perf_counter()
+    Resources(job).check_standing()  # before any block is skipped as done
     done = None if force else done_set(Resources(job).store, stage, job)
     todo, finished = [], []
     for block in (blocks if blocks is not None else job.layout.block_indices()):
@@ -288,6 +289,7 @@ def run_job(job: Job, engine, blocks: list[Vec] | None = None, force: bool = Fal
 
 def _stream(job: Job, engine, summary: RunSummary, blocks, force: bool, progress: bool, cleanup: bool) -> None:
     layout = job.layout
+    Resources(job).check_standing()  # before any block is skipped as done
     store = Resources(job).store
     blocks = list(blocks if blocks is not None else layout.block_indices())
     done1 = None if force else done_set(store, 1, job)

@@ -289,7 +289,10 @@ class PrecomputedVolume(Volume):
             raise StorageError(f"cannot create volume {url}: {one_line(exc, first_only=True, typed=True)}") from exc
         return cls(url, cv)
 
-    def claims(self) -> list:
+    def claims(self, fresh: bool = False) -> list:
+        if fresh:
+            with self._lock:
+                self._cv.refresh_info()
         return [c for c in self._cv.info.get(CLAIMS_KEY, []) if isinstance(c, dict) and c.get("mip", 0) == self.mip]
 
     def add_claim(self, claim: dict) -> None:

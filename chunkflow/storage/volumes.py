@@ -70,9 +70,10 @@ class Volume:
         self.dtype = np.dtype(dtype)
         self.resolution = tuple(float(r) for r in resolution)  # type: ignore[assignment]
 
-    def claims(self) -> list:
+    def claims(self, fresh: bool = False) -> list:
         """The jobs' claims on regions of this level (:mod:`chunkflow.output_claims`), from the
-        volume's own metadata; [] where it holds none."""
+        volume's own metadata; [] where it holds none. ``fresh``: read the metadata again (another
+        job may have claimed a region since the volume was opened)."""
         return []
 
     def add_claim(self, claim: dict) -> None:

@@ -282,8 +282,11 @@ class ZarrVolume(Volume):
         return cls(url, array, ome.LevelGeometry(bbox.start, tuple(resolution),  # type: ignore[arg-type]
                                                  ome.Layout(("c", "z", "y", "x"), channel=0)))
 
-    def claims(self) -> list:
-        return [c for c in self._array.attrs.get(CLAIMS_KEY, []) if isinstance(c, dict)]
+    def claims(self, fresh: bool = False) -> list:
+        import zarr
+
+        attrs = zarr.open_array(store=self._array.store_path, mode="r").attrs if fresh else self._array.attrs
+        return [c for c in attrs.get(CLAIMS_KEY, []) if isinstance(c, dict)]
 
     def add_claim(self, claim: dict) -> None:
         """Append ``claim`` to the array's attribute and write its metadata back."""
