@@ -69,10 +69,11 @@ def test_a_reset_cut_off_half_way_is_finished_before_anything_is_skipped(tmp_pat
     assert np.abs(open_volume(out).read(open_volume(out).bbox) - data).max() <= 1e-5
 
 
-def test_a_job_written_over_is_not_reported_done_and_its_open_workers_write_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["precomputed", "zarr"])
+def test_a_job_written_over_is_not_reported_done_and_its_open_workers_write_nothing(tmp_path, capsys, fmt):
     a_url, a = make_input(tmp_path / "a", (8, 64, 64), seed=23)
     b_url, b = make_input(tmp_path / "b", (8, 64, 64), seed=24)
-    out = str(tmp_path / "out.zarr")
+    out = str(tmp_path / "out.zarr") if fmt == "zarr" else f"file://{tmp_path / 'out'}"
     assert cli_status("run", a_url, out, *FLAGS, "--donations", tmp_path / "A") == 0
     job_a = load_job(str(tmp_path / "A"))
     res = Resources(job_a)

@@ -290,10 +290,8 @@ class PrecomputedVolume(Volume):
         return cls(url, cv)
 
     def claims(self, fresh: bool = False) -> list:
-        if fresh:
-            with self._lock:
-                self._cv.refresh_info()
-        return [c for c in self._cv.info.get(CLAIMS_KEY, []) if isinstance(c, dict) and c.get("mip", 0) == self.mip]
+        info = self._cv.meta.fetch_info() if fresh else self._cv.info  # fetched, not swapped under the writers
+        return [c for c in info.get(CLAIMS_KEY, []) if isinstance(c, dict) and c.get("mip", 0) == self.mip]
 
     def add_claim(self, claim: dict) -> None:
         """Re-read the info file, append ``claim`` (with this level's mip) and write it back."""
