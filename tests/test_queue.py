@@ -265,8 +265,7 @@ def test_stage_two_worker_cleanup_removes_consumed_and_leftover_donations(tmp_pa
     _stage_one_done(job, capsys)
     queue = f"fq://{tmp_path / 'q'}"
     produce(job, queue, stage=2)
-    assert "--cleanup deletes the donations stage two consumed" in _refused(
-        capsys, 1, ["worker", queue, "--cleanup", "--quiet"])
+    assert "--cleanup is a stage-two flag" in _refused(capsys, 1, ["worker", queue, "--cleanup", "--quiet"])
     assert open_queue(queue).enqueued == job.layout.num_blocks and open_queue(queue).leased == 0
     stage_main(2, ["worker", queue, "--cleanup", "--poll", "0.1", "--quiet"])
     assert "receive-and-blend worker: 8 tasks run" in capsys.readouterr().out
