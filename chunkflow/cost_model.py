@@ -67,16 +67,17 @@ GB = 2 ** 30
 TERAVOXEL = 10 ** 12
 
 #: object requests of one task of either stage besides its data, in a normal run (module docstring)
-MARKER_READS_PER_TASK = 3   # done/ (exists), running/ and failed/ (attempt number)
+MARKER_READS_PER_TASK = 4   # done/ (exists), running/ and failed/ (attempt number), output_claim.json (before writes)
 MARKER_WRITES_PER_TASK = 3  # running/, done/, log/stage{n}/ (empty)
 MARKER_DELETES_PER_TASK = 2  # failed/, running/
 #: requests of the job as a whole, one of each per stage as it starts: its done checkpoint (``summary/stage{n}``)
 #: read and written, and its done markers listed (one request per 1,000 found: one for a fresh job)
 JOB_WRITES = STAGE_LISTS = 2
-#: reads of the job as a whole: per stage, its checkpoint and, before any block is skipped as done, the job's
-#: output claim and reset flag (``output_claim.json``, ``reset.json``); the same two again when a worker
-#: process opens the output (once per worker process; counted once here)
-JOB_READS = 2 * 3 + 2
+#: reads of the job as a whole: per stage, its checkpoint and done generation and, before any block is skipped
+#: as done, the job's output claim and reset flag (``output_claim.json``, ``reset.json``); the same two again
+#: when a worker process opens the output (once per worker process; counted once here); and the done
+#: generation once more where stage two checks that stage one is complete
+JOB_READS = 2 * 4 + 2 + 1
 #: seconds between two refreshes of a queue worker's running marker: ``DEFAULT_LEASE / 3``
 HEARTBEAT_SECONDS = 40.0
 #: seconds between two polls of ``chunkflow barrier`` (its ``--poll`` default), the lists of a poll that finds

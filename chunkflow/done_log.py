@@ -38,6 +38,7 @@ from typing import Iterable
 import numpy as np
 
 from chunkflow.block_set import BlockGrid, BlockSet
+from chunkflow.done_reset import done_generation
 from chunkflow.errors import JobError, StorageError
 from chunkflow.job import Job
 from chunkflow.masking import masked_set
@@ -103,6 +104,7 @@ class DoneView:
         self.markers = BlockSet(self.grid)  # blocks known to have a done marker
         self.watermark: int | None = None   # None: nothing read yet
         self._masked: BlockSet | None = masked_set(job, store, self.grid) if stage == 1 else None
+        self.generation = done_generation(store)  # a checkpoint of an older one predates a reset: ignored
         self._dirty = False
         self._reader = _Reader(self.grid)
 
@@ -170,7 +172,8 @@ class DoneView:
         if self.watermark is None or not self._dirty:
             return False
         try:
-            self.store.put(self.summary_name, encode_summary(self.job, self.stage, self.markers, self.watermark))
+            self.store.put(self.summary_name, encode_summary(self.job, self.stage, self.markers, self.watermark,
+                                                             self.generation))
         except StorageError as err:
             log.info("could not write %s/%s: %s", self.store.url, self.summary_name, err)
             return False
@@ -191,7 +194,7 @@ class DoneView:
         except KeyError:
             return False
         try:
-            self.markers, self.watermark = decode_summary(data, self.job, self.stage, self.grid)
+            self.markers, self.watermark = decode_summary(data, self.job, self.stage, self.grid, self.generation)
         except ValueError as err:
             log.warning("ignoring %s/%s (%s): listing the done markers instead", self.store.url, self.summary_name,
                         err)
@@ -199,15 +202,16 @@ class DoneView:
         return True
 
 
-def encode_summary(job: Job, stage: int, markers: BlockSet, watermark: int) -> bytes:
+def encode_summary(job: Job, stage: int, markers: BlockSet, watermark: int, generation: int = 0) -> bytes:
     packed = markers.to_bytes()
     header = {"job": job.job_hash, "stage": stage, "grid": list(markers.grid.shape), "watermark": int(watermark),
-              "count": len(markers), "crc32": zlib.crc32(packed)}
+              "count": len(markers), "crc32": zlib.crc32(packed), "generation": int(generation)}
     return _MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + packed
 
 
-def decode_summary(data: bytes, job: Job, stage: int, grid: BlockGrid) -> tuple[BlockSet, int]:
-    """The bitmap and watermark of a checkpoint; ValueError (why) if it is not one of this job and stage."""
+def decode_summary(data: bytes, job: Job, stage: int, grid: BlockGrid, generation: int = 0) -> tuple[BlockSet, int]:
+    """The bitmap and watermark of a checkpoint; ValueError (why) if it is not one of this job and stage,
+    or was made before the job's done state was last reset (``generation``, :mod:`chunkflow.done_reset`)."""
     if not data.startswith(_MAGIC):
         raise ValueError("not a chunkflow done summary")
     head, _, packed = data[len(_MAGIC):].partition(b"\n")
@@ -220,6 +224,9 @@ def decode_summary(data: bytes, job: Job, stage: int, grid: BlockGrid) -> tuple[
     if owner != job.job_hash or of_stage != stage or shape != grid.shape:
         raise ValueError(f"written for job {owner} stage {of_stage} grid {shape}, not job {job.job_hash} stage "
                          f"{stage} grid {grid.shape}")
+    if int(header.get("generation", 0)) != generation:
+        raise ValueError(f"made in generation {header.get('generation', 0)} of the done state, which was reset since "
+                         f"(generation {generation})")
     if zlib.crc32(packed) != crc:
         raise ValueError("checksum mismatch")
     markers = BlockSet.from_bytes(grid, packed)

@@ -22,17 +22,27 @@ from typing import TYPE_CHECKING
 from chunkflow.errors import JobError
 from chunkflow.masking import BLOCK_MAP
 from chunkflow.storage import ObjectStore
-from chunkflow.store_layout import DONATIONS, DONE, FAILED, LOG, RESET, RUNNING, SUMMARY
+from chunkflow.store_layout import DONATIONS, DONE, DONE_GENERATION, FAILED, LOG, RESET, RUNNING, SUMMARY
 
 if TYPE_CHECKING:
     from chunkflow.job import Job
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_leftovers", "reset_done_state", "reset_pending"]
+__all__ = ["check_leftovers", "done_generation", "reset_done_state", "reset_pending"]
 
 #: what a reset deletes: the done markers and everything derived from them, and the attempts' markers
 RESET_PREFIXES = (f"{SUMMARY}/", f"{LOG}/", f"{DONE}/", f"{RUNNING}/", f"{FAILED}/")
+
+
+def done_generation(store: ObjectStore) -> int:
+    """How many times the done state of the job in ``store`` was reset (0: never)."""
+    try:
+        return int(store.get(DONE_GENERATION).decode())
+    except KeyError:
+        return 0
+    except ValueError:
+        return -1  # unreadable: no checkpoint matches it, so every reader lists the markers
 
 
 def reset_pending(store: ObjectStore) -> bool:
@@ -44,6 +54,9 @@ def reset_done_state(store: ObjectStore, why: str) -> int:
     """Delete every done marker of the job in ``store`` and what is derived from them (the done
     log, its checkpoints) and the attempts' markers, behind :data:`RESET`. Returns how many."""
     store.put(RESET, json.dumps({"why": why, "started": time.time()}).encode(), durable=True)
+    # a poller that read the old state (status, a barrier) may write its checkpoint back after the deletes:
+    # checkpoints carry the generation they were made in, and one of an older generation is ignored
+    store.put(DONE_GENERATION, str(done_generation(store) + 1).encode(), durable=True)
     deleted = 0
     for prefix in RESET_PREFIXES:  # the checkpoints first: nothing may count a block done from them
         for name in list(store.list(prefix)):

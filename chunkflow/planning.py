@@ -20,7 +20,7 @@ from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, Job, JobError, default
                            refuse_fraction_overlap, validate_parameters)
 from chunkflow.job_params import JobParameters, takes_job_parameters
 from chunkflow.masking import BLOCK_MAP, MASK_DIGEST, encode_block_map, mask_digest, masked_blocks, open_mask
-from chunkflow.output_claims import check_claims, claim_of, claim_output
+from chunkflow.output_claims import check_claims, claim_output, read_record
 from chunkflow.region import check_output_region, parse_region
 from chunkflow.storage import DirectoryStore, ObjectStore, StorageError, create_volume, open_store, open_volume
 from chunkflow.storage.sharding import check_shards_tile, output_shard
@@ -78,11 +78,11 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
             verify_model(previous.model, previous.weights, previous.model_checksum)  # one line naming the file
         raise _another_job(store, job, previous)
     interrupted = reset_pending(store)  # a reset began and was cut off: its markers are not to be trusted
+    record = read_record(store)  # the claim this store made in the output, if it made one
     done = previous is not None and next(iter(store.list(f"{DONE}/")), None) is not None
     stale = False
     if existing_output is not None:  # after the store's refusal, which names what differs
-        stale = check_claims(existing_output, job, params.overwrite, done and not interrupted, force,
-                             store.exists(OUTPUT_CLAIM))
+        stale = check_claims(existing_output, job, params.overwrite, done and not interrupted, force, record)
     check_leftovers(store, job, previous is not None, existing_output is not None, force or interrupted)
     stale = stale or (done and existing_output is None)  # with force: the output was deleted after the run
     output = job.output
@@ -103,9 +103,9 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
         existing_output = create_volume(output, job.layout.bbox, Vec(job.storage_chunk), job.out_channels,
                                         job.output_dtype, resolution=source.resolution,
                                         compression=job.output_compression, shard=output_shard(job))
-    wrote |= claim_output(existing_output, job)  # before the first byte of data: the region is this job's
-    if not store.exists(OUTPUT_CLAIM):  # workers then refuse an output that lost this claim (replaced)
-        store.put(OUTPUT_CLAIM, json.dumps(claim_of(job)).encode())
+    claim = claim_output(existing_output, job, None if stale else record)  # before the first byte of data
+    if claim is not None:  # the store remembers which claim is its own: workers refuse an output without it
+        store.put(OUTPUT_CLAIM, json.dumps(claim).encode())
         wrote = True
     if previous is None and store.put(MANIFEST, job.to_json().encode(), if_absent=True):
         log.info("planned job %s: %d blocks, %d patches", job.job_hash, job.layout.num_blocks, job.layout.num_patches)

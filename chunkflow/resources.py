@@ -19,10 +19,9 @@ from chunkflow.blend import WeightSum, weight_map
 from chunkflow.done_reset import reset_pending
 from chunkflow.job import Job, JobError
 from chunkflow.masking import PatchMask, block_position, load_block_map, open_mask
-from chunkflow.output_claims import check_output_is_ours
+from chunkflow.output_claims import check_output_is_ours, read_record
 from chunkflow.storage import ObjectStore, StorageError, Volume, open_store, open_volume
 from chunkflow.storage.durability import Durability, job_durability
-from chunkflow.store_layout import OUTPUT_CLAIM
 from chunkflow.storage.volumes import input_missing
 from chunkflow.stage_pipeline import DeviceTurns, InputPrefetcher, StageGates
 
@@ -129,20 +128,20 @@ class Resources:
         if self.job.store and reset_pending(self.store):
             raise JobError(f"a reset of this job's done state in {self.store.url} was cut off; plan the job again "
                            "(`chunkflow run`, or `chunkflow plan`) to finish it before its workers run")
-        check_output_is_ours(volume, self.job, self.claimed_output)
+        check_output_is_ours(volume, self.job, self.output_claim)
         return volume
 
-    @cached_property
-    def claimed_output(self) -> bool:
-        """Whether the job's store says it claimed its output when it was planned (jobs planned before
-        2026-11-29 did not)."""
-        return bool(self.job.store) and self.store.exists(OUTPUT_CLAIM)
+    @property
+    def output_claim(self) -> dict | None:
+        """The claim the job's store says it made in its output when it was planned (None: jobs planned
+        before 2026-11-29 made none); read each time: a plan --force of the job makes a new one."""
+        return read_record(self.store) if self.job.store else None
 
     def check_standing(self) -> None:
         """Refuse (one line) a job whose done markers cannot be trusted, before any block is skipped as
         done: a reset of its done state was cut off, or it claimed its output and that output is gone,
         replaced or another job's now (opening the output checks it, :attr:`output`)."""
-        if self.job.store and (self.claimed_output or reset_pending(self.store)):
+        if self.job.store and (self.output_claim is not None or reset_pending(self.store)):
             self.output  # noqa: B018 - opened for its checks
 
     def check_output_still_ours(self) -> None:
@@ -150,7 +149,7 @@ class Resources:
         claimed this job's region since this worker opened the output (its writes would go over that
         job's result) or the output lost this job's claim."""
         if self.job.store:
-            check_output_is_ours(self.output, self.job, self.claimed_output, fresh=True)
+            check_output_is_ours(self.output, self.job, self.output_claim, fresh=True)
 
     @cached_property
     def store(self) -> ObjectStore:

@@ -11,18 +11,20 @@ A job's store (the ``--donations`` location) holds::
     summary/stage{n}                     a checkpoint of the done bitmap (chunkflow.done_log)
     output_claim.json                    the claim this job recorded in its output (chunkflow.output_claims)
     reset.json                           a reset of the done state in progress (chunkflow.done_reset)
+    done_generation                      how many resets there were: checkpoints of another count are ignored
 
 Block names are ``x0-x1_y0-y1_z0-z1`` (:attr:`chunkflow.bbox.Bbox.name`); every function here takes
 the name, not the box, so no module below the job needs a ``Bbox`` to spell a key.
 """
 from __future__ import annotations
 
-__all__ = ["DONATIONS", "DONE", "FAILED", "LOG", "MANIFEST", "OUTPUT_CLAIM", "RESET", "RUNNING", "SUMMARY", "donation_name",
+__all__ = ["DONATIONS", "DONE", "FAILED", "LOG", "DONE_GENERATION", "MANIFEST", "OUTPUT_CLAIM", "RESET", "RUNNING", "SUMMARY", "donation_name",
            "done_marker", "log_name", "log_prefix", "marker_name", "marker_prefix", "marker_stages", "summary_name"]
 
 MANIFEST = "manifest.json"
 OUTPUT_CLAIM = "output_claim.json"
 RESET = "reset.json"
+DONE_GENERATION = "done_generation"
 DONATIONS = "donations/"
 DONE, RUNNING, FAILED = "done", "running", "failed"
 LOG = "log"

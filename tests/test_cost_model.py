@@ -156,7 +156,7 @@ def test_dollars_are_the_stated_arithmetic():
                stage_two_mb_s=GB / 1e6 / 3600)  # one GB of donations per hour
     e = estimate(c, p)
     writes = 2_000 + 300 + 3 * 22 + 2
-    reads = 5_000 + 300 + 3 * 22 + 8  # 8 per job: per stage its checkpoint, claim and reset flag; a worker's two
+    reads = 5_000 + 300 + 4 * 22 + 11  # 4 per task; 11 per job (cost_model.JOB_READS)
     assert (e.ops.writes, e.ops.reads, e.ops.lists, e.ops.deletes) == (writes, reads, 2, 2 * 22 + 300)
     assert e.ops.peak_bytes == 4 * GB
     assert e.gpu_hours == 2.0 and math.isclose(e.cpu_hours, 1.0)

@@ -89,3 +89,40 @@ def test_a_job_written_over_is_not_reported_done_and_its_open_workers_write_noth
     from chunkflow.engines.queue import produce
     with pytest.raises(JobError, match="claimed after this job was planned"):
         produce(job_a, f"fq://{tmp_path / 'queue'}")  # nor does a fleet's producer skip its blocks as done
+
+
+def test_the_same_job_planned_into_another_store_does_not_revive_the_first_stores_markers(tmp_path, capsys):
+    """A review (2026-11-29): the same job planned into a second store re-created the deleted output and
+    claimed it under the same job hash, and the first store's markers then counted it done at exit 0.
+    Each store knows its own claim (an id in output_claim.json), so the first store finds it gone."""
+    url, data = make_input(tmp_path / "em", (8, 64, 64), seed=25)
+    out = f"file://{tmp_path / 'out'}"
+    assert cli_status("run", url, out, *FLAGS, "--donations", tmp_path / "S1") == 0
+    shutil.rmtree(tmp_path / "out")
+    assert cli_status("plan", url, out, tmp_path / "S2", *FLAGS) == 0
+    capsys.readouterr()
+    assert cli_status("run", url, out, *FLAGS, "--donations", tmp_path / "S1") == 2
+    assert "claim is gone" in capsys.readouterr().err
+    assert cli_status("run", url, out, *FLAGS, "--donations", tmp_path / "S1", "--force") == 0
+    assert np.abs(open_volume(out).read(open_volume(out).bbox) - data).max() <= 1e-5
+
+
+def test_a_checkpoint_written_back_after_a_reset_is_ignored(tmp_path):
+    """A review (2026-11-29): a poller (status, a waiting barrier) that read the done state before a reset
+    wrote its checkpoint back after it, and a plain rerun skipped every block over a new, empty output."""
+    from chunkflow.done_log import DoneView
+    from chunkflow.storage import open_store
+
+    url, data = make_input(tmp_path / "em", (8, 64, 64), seed=26)
+    out, job_dir = f"file://{tmp_path / 'out'}", tmp_path / "job"
+    assert cli_status("run", url, out, *FLAGS, "--donations", job_dir) == 0
+    job = load_job(str(job_dir))
+    views = [DoneView(open_store(job.store), stage, job) for stage in (1, 2)]
+    for view in views:
+        view.refresh()
+        view._dirty = True  # a poller that moved on and will save
+    shutil.rmtree(tmp_path / "out")
+    assert cli_status("plan", url, out, job_dir, *FLAGS, "--force") == 0  # resets
+    assert all(view.save() for view in views)  # the stale checkpoints land after the reset
+    assert cli_status("run", url, out, *FLAGS, "--donations", job_dir) == 0
+    assert np.abs(open_volume(out).read(open_volume(out).bbox) - data).max() <= 1e-5

@@ -67,15 +67,17 @@ def test_a_finished_jobs_output_is_not_overwritten_without_overwrite(tmp_path, c
     assert cli_status("reference", second_url, out, *REFERENCE_FLAGS) == 2
     assert _files(out_path) == before
 
-    # the first job again, into another store (its job hash leaves the store out): its own region
+    # the first job again, into another store (its job hash leaves the store out): its own region, and a
+    # claim of that store's own (each store knows its claim: output_claim.json), planned again: no new one
     assert cli_status("run", first_url, out, *FLAGS, "--donations", tmp_path / "job1b") == 0
-    assert len(_claims(out_path, fmt)) == 1
+    assert cli_status("run", first_url, out, *FLAGS, "--donations", tmp_path / "job1b") == 0
+    assert [c["job"] for c in _claims(out_path, fmt)] == [claims[0]["job"]] * 2
 
     # with --overwrite: the second job's result, both claims kept
     assert cli_status("run", second_url, out, *FLAGS, "--donations", tmp_path / "job2", "--overwrite") == 0
     result = open_volume(out).read(open_volume(out).bbox)
     assert np.abs(result - second).max() <= 1e-5 and np.abs(result - first).max() > 0.5
-    assert [c["store"].rsplit("/", 1)[-1] for c in _claims(out_path, fmt)] == ["job1", "job2"]
+    assert [c["store"].rsplit("/", 1)[-1] for c in _claims(out_path, fmt)] == ["job1", "job1b", "job2"]
 
 
 def test_jobs_over_disjoint_regions_share_an_output(tmp_path, capsys):
