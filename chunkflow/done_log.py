@@ -104,7 +104,7 @@ class DoneView:
         self.markers = BlockSet(self.grid)  # blocks known to have a done marker
         self.watermark: int | None = None   # None: nothing read yet
         self._masked: BlockSet | None = masked_set(job, store, self.grid) if stage == 1 else None
-        self.generation = done_generation(store)  # a checkpoint of an older one predates a reset: ignored
+        self.generation = 0  # of the done state this view read (a checkpoint of an older one predates a reset)
         self._dirty = False
         self._reader = _Reader(self.grid)
 
@@ -189,6 +189,7 @@ class DoneView:
             "those blocks again")
 
     def _load(self) -> bool:
+        self.generation = done_generation(self.store)  # before the checkpoint: a reset after it makes it old
         try:
             data = self.store.get(self.summary_name)
         except KeyError:
