@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_leftovers", "done_generation", "reset_done_state", "reset_pending"]
+__all__ = ["check_leftovers", "done_generation", "holds_any", "reset_done_state", "reset_pending"]
 
 #: what a reset deletes: the done markers and everything derived from them, and the attempts' markers
 RESET_PREFIXES = (f"{SUMMARY}/", f"{LOG}/", f"{DONE}/", f"{RUNNING}/", f"{FAILED}/")
@@ -43,6 +43,11 @@ def done_generation(store: ObjectStore) -> int:
         return 0
     except ValueError:
         return -1  # unreadable: no checkpoint matches it, so every reader lists the markers
+
+
+def holds_any(store: ObjectStore, prefix: str) -> bool:
+    """Whether ``store`` holds an object under ``prefix`` (the first page of one listing)."""
+    return next(iter(store.list(prefix)), None) is not None
 
 
 def reset_pending(store: ObjectStore) -> bool:
@@ -68,7 +73,8 @@ def reset_done_state(store: ObjectStore, why: str) -> int:
     return deleted
 
 
-def check_leftovers(store: ObjectStore, job: Job, planned: bool, output_exists: bool, force: bool = False) -> None:
+def check_leftovers(store: ObjectStore, job: Job, planned: bool, output_exists: bool, done: bool,
+                    force: bool = False) -> None:
     """Refuse done markers that would vouch for data that is not there (found by an adversarial review,
     2026-11-29; each was an exit 0 with zeros or another job's output):
 
@@ -76,13 +82,13 @@ def check_leftovers(store: ObjectStore, job: Job, planned: bool, output_exists: 
       manifest deleted, an interrupted ``rm -r``), whose markers would make this job skip its blocks;
     * this job's store with done markers while its output does not exist: the output was deleted
       after the blocks were done, and a rerun would skip them over a new, empty output (unless
-      ``force``, which recomputes every block)."""
+      ``force``, which recomputes every block). ``done``: the planned job's store holds done markers."""
     if not planned:
         for prefix, what in ((f"{DONE}/", "done markers"), (DONATIONS, "donations"), (BLOCK_MAP, "a mask's block map")):
-            if next(iter(store.list(prefix)), None) is not None:
+            if holds_any(store, prefix):
                 raise JobError(f"{store.url} holds {what} but no manifest.json: the leftovers of another job; give a "
                                "new --donations location, or delete that one")
-    elif not output_exists and not force and next(iter(store.list(f"{DONE}/")), None) is not None:
+    elif not output_exists and not force and done:
         raise JobError(f"output {job.output} does not exist, but job store {store.url} holds done markers of this "
                        "job: the data they vouch for is gone; recompute every block with `chunkflow run --force` "
                        "(or `chunkflow plan --force`, then its workers), or plan into a new --donations location")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from chunkflow.backends import check_device, load_backend, model_checksum, require_device, verify_model
 from chunkflow.bbox import Bbox, Vec, zyx_text
-from chunkflow.done_reset import check_leftovers, reset_done_state, reset_pending
+from chunkflow.done_reset import check_leftovers, holds_any, reset_done_state, reset_pending
 from chunkflow.errors import MissingInput
 from chunkflow.geometry import GeometryError, Layout
 from chunkflow.job import (COMPRESSIONS, DONATION_DTYPES, Job, JobError, default_storage_chunk,
@@ -27,7 +27,7 @@ from chunkflow.storage.sharding import check_shards_tile, output_shard
 from chunkflow.store_layout import DONE, MANIFEST, OUTPUT_CLAIM
 from chunkflow.storage.durability import job_durability
 from chunkflow.storage.volume_factory import check_output_compression
-from chunkflow.storage.volume_urls import absolute_url, same_or_nested, volume_format, volume_location
+from chunkflow.storage.volume_urls import absolute_url, classify, same_or_nested, volume_format, volume_location
 from chunkflow.storage.volumes import input_missing
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,11 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
         raise _another_job(store, job, previous)
     interrupted = reset_pending(store)  # a reset began and was cut off: its markers are not to be trusted
     record = read_record(store)  # the claim this store made in the output, if it made one
-    done = previous is not None and next(iter(store.list(f"{DONE}/")), None) is not None
+    done = previous is not None and holds_any(store, f"{DONE}/")
     stale = False
     if existing_output is not None:  # after the store's refusal, which names what differs
         stale = check_claims(existing_output, job, params.overwrite, done and not interrupted, force, record)
-    check_leftovers(store, job, previous is not None, existing_output is not None, force or interrupted)
+    check_leftovers(store, job, previous is not None, existing_output is not None, done, force or interrupted)
     stale = stale or (done and existing_output is None)  # with force: the output was deleted after the run
     output = job.output
     block_map = digest = None
@@ -290,14 +290,7 @@ def check_mask_resolution(mask, source, mask_url: str, mip: int) -> None:
     raise JobError(f"{what} {url} has no voxel size (a zarr array without a 'resolution' attribute), so the mask "
                    f"({zyx_text(mask.resolution, floats=True)} nm) would be laid over the input at mip {mip} "
                    f"({zyx_text(source.resolution, floats=True)} nm) with the 1 nm default; give it its voxel size: "
-                   f"python3 -c \"import zarr; zarr.open_array('{_path(bare.url)}').attrs.update(resolution=[Z, Y, X])\"")
-
-
-def _path(url: str) -> str:
-    """A zarr URL as zarr-python opens it (no ``zarr://`` or ``file://`` prefix)."""
-    for prefix in ("zarr://", "file://"):
-        url = url[len(prefix):] if url.startswith(prefix) else url
-    return url
+                   f"python3 -c \"import zarr; zarr.open_array('{classify(bare.url)[1]}').attrs.update(resolution=[Z, Y, X])\"")
 
 
 def check_locations(input: str, output: str, store: str | None) -> None:
