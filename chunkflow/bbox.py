@@ -21,8 +21,13 @@ class Vec(tuple):
     """An immutable ZYX integer vector with element-wise arithmetic."""
 
     def __new__(cls, *values: int | Iterable[int]) -> "Vec":
-        if len(values) == 1 and not isinstance(values[0], (int,)) and hasattr(values[0], "__iter__"):
-            values = tuple(values[0])
+        if len(values) == 1:
+            if type(values[0]) is cls:
+                return values[0]  # immutable: the same vector
+            if not isinstance(values[0], int) and hasattr(values[0], "__iter__"):
+                values = tuple(values[0])
+        if len(values) == 3 and type(values[0]) is int and type(values[1]) is int and type(values[2]) is int:
+            return super().__new__(cls, values)
         items = tuple(int(v) for v in values)
         if len(items) != 3:
             raise GeometryError(f"a Vec has 3 components (z, y, x), got {len(items)}: {items}")
@@ -49,34 +54,34 @@ class Vec(tuple):
 
     def __add__(self, other) -> "Vec":  # type: ignore[override]
         o = _as3(other)
-        return Vec(a + b for a, b in zip(self, o))
+        return _vec(self[0] + o[0], self[1] + o[1], self[2] + o[2])
 
     __radd__ = __add__
 
     def __sub__(self, other) -> "Vec":
         o = _as3(other)
-        return Vec(a - b for a, b in zip(self, o))
+        return _vec(self[0] - o[0], self[1] - o[1], self[2] - o[2])
 
     def __rsub__(self, other) -> "Vec":
         o = _as3(other)
-        return Vec(b - a for a, b in zip(self, o))
+        return _vec(o[0] - self[0], o[1] - self[1], o[2] - self[2])
 
     def __mul__(self, other) -> "Vec":  # type: ignore[override]
         o = _as3(other)
-        return Vec(a * b for a, b in zip(self, o))
+        return _vec(self[0] * o[0], self[1] * o[1], self[2] * o[2])
 
     __rmul__ = __mul__
 
     def __floordiv__(self, other) -> "Vec":
         o = _as3(other)
-        return Vec(a // b for a, b in zip(self, o))
+        return _vec(self[0] // o[0], self[1] // o[1], self[2] // o[2])
 
     def __mod__(self, other) -> "Vec":
         o = _as3(other)
-        return Vec(a % b for a, b in zip(self, o))
+        return _vec(self[0] % o[0], self[1] % o[1], self[2] % o[2])
 
     def __neg__(self) -> "Vec":
-        return Vec(-a for a in self)
+        return _vec(-self[0], -self[1], -self[2])
 
     def prod(self) -> int:
         return self[0] * self[1] * self[2]
@@ -103,6 +108,14 @@ def _shown(value) -> str:
     return repr(value)
 
 
+def _vec(z, y, x) -> Vec:
+    """A Vec of three results of arithmetic: plain ints taken as they are (the common case, without
+    the checks and conversions of ``Vec()``), anything else through ``Vec()``."""
+    if type(z) is int and type(y) is int and type(x) is int:
+        return tuple.__new__(Vec, (z, y, x))
+    return Vec(z, y, x)
+
+
 def _as3(value) -> tuple[int, int, int]:
     if isinstance(value, int):
         return (value, value, value)
@@ -117,8 +130,10 @@ class Bbox:
     stop: Vec
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "start", Vec(self.start))
-        object.__setattr__(self, "stop", Vec(self.stop))
+        if type(self.start) is not Vec:
+            object.__setattr__(self, "start", Vec(self.start))
+        if type(self.stop) is not Vec:
+            object.__setattr__(self, "stop", Vec(self.stop))
 
     @classmethod
     def from_shape(cls, start: Sequence[int], shape: Sequence[int]) -> "Bbox":
@@ -145,7 +160,8 @@ class Bbox:
 
     @property
     def shape(self) -> Vec:
-        return Vec(max(0, b - a) for a, b in zip(self.start, self.stop))
+        (z0, y0, x0), (z1, y1, x1) = self.start, self.stop
+        return _vec(max(0, z1 - z0), max(0, y1 - y0), max(0, x1 - x0))
 
     @property
     def size(self) -> int:

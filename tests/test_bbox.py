@@ -104,3 +104,28 @@ def test_grow_translate_points_and_z_slabs():
 
 def test_zyx_text_is_how_messages_show_sizes():
     assert zyx_text((16, 128.0, 128)) == "16,128,128" and zyx_text((4.5, 8, 8), floats=True) == "4.5,8,8"
+
+
+scalars = st.one_of(st.integers(-1000, 1000), st.booleans(), st.integers(-1000, 1000).map(np.int64),
+                    st.integers(-1000, 1000).map(np.int32), st.floats(-1000, 1000, allow_nan=False))
+triples = st.tuples(scalars, scalars, scalars)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(a=triples, b=st.one_of(triples, st.integers(-5, 5).filter(bool)))
+def test_vec_fast_paths_give_plain_ints_as_the_general_conversion_does(a, b):
+    """Vec takes three plain ints as they are and returns a Vec given to it (it is immutable); anything
+    else (numpy integers, bools, floats, generators) is converted with int() as before. Arithmetic on
+    such values gives the same plain-int Vec as converting each result."""
+    v = Vec(a)
+    assert v == tuple(int(x) for x in a) and all(type(x) is int for x in v) and type(v) is Vec
+    assert Vec(v) is v and Vec(x for x in a) == v and Vec(*a) == v
+    w = b if isinstance(b, int) else Vec(b)
+    o = (w, w, w) if isinstance(w, int) else w
+    for got, want in ((v + w, [x + y for x, y in zip(v, o)]), (v - w, [x - y for x, y in zip(v, o)]),
+                      (v * w, [x * y for x, y in zip(v, o)]), (-v, [-x for x in v])):
+        assert type(got) is Vec and list(got) == want and all(type(x) is int for x in got)
+    if all(o):
+        assert list(v // w) == [x // y for x, y in zip(v, o)] and list(v % w) == [x % y for x, y in zip(v, o)]
+    raw = (a[0] + np.int64(1), a[1], a[2])  # numpy results of arithmetic outside Vec are converted too
+    assert all(type(x) is int for x in Vec(raw)) and all(type(x) is int for x in Bbox(raw, raw).start)
