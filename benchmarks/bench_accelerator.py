@@ -105,10 +105,12 @@ class Measurement:
         patch, overlap, block: ZYX strings, as ``plan`` takes them.
         batch: patches per model call.
         rate: simulated device ns per patch voxel; 0 runs the plain ``identity`` backend.
+        cold: make the job's ``N`` (``Resources.weight_sum``) again at every repeat, so nothing it keeps
+            from one block for the next (compact sums) carries over from the previous repeat's blocks.
     """
 
     def __init__(self, input_url: str, workdir: str, patch: str, overlap: str, block: str, batch: int,
-                 rate: float) -> None:
+                 rate: float, cold: bool = False) -> None:
         # internals on purpose: this also runs with the chunkflow of --baseline, which may predate the
         # public API (chunkflow.plan), and the simulated backend is injected through Resources, which
         # the API does not take
@@ -116,7 +118,7 @@ class Measurement:
         from chunkflow.stages import Resources
         from sim_accelerator import SimulatedAccelerator
 
-        self.workdir = Path(workdir)
+        self.workdir, self.cold = Path(workdir), cold
         self.job = job = plan(input_url, f"file://{self.workdir / 'out'}", f"file://{self.workdir / 'store'}",
                               "identity", patch, overlap=overlap, block=block, batch_size=batch)
         self.sim = SimulatedAccelerator(rate) if rate > 0 else None
@@ -144,6 +146,8 @@ class Measurement:
             shutil.rmtree(self.workdir / "store" / sub, ignore_errors=True)
         if self.sim is not None:
             self.sim.reset()
+        if self.cold:
+            self.res.__dict__.pop("weight_sum", None)  # a cached_property in every checkout measured
         stats1, stats2 = Stats(), Stats()
         t, c = time.perf_counter(), _cpu()
         for _, stats in inference_and_donate_many(self.job, iter(self.blocks), self.res):
@@ -297,7 +301,7 @@ def print_table(names: list[str], sums: dict[str, dict], rate: float) -> None:
 def main(rate: float = 30.0, identity: bool = False, shape: str | tuple = "64,384,384",
          block: str | tuple = "32,192,192", patch: str | tuple = "16,128,128", overlap: str | tuple = "4,32,32",
          batch: int = 4, repeat: int = 5, synthetic: bool = True, baseline: str | None = None,
-         keep: str | None = None) -> None:
+         keep: str | None = None, cold: bool = False) -> None:
     """Accelerator busy fraction and where the time goes, through both stages (see the module doc).
 
     Args:
@@ -314,6 +318,9 @@ def main(rate: float = 30.0, identity: bool = False, shape: str | tuple = "64,38
         baseline: another checkout's root (e.g. /tmp/baseline): measured the same way, interleaved,
             each in its own process, with ratios current / baseline.
         keep: a working directory to keep (default: a temporary one, removed at exit).
+        cold: a fresh ``N`` at every repeat: a worker keeps the compact sums of ``N`` from block to block,
+            which the interior blocks of a job share; the 8 blocks of the default layout all lie on the
+            volume's faces and share none, so without ``--cold`` repeats 2.. find them kept from repeat 1.
     """
     from common import make_input, save, scratch, zyx
 
@@ -322,7 +329,8 @@ def main(rate: float = 30.0, identity: bool = False, shape: str | tuple = "64,38
                                                            (patch, "patch"), (overlap, "overlap")))
     workdir = scratch("cf-bench-acc-", keep)
     url, _ = make_input(workdir, tuple(int(v) for v in shape.split(",")), synthetic=synthetic)
-    spec = {"input_url": url, "patch": patch, "overlap": overlap, "block": block, "batch": int(batch), "rate": rate}
+    spec = {"input_url": url, "patch": patch, "overlap": overlap, "block": block, "batch": int(batch), "rate": rate,
+            "cold": bool(cold)}
     if baseline:
         roots = {"current": ROOT, "baseline": Path(baseline).resolve()}
         runners = {n: Remote(r, {**spec, "workdir": str(workdir / n)}) for n, r in roots.items()}

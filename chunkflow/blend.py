@@ -120,6 +120,8 @@ SLAB_VOXELS = 1 << 20
 MIN_RUN_BOX_VOXELS = 4096
 #: axis ranges whose :class:`~chunkflow.weight_sum_classes.AxisClasses` a WeightSum keeps
 CLASSES_CACHED = 64
+#: bytes of compact sums a WeightSum keeps (one per placement of a box on the grid, about a patch each)
+COMPACTS_CACHED_BYTES = 64 << 20
 
 
 class WeightSum:
@@ -143,6 +145,10 @@ class WeightSum:
         self.origins = tuple(tuple(int(o) for o in axis) for axis in axis_origins)
         self.separable = bool(np.all(weights == 1))
         self._classes: dict[tuple[int, int, int], AxisClasses] = {}
+        self._compacts: dict[tuple, np.ndarray] = {}  # by the three axes' source keys (AxisClasses.keys)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_classes": {}, "_compacts": {}}  # caches stay with the process
 
     def covering(self, axis: int, lo: int, hi: int) -> Sequence[int]:
         """Origins along ``axis`` of the patches whose output overlaps ``[lo, hi)``."""
@@ -211,6 +217,20 @@ class WeightSum:
         return found[0], found[1], found[2]
 
     def _compact(self, classes: Sequence[AxisClasses]) -> np.ndarray:
+        """``N`` at the source coordinates only (read-only), computed once for the boxes whose sources
+        have the same keys (the interior blocks of a job): up to :data:`COMPACTS_CACHED_BYTES` kept."""
+        key = (classes[0].keys, classes[1].keys, classes[2].keys)
+        compact = self._compacts.get(key)  # shared by a worker's threads: no look-then-read
+        if compact is None:
+            compact = self._compute_compact(classes)
+            compact.setflags(write=False)
+            if sum(c.nbytes for c in list(self._compacts.values())) + compact.nbytes > COMPACTS_CACHED_BYTES:
+                self._compacts.clear()
+            if compact.nbytes <= COMPACTS_CACHED_BYTES:
+                self._compacts[key] = compact
+        return compact
+
+    def _compute_compact(self, classes: Sequence[AxisClasses]) -> np.ndarray:
         """``N`` at the source coordinates only: one box per combination of source intervals."""
         compact = np.empty(tuple(c.size for c in classes), dtype=np.float32)
         laid_out = [list(zip(c.intervals, np.cumsum([0] + [b - a for a, b in c.intervals]))) for c in classes]

@@ -45,11 +45,15 @@ class AxisClasses:
             compact sum lays them out one after the other along this axis.
         runs: the box's coordinates, in order, as :class:`Run`\\ s.
         compact_index: for each coordinate of the box, its source's index in the compact sum.
+        keys: the key of each source, in the compact sum's order: the compact sum is a function of
+            the three axes' ``keys`` alone (and the weight map), so boxes placed alike on the grid
+            (the interior blocks of a job) share it (:meth:`chunkflow.blend.WeightSum.divide`).
     """
 
     intervals: tuple[tuple[int, int], ...]
     runs: tuple[Run, ...]
     compact_index: np.ndarray
+    keys: tuple[tuple[int, ...], ...] = ()
 
     @property
     def size(self) -> int:
@@ -80,4 +84,5 @@ class AxisClasses:
             if runs:
                 runs[-1] = Run(runs[-1].start, i, runs[-1].compact)
             runs.append(Run(i, len(source), position[s]))
-        return cls(tuple(intervals), tuple(runs), compact_index)
+        key_of = {c: key for key, c in first.items()}
+        return cls(tuple(intervals), tuple(runs), compact_index, tuple(key_of[s] for s in sources))

@@ -96,3 +96,46 @@ def test_a_grid_of_stride_one_falls_back_to_slabs_and_stays_exact():
     expected = acc / weight_sum(weights, [Vec(o) for o in itertools.product(*axes)], region)
     normalise(acc, region, WeightSum(weights, axes))
     assert np.array_equal(acc, expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(grids(), st.data())
+def test_one_weight_sum_over_many_regions_shares_compact_sums_and_stays_exact(grid, data):
+    """A worker keeps one WeightSum for every block: compact sums are kept by their sources' keys
+    and reused for regions placed alike on the grid. Each region's N is still the patch loop's."""
+    weights, axes, origins, first = grid
+    ws = WeightSum(weights, axes)
+    lo_hi = [(min(a), max(a) + weights.shape[i]) for i, a in enumerate(axes)]
+    for _ in range(6):
+        lo = [data.draw(st.integers(a, b - 1)) for a, b in lo_hi]
+        hi = [data.draw(st.integers(a + 1, min(a + 12, b))) for a, (_, b) in zip(lo, lo_hi)]
+        for region in (first, Bbox(Vec(lo), Vec(hi))):
+            expected = weight_sum(weights, [Vec(o) for o in origins], region)
+            assert np.array_equal(ws.over(region).view(np.uint32), expected.view(np.uint32))
+
+
+def test_the_interior_blocks_of_a_job_share_one_compact_sum():
+    """The 108 blocks of a 96x1152x1152 job (or the 1690 of a 320x2560x2560 one) need 27 compact sums
+    (3 placements per axis: first, interior, last), not one per block; a pickled WeightSum leaves its
+    caches behind."""
+    import pickle
+
+    from chunkflow.geometry import Layout
+
+    computed = []
+
+    class Counting(WeightSum):
+        def _compute_compact(self, classes):
+            computed.append(1)
+            return super()._compute_compact(classes)
+
+    layout = Layout(Bbox(Vec(0, 0, 0), Vec(96, 1152, 1152)), Vec(16, 128, 128), Vec(4, 32, 32), Vec(32, 192, 192),
+                    Vec(16, 64, 64))
+    ws = Counting(weight_map("gaussian", (16, 128, 128)), [ax.origins for ax in layout.axes])
+    chunks = [layout.chunk_box(b) for b in layout.block_indices()]
+    for chunk in chunks:
+        ws._compact(ws.classes(chunk))
+    assert len(chunks) == 108 and len(computed) == 27 == len(ws._compacts)
+    ws.__class__ = WeightSum  # picklable again (a local class is not)
+    assert len(pickle.dumps(ws)) < ws.weights.nbytes + 10_000  # the weight map, not 27 compact sums
+    assert pickle.loads(pickle.dumps(ws))._compacts == {}
