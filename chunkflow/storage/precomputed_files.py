@@ -90,10 +90,14 @@ class ChunkFiles:
         """The decompressed bytes of chunk ``name``; None if it has neither ``NAME`` nor ``NAME.gz``."""
         path = os.path.join(self.directory, name)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            fd = os.open(path, os.O_RDONLY)  # without a Python file object: a third of a small chunk's read
         except FileNotFoundError:
             pass
+        else:
+            try:
+                return _read_to_end(fd)
+            finally:
+                os.close(fd)
         try:
             with open(path + ".gz", "rb") as f:
                 content = f.read()
@@ -176,3 +180,16 @@ def _overwrite(path: str, content: bytes | memoryview, directory: str) -> None:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+
+
+def _read_to_end(fd: int) -> bytes:
+    """Everything from ``fd`` to its end: one read of the size ``fstat`` gives, then reads until one
+    returns nothing (a file that grew or a short read is still read whole)."""
+    data = os.read(fd, os.fstat(fd).st_size + 1)
+    more = os.read(fd, 1 << 20) if data else b""
+    if not more:
+        return data
+    parts = [data, more]
+    while parts[-1]:
+        parts.append(os.read(fd, 1 << 20))
+    return b"".join(parts)
