@@ -201,18 +201,18 @@ def test_a_rewritten_chunk_holds_exactly_the_new_bytes_shorter_or_longer(tmp_pat
 
 
 def test_a_chunk_file_is_read_to_its_end_even_when_it_is_longer_than_its_size_said():
-    """``_read_to_end`` reads the size fstat gives, then on until a read returns nothing: a pipe (size 0,
+    """``read_to_end`` reads the size fstat gives, then on until a read returns nothing: a pipe (size 0,
     short reads) stands for a file that grew or a read cut short; every byte comes back once."""
     import threading
 
-    from chunkflow.storage.precomputed_files import _read_to_end
+    from chunkflow.storage.local_io import read_to_end
 
     payload = os.urandom((5 << 20) // 2)
     r, w = os.pipe()
     writer = threading.Thread(target=lambda: (os.write(w, payload[:1000]), os.write(w, payload[1000:]), os.close(w)))
     writer.start()
     try:
-        assert _read_to_end(r) == payload
+        assert read_to_end(r) == payload
     finally:
         writer.join()
         os.close(r)

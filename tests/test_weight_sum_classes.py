@@ -13,6 +13,7 @@ from chunkflow.bbox import Bbox, Vec
 from chunkflow.blend import WeightSum, normalise, weight_map, weight_sum
 from chunkflow.geometry import axis_origins
 from chunkflow.weight_sum_classes import AxisClasses
+from tests.helpers import examples
 
 
 @st.composite
@@ -139,3 +140,42 @@ def test_the_interior_blocks_of_a_job_share_one_compact_sum():
     ws.__class__ = WeightSum  # picklable again (a local class is not)
     assert len(pickle.dumps(ws)) < ws.weights.nbytes + 10_000  # the weight map, not 27 compact sums
     assert pickle.loads(pickle.dumps(ws))._compacts == {}
+
+
+def _classes_by_definition(origins, patch, lo, hi):
+    """AxisClasses spelled out coordinate by coordinate (the implementation before it went to numpy)."""
+    first, source = {}, []
+    for c in range(lo, hi):
+        source.append(first.setdefault(tuple(c - o for o in origins if o <= c < o + patch), c))
+    sources = sorted(first.values())
+    intervals = []
+    for s in sources:
+        if intervals and intervals[-1][1] == s:
+            intervals[-1] = (intervals[-1][0], s + 1)
+        else:
+            intervals.append((s, s + 1))
+    position = {s: i for i, s in enumerate(sources)}
+    runs = []
+    for i, s in enumerate(source):
+        if not runs or source[i - 1] + 1 != s:
+            runs.append([i, i + 1, position[s]])
+        else:
+            runs[-1][1] = i + 1
+    keys = {c: key for key, c in first.items()}
+    return intervals, runs, [position[s] for s in source], [keys[s] for s in sources]
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.integers(1, 20), st.data())
+def test_axis_classes_are_their_definition(patch, data):
+    """Any sorted origins (a regular grid or not, none at all), any range, inside the grid or past it."""
+    overlap = data.draw(st.integers(0, patch - 1))
+    start, length = data.draw(st.integers(-5, 5)), data.draw(st.integers(patch, 120))
+    origins = data.draw(st.one_of(st.just(list(axis_origins(start, length, patch, overlap))),
+                                  st.lists(st.integers(-10, 60), max_size=8, unique=True).map(sorted)))
+    lo = data.draw(st.integers(start - 3, start + length - 1))
+    hi = data.draw(st.integers(lo + 1, start + length + 3))
+    got = AxisClasses.of(origins, patch, lo, hi)
+    intervals, runs, index, keys = _classes_by_definition(origins, patch, lo, hi)
+    assert list(got.intervals) == intervals and [[r.start, r.stop, r.compact] for r in got.runs] == runs
+    assert got.compact_index.tolist() == index and list(got.keys) == keys

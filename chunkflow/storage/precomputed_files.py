@@ -30,6 +30,7 @@ import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import StorageError
+from chunkflow.storage.local_io import read_file
 
 __all__ = ["ChunkFiles", "ChunkRead"]
 
@@ -90,14 +91,9 @@ class ChunkFiles:
         """The decompressed bytes of chunk ``name``; None if it has neither ``NAME`` nor ``NAME.gz``."""
         path = os.path.join(self.directory, name)
         try:
-            fd = os.open(path, os.O_RDONLY)  # without a Python file object: a third of a small chunk's read
+            return read_file(path)
         except FileNotFoundError:
             pass
-        else:
-            try:
-                return _read_to_end(fd)
-            finally:
-                os.close(fd)
         try:
             with open(path + ".gz", "rb") as f:
                 content = f.read()
@@ -181,15 +177,3 @@ def _overwrite(path: str, content: bytes | memoryview, directory: str) -> None:
     finally:
         os.close(fd)
 
-
-def _read_to_end(fd: int) -> bytes:
-    """Everything from ``fd`` to its end: one read of the size ``fstat`` gives, then reads until one
-    returns nothing (a file that grew or a short read is still read whole)."""
-    data = os.read(fd, os.fstat(fd).st_size + 1)
-    more = os.read(fd, 1 << 20) if data else b""
-    if not more:
-        return data
-    parts = [data, more]
-    while parts[-1]:
-        parts.append(os.read(fd, 1 << 20))
-    return b"".join(parts)
