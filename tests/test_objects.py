@@ -34,6 +34,15 @@ def test_put_get_exists_delete(store):
     assert not store.exists(KEY)
 
 
+def test_delete_many_removes_every_name_present_or_not_and_nothing_else(store):
+    names = [f"done/1/{i}-{i + 1}_0-1_0-1" for i in range(40)]
+    for name in names + ["done/2/keep"]:
+        store.put(name, b"")
+    assert store.delete_many(names + ["done/1/absent"]) == 41  # in parallel; an absent name is fine
+    assert list(store.list("done/")) == ["done/2/keep"]
+    assert store.delete_many([]) == 0
+
+
 def test_if_absent_is_enforced(store):
     assert store.put("marker/done", b"first", if_absent=True) is True
     assert store.put("marker/done", b"second", if_absent=True) is False

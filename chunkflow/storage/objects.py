@@ -103,6 +103,19 @@ class ObjectStore:
         with ThreadPoolExecutor(max_workers=min(workers, len(names)), thread_name_prefix="cf-get") as pool:
             return dict(zip(names, pool.map(fetch, names)))
 
+    def delete_many(self, names: list[str], workers: int = 16) -> int:
+        """Remove many objects concurrently (bounded thread pool; an absent one is fine); returns how
+        many were asked for. The first error is raised once every delete has ended."""
+        names = list(names)
+        if len(names) <= 1 or workers <= 1:
+            for name in names:
+                self.delete(name)
+            return len(names)
+        with ThreadPoolExecutor(max_workers=min(workers, len(names)), thread_name_prefix="cf-delete") as pool:
+            for future in [pool.submit(self.delete, name) for name in names]:
+                future.result()
+        return len(names)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
