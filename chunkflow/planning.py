@@ -45,7 +45,7 @@ def plan(params: JobParameters, device_here: bool = True, force: bool = False) -
     return plan_job(params, device_here, force)
 
 
-def plan_job(params: JobParameters, device_here: bool = True, force: bool = False) -> Job:
+def plan_job(params: JobParameters, device_here: bool = True, force: bool = False, check_only: bool = False) -> Job:
     """Validate every parameter, create the output volume if needed, write the manifest.
 
     Planning the same parameters twice returns the existing job; planning different ones into a
@@ -58,9 +58,12 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
         force: a job whose done markers no longer stand for its output (deleted, replaced, written
             over by another job) is reset instead of refused: its done state is forgotten
             (:mod:`chunkflow.done_reset`) and every block is computed again.
+        check_only: every check (the store, the output's claims, leftovers, the mask's metadata) and
+            nothing written: what ``run`` does before it starts a cluster (a changed mask's data is
+            found by the plan proper, still before the first write).
 
     Returns:
-        The planned job, as its manifest holds it.
+        The planned job, as its manifest holds it (with ``check_only``, as it would be planned).
     """
     if not isinstance(params.donations, str):  # Fire shifts a spilled value into the third positional slot
         raise JobError(f"--donations {params.donations!r} is not a store location: a value landed where DONATIONS "
@@ -89,11 +92,15 @@ def plan_job(params: JobParameters, device_here: bool = True, force: bool = Fals
     block_map = digest = None
     if job.mask:  # a mask changed in place since the job was planned is refused, not mixed in
         mask = open_mask(job, source.resolution)
+        if check_only:
+            return job
         digest = mask_digest(job, mask)
         if store.exists(BLOCK_MAP):
             _check_mask_unchanged(store, job, digest)
         else:
             block_map = _block_map(job, mask)
+    if check_only:
+        return job
     if interrupted or stale:  # every check has passed: forget the done state before the first write
         reset_done_state(store, "finishing a reset that was cut off" if interrupted else
                          "its done markers no longer stand for its output (deleted, replaced or written over)")

@@ -185,3 +185,26 @@ def test_a_fresh_read_of_claims_sees_another_writers_claim_as_the_format_library
     seen = worker.claims(fresh=True)
     assert [c["id"] for c in seen] == ["c1"] and worker.claims() == []  # opened before: only a fresh read sees it
     assert seen == open_volume(url).claims()  # what the format's library reads on a fresh open
+
+
+def test_run_on_a_cluster_is_refused_over_another_jobs_claim_before_the_cluster_starts(tmp_path, capsys, monkeypatch):
+    """`run --engine dask` checks everything a plan checks (here: the output's claims) before it starts
+    its cluster: a refusal costs no cluster start-up, and a cluster that cannot start changes nothing."""
+    import chunkflow.cli.jobs as jobs
+
+    first_url, _ = make_input(tmp_path / "a", (8, 64, 64), seed=3)
+    second_url, _ = make_input(tmp_path / "b", (8, 64, 64), seed=4)
+    out = f"file://{tmp_path / 'out'}"
+    assert cli_status("run", first_url, out, *FLAGS, "--donations", tmp_path / "job1") == 0
+    started = []
+
+    def no_cluster(*args, **kwargs):
+        started.append(args)
+        raise AssertionError("the cluster was started before the refusal")
+
+    monkeypatch.setattr(jobs, "make_engine", no_cluster)
+    capsys.readouterr()
+    assert cli_status("run", second_url, out, *FLAGS, "--donations", tmp_path / "job2", "--engine", "dask") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert started == [] and len(err) == 1 and "--overwrite" in err[0], err
+    assert not (tmp_path / "job2").exists()

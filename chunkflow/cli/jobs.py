@@ -88,7 +88,7 @@ def run(params: JobParameters, force: bool = False, cleanup: bool = False, engin
     params = replace(params, donations=params.donations or _default_store(params.output))
     device_here = scheduler is None
     if engine != "local":  # every check first, then the cluster, then the first write: a cluster that
-        make_job(params, device_here, claims=False)  # cannot start changes nothing (plan_job checks claims)
+        plan_job(params, device_here, force=force, check_only=True)  # cannot start changes nothing
     running = make_engine(engine, workers=workers, scheduler=scheduler,
                           gpu=check_device(params.device).startswith("cuda"))
     try:
