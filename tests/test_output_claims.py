@@ -208,3 +208,26 @@ def test_run_on_a_cluster_is_refused_over_another_jobs_claim_before_the_cluster_
     err = capsys.readouterr().err.strip().splitlines()
     assert started == [] and len(err) == 1 and "--overwrite" in err[0], err
     assert not (tmp_path / "job2").exists()
+
+
+@pytest.mark.parametrize("fmt", ["precomputed", "zarr"])
+def test_an_output_metadata_file_that_cannot_be_read_again_fails_the_block_in_one_line(tmp_path, fmt):
+    """Workers re-read the output's claims before each block's writes. A metadata file that has become
+    unreadable (garbled here; on GCS a server gone, as tests/test_gcs_faults.py stops it) is a
+    StorageError naming the volume, the block's failure: not an unexpected error reported as a bug."""
+    from chunkflow.errors import StorageError
+    from chunkflow.planning import load_job
+    from chunkflow.stages import Resources, inference_and_donate
+
+    url, _ = make_input(tmp_path / "em", (8, 64, 64), seed=5)
+    out_path = tmp_path / ("out" if fmt == "precomputed" else "out.zarr")
+    out = f"file://{out_path}" if fmt == "precomputed" else str(out_path)
+    assert cli_status("plan", url, out, tmp_path / "job", *FLAGS) == 0
+    job = load_job(str(tmp_path / "job"))
+    res = Resources(job)
+    res.output  # noqa: B018 - opened (and its claims checked) before the file is garbled
+    metadata = out_path / "info" if fmt == "precomputed" else out_path / "0" / "zarr.json"
+    metadata.write_text("{not json")
+    with pytest.raises(StorageError, match="again .to check its jobs' claims.") as err:
+        inference_and_donate(job, (0, 0, 0), res)
+    assert "\n" not in str(err.value) and str(out_path) in str(err.value)

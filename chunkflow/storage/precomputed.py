@@ -35,6 +35,7 @@ import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import MissingInput, StorageError, one_line
+from chunkflow.storage.local_io import read_file
 from chunkflow.storage.precomputed_files import ChunkFiles
 from chunkflow.storage.sharding import precomputed_shard_size, precomputed_sharding_spec, write_precomputed_shards
 from chunkflow.storage.volumes import CLAIMS_KEY, Volume
@@ -301,13 +302,21 @@ class PrecomputedVolume(Volume):
         """The info file as it is now: read straight from disk for a local layer (CloudVolume's fetch
         costs about a millisecond of its threads, paid before every block's writes); fetched by
         CloudVolume elsewhere, or where the plain ``info`` file is not there (a compressed one)."""
-        if self._local_dir is not None:
-            try:
-                with open(os.path.join(self._local_dir, "info"), "rb") as f:
-                    return json.loads(f.read())
-            except FileNotFoundError:
-                pass
-        return self._cv.meta.fetch_info()
+        try:
+            info = None
+            if self._local_dir is not None:
+                try:
+                    info = json.loads(read_file(os.path.join(self._local_dir, "info")))
+                except FileNotFoundError:
+                    pass
+            if info is None:
+                info = self._cv.meta.fetch_info()
+        except Exception as exc:  # noqa: BLE001 - a store gone or a file garbled: the block fails, in one line
+            raise StorageError(f"cannot read the info file of {self.url} again (to check its jobs' claims): "
+                               f"{one_line(exc, first_only=True, typed=True)}") from exc
+        if not isinstance(info, dict):
+            raise StorageError(f"the info file of {self.url} is not a JSON object any more")
+        return info
 
     def add_claim(self, claim: dict) -> None:
         """Re-read the info file, append ``claim`` (with this level's mip) and write it back."""

@@ -40,6 +40,7 @@ import numpy as np
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import StorageError, one_line
 from chunkflow.storage import ome_zarr as ome
+from chunkflow.storage.local_io import read_file
 from chunkflow.storage.volumes import CLAIMS_KEY, Volume
 
 log = logging.getLogger(__name__)
@@ -295,17 +296,20 @@ class ZarrVolume(Volume):
         from zarr.storage import LocalStore
 
         store_path = self._array.store_path
-        if isinstance(store_path.store, LocalStore):
-            directory = os.path.join(str(store_path.store.root), store_path.path)
-            v3 = self._array.metadata.zarr_format == 3
-            try:
-                with open(os.path.join(directory, "zarr.json" if v3 else ".zattrs"), "rb") as f:
-                    document = json.loads(f.read())
-            except FileNotFoundError:
-                document = None if v3 else {}  # a v2 array without attributes has no .zattrs
-            if isinstance(document, dict):
-                return document.get("attributes", {}) if v3 else document
-        return zarr.open_array(store=store_path, mode="r").attrs
+        try:
+            if isinstance(store_path.store, LocalStore):
+                directory = os.path.join(str(store_path.store.root), store_path.path)
+                v3 = self._array.metadata.zarr_format == 3
+                try:
+                    document = json.loads(read_file(os.path.join(directory, "zarr.json" if v3 else ".zattrs")))
+                except FileNotFoundError:
+                    document = None if v3 else {}  # a v2 array without attributes has no .zattrs
+                if isinstance(document, dict):
+                    return document.get("attributes", {}) if v3 else document
+            return zarr.open_array(store=store_path, mode="r").attrs
+        except Exception as exc:  # noqa: BLE001 - a store gone or a file garbled: the block fails, in one line
+            raise StorageError(f"cannot read the attributes of {self.url} again (to check its jobs' claims): "
+                               f"{one_line(exc, first_only=True, typed=True)}") from exc
 
     def add_claim(self, claim: dict) -> None:
         """Append ``claim`` to the array's attribute and write its metadata back."""
