@@ -235,3 +235,21 @@ def test_a_failing_slot_stops_the_other_and_hands_everything_back(tmp_path, monk
     done = len(list(open_store(job.store).list("done/stage1/")))
     assert queue.leased == 0 and queue.enqueued == 8 - done and done <= 2
     assert not list(open_store(job.store).list("running/stage1/"))
+
+
+def test_a_stage_one_worker_with_two_slots_meeting_stage_two_says_stage_one_is_over_once(tmp_path, capsys, caplog):
+    """Each slot of a stage-one worker that meets stage-two tasks stops; the worker says why once."""
+    import logging
+
+    from chunkflow.engines.queue_worker import work
+
+    job = small_job(tmp_path)
+    _stage_one_done(job, capsys)
+    one = f"fq://{tmp_path / 'q1'}"
+    produce(job, one, stage=2)
+    with caplog.at_level(logging.INFO, logger="chunkflow"):
+        summary = work(one, 1, lease=30, poll=0.1, slots=2)
+    assert summary.tasks == 0
+    said = [r for r in caplog.records if "stage one is over" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert open_queue(one).enqueued == job.layout.num_blocks  # every stage-two task handed back

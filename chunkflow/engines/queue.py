@@ -347,7 +347,6 @@ def other_stage(queue, task, spec: TaskSpec, stage: int, job: Job, wait: bool = 
     if wait:
         return "handed back"
     if spec.stage == 2:
-        log.info("%s holds stage-two tasks: stage one is over", spec.label)
         return "stop"
     raise QueueError("a stage-one task that is not done: receive_and_blend workers take stage-two tasks, which "
                      "`chunkflow barrier` produces once stage one is complete (or give this worker --wait to "

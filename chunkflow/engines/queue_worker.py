@@ -76,6 +76,7 @@ class _Fleet:
     claimed: int = 0  # tasks taken up (or being leased) by every loop, against max_tasks
     lock: threading.Lock = field(default_factory=threading.Lock)
     running: dict[int, "Attempt"] = field(default_factory=dict)  # attempts under way, by id() of their task
+    said_stage_over: bool = False  # a slot met stage-two tasks and stopped (logged once)
 
     def claim(self) -> bool:
         """Count one more task taken up (or about to be leased) against ``max_tasks``; False when
@@ -244,6 +245,10 @@ def _lease_loop(fleet: _Fleet, summary: WorkerSummary | None = None) -> WorkerSu
                 except (QueueError, JobError) as err:
                     raise QueueError(f"{spec.label} from {queue_url}: {err}") from None
                 if action == "stop":
+                    with fleet.lock:  # said once per worker, not once per task slot
+                        said, fleet.said_stage_over = fleet.said_stage_over, True
+                    if not said:
+                        log.info("%s holds stage-two tasks: stage one is over", spec.label)
                     break
                 if action == "handed back":
                     if not handed_back:
