@@ -119,7 +119,10 @@ def _vec(z, y, x) -> Vec:
 def _as3(value) -> tuple[int, int, int]:
     if isinstance(value, int):
         return (value, value, value)
-    return tuple(value)  # type: ignore[return-value]
+    items = tuple(value)
+    if len(items) != 3:
+        raise GeometryError(f"a Vec has 3 components (z, y, x), got {len(items)}: {items}")
+    return items  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ class AxisClasses:
     def of(cls, origins: Sequence[int], patch: int, lo: int, hi: int) -> "AxisClasses":
         """The classes of ``[lo, hi)`` for sorted patch ``origins`` of extent ``patch`` along this axis
         (the covering origins found in numpy: a search per coordinate cost a millisecond a block)."""
+        if hi <= lo:
+            return cls((), (), np.empty(0, dtype=np.intp), ())
         o = np.asarray(origins, dtype=np.int64)
         coords = np.arange(lo, hi, dtype=np.int64)
         first = np.searchsorted(o, coords - patch, side="right")  # covering origins: o[first:stop]

@@ -69,6 +69,9 @@ def test_vec_arithmetic_is_element_wise_with_ints_and_triples():
     assert isinstance(v + 1, Vec) and repr(v) == "Vec(2, 4, 6)" and Vec([1, 2, 3]) == Vec(1, 2, 3)
     with pytest.raises(GeometryError, match="3 components"):
         Vec(1, 2)
+    for short in (lambda: v + (1, 2), lambda: [1, 2] - v, lambda: v * np.array([1, 2]), lambda: v // (2, 2, 2, 2)):
+        with pytest.raises(GeometryError, match="3 components"):
+            short()
 
 
 @settings(max_examples=examples(200), deadline=None)

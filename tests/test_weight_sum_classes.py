@@ -168,14 +168,23 @@ def _classes_by_definition(origins, patch, lo, hi):
 @settings(max_examples=examples(300), deadline=None)
 @given(st.integers(1, 20), st.data())
 def test_axis_classes_are_their_definition(patch, data):
-    """Any sorted origins (a regular grid or not, none at all), any range, inside the grid or past it."""
+    """Any sorted origins (a regular grid or not, none at all), any range (empty too), inside the grid or past it."""
     overlap = data.draw(st.integers(0, patch - 1))
     start, length = data.draw(st.integers(-5, 5)), data.draw(st.integers(patch, 120))
     origins = data.draw(st.one_of(st.just(list(axis_origins(start, length, patch, overlap))),
                                   st.lists(st.integers(-10, 60), max_size=8, unique=True).map(sorted)))
     lo = data.draw(st.integers(start - 3, start + length - 1))
-    hi = data.draw(st.integers(lo + 1, start + length + 3))
+    hi = data.draw(st.integers(lo, start + length + 3))  # an empty range too
     got = AxisClasses.of(origins, patch, lo, hi)
     intervals, runs, index, keys = _classes_by_definition(origins, patch, lo, hi)
     assert list(got.intervals) == intervals and [[r.start, r.stop, r.compact] for r in got.runs] == runs
     assert got.compact_index.tolist() == index and list(got.keys) == keys
+
+
+def test_an_empty_region_has_an_empty_weight_sum():
+    """A review (2026-11-29): the numpy AxisClasses raised IndexError on an empty range."""
+    ws = WeightSum(weight_map("gaussian", (4, 5, 6)), [axis_origins(0, 20, n, 1) for n in (4, 5, 6)])
+    region = Bbox(Vec(1, 2, 3), Vec(1, 10, 12))
+    assert ws.over(region).shape == (0, 8, 9)
+    acc = np.ones((1, 0, 8, 9), np.float32)
+    normalise(acc, region, ws)
