@@ -231,3 +231,24 @@ def test_an_output_metadata_file_that_cannot_be_read_again_fails_the_block_in_on
     with pytest.raises(StorageError, match="again .to check its jobs' claims.") as err:
         inference_and_donate(job, (0, 0, 0), res)
     assert "\n" not in str(err.value) and str(out_path) in str(err.value)
+
+
+def test_run_on_a_cluster_warns_once_not_for_its_checks_and_again_for_its_plan(tmp_path, capsys, caplog, monkeypatch):
+    """The checks before the cluster starts are the plan's own, run again after: their warnings (here
+    --overwrite's) are the plan's to give, once."""
+    import logging
+
+    import chunkflow.cli.jobs as jobs
+
+    first_url, _ = make_input(tmp_path / "a", (8, 64, 64), seed=6)
+    second_url, _ = make_input(tmp_path / "b", (8, 64, 64), seed=7)
+    out = f"file://{tmp_path / 'out'}"
+    assert cli_status("run", first_url, out, *FLAGS, "--donations", tmp_path / "job1") == 0
+    local = jobs.make_engine
+    monkeypatch.setattr(jobs, "make_engine", lambda *a, **k: local("local"))  # the plan and run of a real engine
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="chunkflow"):
+        assert cli_status("run", second_url, out, *FLAGS[:-1], "--donations", tmp_path / "job2", "--engine", "dask",
+                          "--overwrite") == 0
+    said = [r.getMessage() for r in caplog.records if "--overwrite: writing over" in r.getMessage()]
+    assert len(said) == 1, said

@@ -216,3 +216,20 @@ def test_a_chunk_file_is_read_to_its_end_even_when_it_is_longer_than_its_size_sa
     finally:
         writer.join()
         os.close(r)
+
+
+def test_a_json_file_half_rewritten_in_place_is_read_again_until_it_parses(tmp_path, monkeypatch):
+    """CloudVolume's commit_info and zarr rewrite metadata in place: a worker's re-read can meet a torn
+    file. It is read again while it does not parse; one that stays broken raises the parse error."""
+    from chunkflow.storage import local_io
+
+    path = tmp_path / "info"
+    path.write_text('{"scales": [')  # a writer midway, which finishes while the reader pauses
+    pauses = []
+    monkeypatch.setattr(local_io.time, "sleep", lambda s: (pauses.append(s), path.write_text('{"scales": []}')))
+    assert local_io.read_json_file(path) == {"scales": []} and pauses == [local_io.JSON_PAUSE_S]
+    monkeypatch.setattr(local_io.time, "sleep", pauses.append)
+    path.write_text("{not json")
+    with pytest.raises(ValueError):
+        local_io.read_json_file(path)
+    assert len(pauses) == local_io.JSON_ATTEMPTS  # 1 + JSON_ATTEMPTS - 1

@@ -6,6 +6,7 @@ Sizes are ZYX, e.g. ``--input-patch 16,128,128``.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,7 +89,11 @@ def run(params: JobParameters, force: bool = False, cleanup: bool = False, engin
     params = replace(params, donations=params.donations or _default_store(params.output))
     device_here = scheduler is None
     if engine != "local":  # every check first, then the cluster, then the first write: a cluster that
-        plan_job(params, device_here, force=force, check_only=True)  # cannot start changes nothing
+        logging.disable(logging.WARNING)  # cannot start changes nothing; the plan proper warns, once
+        try:
+            plan_job(params, device_here, force=force, check_only=True)
+        finally:
+            logging.disable(logging.NOTSET)
     running = make_engine(engine, workers=workers, scheduler=scheduler,
                           gpu=check_device(params.device).startswith("cuda"))
     try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import logging
 import os
 import threading
@@ -35,7 +34,7 @@ import numpy as np
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import MissingInput, StorageError, one_line
-from chunkflow.storage.local_io import read_file
+from chunkflow.storage.local_io import read_json_file
 from chunkflow.storage.precomputed_files import ChunkFiles
 from chunkflow.storage.sharding import precomputed_shard_size, precomputed_sharding_spec, write_precomputed_shards
 from chunkflow.storage.volumes import CLAIMS_KEY, Volume
@@ -306,7 +305,7 @@ class PrecomputedVolume(Volume):
             info = None
             if self._local_dir is not None:
                 try:
-                    info = json.loads(read_file(os.path.join(self._local_dir, "info")))
+                    info = read_json_file(os.path.join(self._local_dir, "info"))
                 except FileNotFoundError:
                     pass
             if info is None:

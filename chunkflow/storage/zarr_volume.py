@@ -28,7 +28,6 @@ is not yet imported.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ import numpy as np
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.errors import StorageError, one_line
 from chunkflow.storage import ome_zarr as ome
-from chunkflow.storage.local_io import read_file
+from chunkflow.storage.local_io import read_json_file
 from chunkflow.storage.volumes import CLAIMS_KEY, Volume
 
 log = logging.getLogger(__name__)
@@ -301,7 +300,7 @@ class ZarrVolume(Volume):
                 directory = os.path.join(str(store_path.store.root), store_path.path)
                 v3 = self._array.metadata.zarr_format == 3
                 try:
-                    document = json.loads(read_file(os.path.join(directory, "zarr.json" if v3 else ".zattrs")))
+                    document = read_json_file(os.path.join(directory, "zarr.json" if v3 else ".zattrs"))
                 except FileNotFoundError:
                     document = None if v3 else {}  # a v2 array without attributes has no .zattrs
                 if isinstance(document, dict):
