@@ -34,7 +34,7 @@ from chunkflow import Bbox, Vec
 # the output volumes' compressions are what this measures: chunkflow's storage layer is called directly
 # (a layer written and read back per compression); the API has no volume I/O of its own
 from chunkflow.storage import create_volume, open_volume
-from chunkflow.storage.precomputed import is_lossless, precomputed_compressions
+from chunkflow.storage.precomputed_codecs import is_lossless, precomputed_compressions
 
 log = logging.getLogger("bench_output_compression")
 

@@ -11,9 +11,9 @@ import pytest
 
 from chunkflow.bbox import Bbox, Vec
 from chunkflow.storage import StorageError, create_volume, open_volume
-from chunkflow.storage.precomputed import (COMPRESSION_KEY, JPEG_QUALITY, PNG_LEVEL, _write_compress,
-                                           check_precomputed_compression, layer_compression,
-                                           precomputed_compressions)
+from chunkflow.storage.precomputed_codecs import (COMPRESSION_KEY, JPEG_QUALITY, PNG_LEVEL,
+                                                  check_precomputed_compression, layer_compression,
+                                                  precomputed_compressions, write_compress)
 
 # Offsets not at 0 and a size that leaves clipped last chunks on every axis.
 BOX = Bbox(Vec(3, 10, 20), Vec(3 + 20, 10 + 70, 20 + 45))
@@ -162,14 +162,14 @@ def test_write_compression_per_location():
     info = {"scales": [{"encoding": "raw"}]}
     # default, and layers created before the compression was recorded, are written as they always were
     for recorded in ({}, {COMPRESSION_KEY: "default"}):
-        assert _write_compress({**info, **recorded}, "file:///data/out") is False
-        assert _write_compress({**info, **recorded}, "gs://bucket/out") is None  # CloudVolume's gzip for raw
-        assert _write_compress({**info, **recorded}, "s3://bucket/out") is None
+        assert write_compress({**info, **recorded}, "file:///data/out") is False
+        assert write_compress({**info, **recorded}, "gs://bucket/out") is None  # CloudVolume's gzip for raw
+        assert write_compress({**info, **recorded}, "s3://bucket/out") is None
     assert layer_compression(info) == "default"
     for location in ("file:///data/out", "gs://bucket/out", "s3://bucket/out"):
-        assert _write_compress({**info, COMPRESSION_KEY: "none"}, location) is False
-        assert _write_compress({**info, COMPRESSION_KEY: "gzip"}, location) == "gzip"
-        assert _write_compress({**info, COMPRESSION_KEY: "png"}, location) is False
+        assert write_compress({**info, COMPRESSION_KEY: "none"}, location) is False
+        assert write_compress({**info, COMPRESSION_KEY: "gzip"}, location) == "gzip"
+        assert write_compress({**info, COMPRESSION_KEY: "png"}, location) is False
 
 
 def _membrane_map(shape=(16, 96, 96)) -> np.ndarray:

@@ -39,7 +39,7 @@ def check_output_compression(url: str, compression: str, dtype: str, num_channel
 
         check_zarr_compression(compression, dtype, num_channels)
     else:
-        from chunkflow.storage.precomputed import check_precomputed_compression
+        from chunkflow.storage.precomputed_codecs import check_precomputed_compression
 
         check_precomputed_compression(compression, dtype, num_channels)
 
