@@ -52,7 +52,7 @@ class AxisClasses:
     intervals: tuple[tuple[int, int], ...]
     runs: tuple[Run, ...]
     compact_index: np.ndarray
-    keys: tuple[tuple[int, ...], ...] = ()
+    keys: tuple[tuple[int, ...], ...]
 
     @property
     def size(self) -> int:
@@ -73,11 +73,13 @@ class AxisClasses:
         index = np.minimum(first[:, None] + np.arange(width)[None, :], max(0, len(o) - 1))
         offsets = (coords[:, None] - o[index]).tolist() if len(o) else [[]] * len(coords)
         seen: dict[tuple[int, ...], int] = {}  # each key at its first coordinate (inserted in order)
-        source = [seen.setdefault(tuple(row[:k]), c) for c, (row, k) in enumerate(zip(offsets, count.tolist()))]
+        keyed = enumerate(zip(offsets, count.tolist()))
+        source = np.fromiter((seen.setdefault(tuple(row[:k]), c) for c, (row, k) in keyed), dtype=np.intp,
+                             count=len(coords))
         sources = np.fromiter(seen.values(), dtype=np.intp, count=len(seen))  # sorted: first sightings
-        compact_index = np.searchsorted(sources, np.asarray(source, dtype=np.intp)).astype(np.intp)
+        compact_index = np.searchsorted(sources, source).astype(np.intp)
         cuts = [0] + (np.flatnonzero(np.diff(sources) != 1) + 1).tolist() + [len(sources)]
         intervals = tuple((lo + int(sources[a]), lo + int(sources[b - 1]) + 1) for a, b in zip(cuts, cuts[1:]))
-        starts = [0] + (np.flatnonzero(np.diff(np.asarray(source)) != 1) + 1).tolist() + [len(source)]
+        starts = [0] + (np.flatnonzero(np.diff(source) != 1) + 1).tolist() + [len(source)]
         runs = tuple(Run(a, b, int(compact_index[a])) for a, b in zip(starts, starts[1:]))
         return cls(intervals, runs, compact_index, tuple(seen))

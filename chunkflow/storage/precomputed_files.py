@@ -176,4 +176,3 @@ def _overwrite(path: str, content: bytes | memoryview, directory: str) -> None:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
-
